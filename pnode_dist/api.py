@@ -1,0 +1,186 @@
+"""Public API: odeint (torchdiffeq's signature) and ODEBlock, with argument checking whose
+errors say what to do. Every check is collective: a bad argument on one rank raises on all."""
+import collections
+import math
+import weakref
+from types import SimpleNamespace
+
+import torch
+from torch import nn
+
+from .adjoint import OdeintFunction
+from .bridge import TorchRHS
+from .errors import InputError
+from .layout import BatchLayout
+from .methods import get_method
+from .options import freeze
+from .parallel import raise_collectively, resolve_comm
+from .solver import Solver, StepControl
+
+OPTION_KEYS = ("step_size", "first_step", "max_num_steps")
+_CACHE_PER_FUNC = 8
+_solvers = weakref.WeakKeyDictionary()   # func -> OrderedDict(key -> Solver)
+
+
+def _times(t):
+    """Output times as a list of floats, checked."""
+    if isinstance(t, torch.Tensor):
+        if t.requires_grad:
+            raise InputError("gradients with respect to t are not supported: pass t.detach()")
+        if t.dim() != 1:
+            raise InputError(f"t must be one-dimensional; got shape {tuple(t.shape)}")
+        values = [float(v) for v in t.detach().cpu().tolist()]
+    else:
+        try:
+            values = [float(v) for v in t]
+        except TypeError:
+            raise InputError("t must be a 1-D tensor or a sequence of times") from None
+    if len(values) < 2:
+        raise InputError(f"t must hold at least two times (start and end); got {len(values)}")
+    if not all(math.isfinite(v) for v in values):
+        raise InputError("t holds a non-finite value")
+    for a, b in zip(values, values[1:]):
+        if not b > a:
+            raise InputError(f"t must be strictly increasing; got {a:g} followed by {b:g}")
+    return values
+
+
+def _control(options, rtol, atol):
+    options = dict(options or {})
+    unknown = sorted(set(options) - set(OPTION_KEYS))
+    if unknown:
+        raise InputError(f"unknown options {unknown}: valid keys are {list(OPTION_KEYS)}; PETSc "
+                         "settings go in petsc_options={...} or on the command line")
+    for key in ("step_size", "first_step"):
+        v = options.get(key)
+        if v is not None and not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+            raise InputError(f"options[{key!r}] must be a positive number; got {v!r}")
+    steps = options.get("max_num_steps", StepControl.max_num_steps)
+    if not isinstance(steps, int) or steps < 1:
+        raise InputError(f"options['max_num_steps'] must be a positive integer; got {steps!r}")
+    for name, v in (("rtol", rtol), ("atol", atol)):
+        if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+            raise InputError(f"{name} must be a positive number; got {v!r}")
+    return StepControl(step_size=options.get("step_size"), first_step=options.get("first_step"),
+                       max_num_steps=steps, rtol=float(rtol), atol=float(atol))
+
+
+def _parameters(func, y0):
+    params = [p for p in func.parameters() if p.requires_grad] if isinstance(func, nn.Module) else []
+    for p in params:
+        if p.dtype != y0.dtype:
+            raise InputError(f"y0 is {y0.dtype} but func has {p.dtype} parameters: use "
+                             f"y0.to({p.dtype}) or func.to({y0.dtype})")
+        if p.device.type != "cpu":
+            raise InputError("func's parameters are on a GPU; this build keeps the state in host "
+                             "memory: move func and y0 to the CPU")
+    return params
+
+
+def _check_y0(y0):
+    if not isinstance(y0, torch.Tensor):
+        raise InputError(f"y0 must be a torch.Tensor; got {type(y0).__name__}")
+    if y0.dtype not in (torch.float32, torch.float64):
+        raise InputError(f"y0 must be float32 or float64; got {y0.dtype}")
+    if y0.device.type != "cpu":
+        raise InputError("y0 is on a GPU; this build keeps the state in host memory: move func "
+                         "and y0 to the CPU")
+    if y0.dim() == 0:
+        raise InputError("y0 must have at least one dimension (the leading one is the batch "
+                         "that is split over ranks); use y0.reshape(1)")
+    if not bool(torch.isfinite(y0).all()):
+        raise InputError("y0 holds NaN or Inf values; check the data or the layer before the "
+                         "ODE block")
+
+
+def _solver(func, layout, method, adaptive, prefix, frozen_options, params, dtype):
+    """The cached Solver of this configuration (created on first use)."""
+    key = (layout.key, method.name, adaptive, prefix, frozen_options, dtype,
+           tuple(id(p) for p in params))
+    try:
+        per_func = _solvers.setdefault(func, collections.OrderedDict())
+    except TypeError:        # a callable that cannot be weakly referenced: no reuse
+        per_func = collections.OrderedDict()
+    solver = per_func.get(key)
+    if solver is None:
+        rhs = TorchRHS(func, params, layout.local_shape, dtype)
+        solver = Solver(layout, method, rhs, prefix, frozen_options, adaptive)
+        per_func[key] = solver
+        while len(per_func) > _CACHE_PER_FUNC:
+            per_func.popitem(last=False)
+    per_func.move_to_end(key)
+    return solver
+
+
+def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, comm=None,
+           prefix=None, petsc_options=None):
+    """Solve dy/dt = func(t, y) from y(t[0]) = y0; returns y at every time of t,
+    shape [len(t), *y0.shape]. Same signature and meaning as torchdiffeq.odeint, plus:
+
+    comm:          communicator over which the batch is split (default: PETSc's world; 'self'
+                   for a rank-local solve). Each rank passes its own shard of the batch as y0.
+    prefix:        PETSc options prefix of this solve's TS (e.g. 'block1_' -> -block1_ts_rk_type).
+    petsc_options: dict of PETSc options (without prefix) such as {'ts_rk_type': '5bs'};
+                   the command line overrides them.
+    options:       step_size (fixed steps, at most this long, landing on every output time),
+                   first_step (adaptive), max_num_steps.
+    The solver state is float64; a float32 func is evaluated in float32.
+    """
+    comm = resolve_comm(comm)
+    error, signature, method_obj, control, t_out, frozen = None, None, None, None, None, ()
+    try:
+        _check_y0(y0)
+        t_out = _times(t)
+        method_obj = get_method(method)
+        control = _control(options, rtol, atol)
+        frozen = freeze(petsc_options)
+        if prefix is not None and not (isinstance(prefix, str) and prefix.replace("_", "").isalnum()):
+            raise InputError(f"prefix must be letters, digits and underscores such as 'block1_'; "
+                             f"got {prefix!r}")
+        params = _parameters(func, y0)
+        if not callable(func):
+            raise InputError("func must be callable as func(t, y), typically an nn.Module")
+    except InputError as exc:
+        error = str(exc)
+    if error is None:
+        signature = {"t": t_out, "method": method_obj.name, "options": control,
+                     "prefix": prefix, "petsc_options": frozen,
+                     "the shape of y0 after its leading dimension": tuple(y0.shape[1:]),
+                     "the dtype of y0": str(y0.dtype)}
+    shapes = raise_collectively(comm, error, InputError, same=signature,
+                                share=tuple(y0.shape) if error is None else None)
+    layout = BatchLayout(comm, y0.shape, shapes)
+    adaptive = method_obj.adaptive and control.step_size is None
+    solver = _solver(func, layout, method_obj, adaptive, prefix, frozen, params, y0.dtype)
+    problem = SimpleNamespace(solver=solver, rhs=solver.args[2], params=params, t_out=t_out,
+                              control=control)
+    needs_grad = torch.is_grad_enabled() and (y0.requires_grad or any(p.requires_grad for p in params))
+    if needs_grad:
+        return OdeintFunction.apply(problem, y0, *params)
+    integrator = solver.acquire(adjoint=False)
+    try:
+        outputs, _ = integrator.forward(y0.detach(), t_out, control)
+    finally:
+        solver.release(integrator)
+    return outputs.to(y0.dtype)
+
+
+class ODEBlock(nn.Module):
+    """A network layer y -> y(t1) with dy/dt = func(t, y), y(t0) = y; see odeint for the
+    keyword arguments. `return_all=True` returns the states at every time of `t`."""
+
+    def __init__(self, func, t=(0.0, 1.0), *, method=None, rtol=1e-7, atol=1e-9, options=None,
+                 comm=None, prefix=None, petsc_options=None, return_all=False):
+        super().__init__()
+        self.func = func
+        self.register_buffer("t", torch.as_tensor(t, dtype=torch.float64), persistent=False)
+        self.kwargs = dict(method=method, rtol=rtol, atol=atol, options=options, comm=comm,
+                           prefix=prefix, petsc_options=petsc_options)
+        self.return_all = return_all
+
+    def forward(self, y0):
+        ys = odeint(self.func, y0, self.t, **self.kwargs)
+        return ys if self.return_all else ys[-1]
+
+    def extra_repr(self):
+        return f"t={self.t.tolist()}, method={self.kwargs['method'] or 'dopri5'}"

@@ -1,0 +1,153 @@
+"""Zero-copy torch views of PETSc Vecs and the torch callbacks PETSc calls.
+
+TorchRHS evaluates f(t, y; theta) for the TS and provides the transposed Jacobian products the
+discrete adjoint needs, as Python-type PETSc Mats:
+  J  = df/dy      (multTranspose = vjp with respect to the state)
+  Jp = df/dtheta  (multTranspose = vjp with respect to the parameters)
+Exceptions raised by the user's module inside a callback are caught and recorded (the output is
+filled with NaN) instead of unwinding through PETSc on one rank only; the solver turns them into
+an error on every rank after the solve.
+"""
+import warnings
+
+import torch
+
+from .errors import InputError
+
+# Inputs PETSc hands to callbacks are locked read-only; their views are only ever read.
+warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+
+
+def vec_view(vec, shape, readonly=False):
+    """A torch tensor sharing the memory of `vec`'s local part (no copy), shaped `shape`.
+    With readonly=True (for Vecs PETSc has locked), the tensor must not be written."""
+    return torch.from_numpy(vec.getArray(readonly=readonly)).view(shape)
+
+
+class TorchRHS:
+    """f(t, y) from a torch module on the local shard of the state."""
+
+    def __init__(self, func, params, local_shape, module_dtype):
+        self.func = func
+        self.params = list(params)
+        self.shape = tuple(local_shape)
+        self.dtype = module_dtype
+        self.error = None            # first exception raised inside a callback, as a message
+        self.counts = {"rhs": 0, "vjp": 0}
+        self._slices = []
+        offset = 0
+        for p in self.params:
+            self._slices.append((offset, offset + p.numel()))
+            offset += p.numel()
+        self.nparams = offset
+        self._lin = None             # (t, y_leaf, f(t, y_leaf)) at the current linearisation point
+        self._cached_param_vjp = None
+
+    # ---------------------------------------------------------------- helpers
+    def _time(self, t):
+        return torch.tensor(t, dtype=self.dtype)
+
+    def _record(self, exc, where):
+        if self.error is None:
+            self.error = f"{type(exc).__name__} in func during {where}: {exc}"
+
+    def _evaluate(self, t, y):
+        out = self.func(self._time(t), y)
+        if not isinstance(out, torch.Tensor) or out.shape != y.shape:
+            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise InputError(f"func(t, y) returned {got} for y of shape {tuple(y.shape)}: the "
+                             "right-hand side must return a tensor shaped like y")
+        return out
+
+    # ---------------------------------------------------------------- TS callbacks
+    def rhs(self, ts, t, X, F):
+        """RHSFunction: F = f(t, X)."""
+        self.counts["rhs"] += 1
+        out_view = vec_view(F, self.shape)
+        try:
+            with torch.no_grad():
+                y = vec_view(X, self.shape, readonly=True)
+                out_view.copy_(self._evaluate(t, y.to(self.dtype)))
+        except Exception as exc:  # noqa: BLE001 - reported collectively after the solve
+            self._record(exc, f"the forward solve at t={t:g}")
+            out_view.fill_(float("nan"))
+
+    def linearize(self, ts, t, X, J, P):
+        """RHSJacobian: remember the point (t, X) at which J and Jp are applied."""
+        try:
+            y = vec_view(X, self.shape, readonly=True).detach().to(self.dtype).requires_grad_(True)
+            with torch.enable_grad():
+                out = self._evaluate(t, y)
+            self._lin = (t, y, out)
+        except Exception as exc:  # noqa: BLE001
+            self._record(exc, f"the adjoint solve at t={t:g}")
+            self._lin = None
+        self._cached_param_vjp = None
+
+    def linearize_params(self, ts, t, X, Jp):
+        """RHSJacobianP: same linearisation point as the RHSJacobian of this stage."""
+
+    # ---------------------------------------------------------------- products
+    def _vjp(self, x, with_state):
+        """Vector-Jacobian products at the linearisation point, or None after an error."""
+        if self._lin is None:
+            return None
+        _, y, out = self._lin
+        inputs = ([y] if with_state else []) + self.params
+        v = vec_view(x, self.shape, readonly=True).to(self.dtype)
+        self.counts["vjp"] += 1
+        try:
+            return torch.autograd.grad(out, inputs, v, retain_graph=True, allow_unused=True)
+        except Exception as exc:  # noqa: BLE001
+            self._record(exc, "a vector-Jacobian product")
+            return None
+
+    def _write_params(self, grads, y):
+        target = torch.from_numpy(y.getArray())
+        for (lo, hi), g in zip(self._slices, grads):
+            if g is None:
+                target[lo:hi].zero_()
+            else:
+                target[lo:hi].copy_(g.reshape(-1))
+
+    def vjp_state(self, x, y):
+        """y = (df/dy)^T x; the parameter part of the same product is kept for vjp_params."""
+        grads = self._vjp(x, with_state=True)
+        out = vec_view(y, self.shape)
+        if grads is None:
+            out.fill_(float("nan"))
+            return
+        out.copy_(grads[0] if grads[0] is not None else torch.zeros_like(out))
+        self._cached_param_vjp = ((x.handle, x.stateGet()), grads[1:])
+
+    def vjp_params(self, x, y):
+        """y = (df/dtheta)^T x (this rank's own contribution)."""
+        cached = self._cached_param_vjp
+        if cached is not None and cached[0] == (x.handle, x.stateGet()):
+            grads = cached[1]
+        else:
+            grads = self._vjp(x, with_state=False)
+        if grads is None:
+            y.set(float("nan"))
+            return
+        self._write_params(grads, y)
+
+
+class StateJacobianMat:
+    """Python Mat context for J = df/dy (transposed products only, as the RK adjoint needs)."""
+
+    def __init__(self, rhs):
+        self.rhs = rhs
+
+    def multTranspose(self, mat, x, y):  # noqa: N802 - petsc4py's name
+        self.rhs.vjp_state(x, y)
+
+
+class ParamJacobianMat:
+    """Python Mat context for Jp = df/dtheta (transposed products only)."""
+
+    def __init__(self, rhs):
+        self.rhs = rhs
+
+    def multTranspose(self, mat, x, y):  # noqa: N802
+        self.rhs.vjp_params(x, y)

@@ -1,0 +1,88 @@
+"""Registry of integration methods: name -> PETSc TS type/subtype and the Butcher tableau.
+
+The tableau is what PETSc integrates with; it is kept here so that a pure-torch replay of the
+same discrete scheme (pnode_dist.reference) can check the discrete adjoint to round-off.
+"""
+from dataclasses import dataclass
+from fractions import Fraction as F
+from typing import Optional, Tuple
+
+from .errors import InputError
+
+
+@dataclass(frozen=True)
+class ButcherTableau:
+    """An explicit Runge-Kutta tableau; `a` is strictly lower triangular, rows given as tuples."""
+    a: Tuple[Tuple[float, ...], ...]
+    b: Tuple[float, ...]
+    c: Tuple[float, ...]
+
+    def __post_init__(self):
+        s = len(self.b)
+        if len(self.c) != s or len(self.a) != s:
+            raise ValueError("tableau: a, b and c must describe the same number of stages")
+        for i, row in enumerate(self.a):
+            if len(row) != i:
+                raise ValueError(f"tableau: row {i} of a must have {i} entries (explicit method)")
+            if abs(sum(row) - self.c[i]) > 1e-14:
+                raise ValueError(f"tableau: row {i} of a must sum to c[{i}]")
+        if abs(sum(self.b) - 1.0) > 1e-14:
+            raise ValueError("tableau: the weights b must sum to 1")
+
+    @property
+    def stages(self) -> int:
+        return len(self.b)
+
+
+def _tableau(a, b):
+    """Build a tableau from exact fractions (c follows from the rows of a)."""
+    rows = tuple(tuple(float(x) for x in row) for row in a)
+    c = tuple(float(sum(row, F(0))) for row in a)
+    return ButcherTableau(a=rows, b=tuple(float(x) for x in b), c=c)
+
+
+@dataclass(frozen=True)
+class Method:
+    """One integration method as PETSc runs it."""
+    name: str
+    ts_type: str
+    subtype: Optional[str]      # e.g. the TSRK type
+    order: int
+    adaptive: bool              # has an embedded error estimate usable by TSAdapt
+    tableau: Optional[ButcherTableau] = None
+
+
+_RK4 = _tableau([[], [F(1, 2)], [0, F(1, 2)], [0, 0, 1]], [F(1, 6), F(1, 3), F(1, 3), F(1, 6)])
+_BOSH3 = _tableau([[], [F(1, 2)], [0, F(3, 4)], [F(2, 9), F(1, 3), F(4, 9)]],
+                  [F(2, 9), F(1, 3), F(4, 9), 0])
+_DOPRI5 = _tableau(
+    [[], [F(1, 5)], [F(3, 40), F(9, 40)], [F(44, 45), F(-56, 15), F(32, 9)],
+     [F(19372, 6561), F(-25360, 2187), F(64448, 6561), F(-212, 729)],
+     [F(9017, 3168), F(-355, 33), F(46732, 5247), F(49, 176), F(-5103, 18656)],
+     [F(35, 384), 0, F(500, 1113), F(125, 192), F(-2187, 6784), F(11, 84)]],
+    [F(35, 384), 0, F(500, 1113), F(125, 192), F(-2187, 6784), F(11, 84), 0])
+
+METHODS = {
+    m.name: m for m in (
+        Method("euler", "rk", "1fe", 1, False, _tableau([[]], [1])),
+        Method("midpoint", "rk", "2b", 2, False, _tableau([[], [F(1, 2)]], [0, 1])),
+        Method("rk4", "rk", "4", 4, False, _RK4),
+        Method("bosh3", "rk", "3bs", 3, True, _BOSH3),
+        Method("dopri5", "rk", "5dp", 5, True, _DOPRI5),
+    )
+}
+DEFAULT_METHOD = "dopri5"
+
+
+def get_method(name: Optional[str]) -> Method:
+    """Look a method up by name; None means the default (dopri5, as in torchdiffeq)."""
+    if name is None:
+        name = DEFAULT_METHOD
+    try:
+        return METHODS[name]
+    except (KeyError, TypeError):
+        valid = ", ".join(sorted(METHODS))
+        raise InputError(
+            f"unknown method {name!r}: valid methods are {valid}. Any other PETSc RK tableau can "
+            "be chosen with the PETSc option -[prefix]ts_rk_type (for example 5bs or 3), "
+            "given on the command line or in petsc_options={'ts_rk_type': ...}") from None

@@ -1,0 +1,148 @@
+"""PETSc/MPI initialisation, communicators and collective error handling.
+
+petsc4py must be initialised with the command line *before* PETSc is imported, or `-ts_*`
+options are silently ignored; every pnode_dist module gets PETSc from here.
+"""
+import sys
+
+import petsc4py
+
+
+
+def _is_number(token):
+    try:
+        float(token)
+        return True
+    except ValueError:
+        return False
+
+
+def petsc_argv(argv):
+    """The PETSc options in a command line: single-dash tokens and their values. Long options of
+    the application (`--epochs 3`, `--out=x`) and `python -c` are left out, so that PETSc does
+    not report them as unused options at exit."""
+    out, skip_value = [], False
+    for token in argv[1:]:
+        if skip_value and (not token.startswith("-") or _is_number(token)):
+            skip_value = False
+            continue
+        skip_value = False
+        if token.startswith("--"):
+            skip_value = "=" not in token
+            continue
+        if token.startswith("-") or out:
+            out.append(token)
+    return ["python"] + out
+
+
+if "petsc4py.PETSc" not in sys.modules:
+    # Under pytest the command line holds pytest's own flags, not PETSc options.
+    _under_pytest = "pytest" in sys.argv[0].replace("\\", "/").split("/")[-2:][0] or \
+        sys.argv[0].endswith("pytest")
+    petsc4py.init(["python"] if _under_pytest else petsc_argv(sys.argv))
+from petsc4py import PETSc  # noqa: E402
+from mpi4py import MPI  # noqa: E402
+
+from .errors import InputError  # noqa: E402
+
+__all__ = ["PETSc", "MPI", "resolve_comm", "raise_collectively", "allreduce_gradients",
+           "broadcast_parameters", "world"]
+
+
+def world():
+    """PETSc's world communicator (all ranks of the job)."""
+    return PETSc.COMM_WORLD
+
+
+def resolve_comm(comm):
+    """Turn None / 'world' / 'self' / an mpi4py or petsc4py communicator into a PETSc.Comm."""
+    if comm is None or (isinstance(comm, str) and comm == "world"):
+        return PETSc.COMM_WORLD
+    if isinstance(comm, str) and comm == "self":
+        return PETSc.COMM_SELF
+    if isinstance(comm, PETSc.Comm):
+        return comm
+    if isinstance(comm, MPI.Comm):
+        return PETSc.Comm(comm)
+    raise InputError(f"comm must be None, 'world', 'self', an mpi4py or a petsc4py communicator; "
+                     f"got {type(comm).__name__}")
+
+
+def raise_collectively(comm, error, exc_type=InputError, same=None, share=None):
+    """Collective: if `error` (a message or None) is set on any rank, raise on every rank.
+
+    `same`: a dict of named values (output times, method...) that must be equal on every rank;
+    a difference is an error too. `share`: a value gathered from every rank and returned (a list
+    in rank order).
+    One allgather in all; none on a single rank. The message names the failing ranks, so that no
+    rank goes on into a collective PETSc call while another has stopped (a hang).
+    """
+    mpi = comm.tompi4py()
+    if mpi.Get_size() == 1:
+        if error is not None:
+            raise exc_type(error)
+        return [share]
+    gathered = mpi.allgather((error, same, share))
+    errors = [e for e, _, _ in gathered]
+    if all(e is None for e in errors):
+        errors = _disagreements([s for _, s, _ in gathered])
+    bad = [r for r, e in enumerate(errors) if e is not None]
+    if not bad:
+        return [s for _, _, s in gathered]
+    where = "this rank" if bad == [mpi.Get_rank()] else f"rank(s) {bad}"
+    raise exc_type(f"{errors[bad[0]]} (raised on {where})")
+
+
+def _disagreements(sames):
+    """Per rank: a message if its `same` dict differs from rank 0's, else None."""
+    errors = [None] * len(sames)
+    for r, same in enumerate(sames):
+        for key, value in (same or {}).items():
+            ref = (sames[0] or {}).get(key)
+            if value != ref:
+                errors[r] = (f"{key} differs between ranks ({value!r} on rank {r}, {ref!r} on rank "
+                             "0): every rank must pass the same t, method, options, tolerances "
+                             "and PETSc options, and shards of y0 may differ only in the leading "
+                             "(batch) dimension")
+                break
+    return errors
+
+
+def _mpi(comm):
+    return resolve_comm(comm).tompi4py()
+
+
+def allreduce_gradients(parameters, comm=None, average=False):
+    """Sum (or average) the .grad of `parameters` over the ranks, in one allreduce.
+
+    Use it for the parameters *outside* an ODE block (stem, head) in data-parallel training;
+    the ODE block's own parameters are already reduced by its backward pass.
+    """
+    import torch
+    mpi = _mpi(comm)
+    params = [p for p in parameters if p.grad is not None]
+    if mpi.Get_size() == 1 or not params:
+        return
+    flat = torch.cat([p.grad.detach().reshape(-1).to(torch.float64) for p in params])
+    buf = flat.numpy()
+    mpi.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
+    if average:
+        flat /= mpi.Get_size()
+    offset = 0
+    for p in params:
+        n = p.grad.numel()
+        p.grad.copy_(flat[offset:offset + n].view_as(p.grad))
+        offset += n
+
+
+def broadcast_parameters(module, comm=None, root=0):
+    """Copy rank `root`'s parameters and buffers to every rank (identical replicas)."""
+    import torch
+    mpi = _mpi(comm)
+    if mpi.Get_size() == 1:
+        return
+    with torch.no_grad():
+        for tensor in list(module.parameters()) + list(module.buffers()):
+            buf = tensor.detach().cpu().contiguous().numpy().copy()
+            mpi.Bcast(buf, root=root)
+            tensor.copy_(torch.from_numpy(buf))

@@ -1,0 +1,55 @@
+"""Shared test helpers: small float64 right-hand sides and an mpiexec launcher with a timeout."""
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class TimeMLP(nn.Module):
+    """f(t, y) = W2 tanh(W1 y + t c + b1) + b2: non-linear, time-dependent, all parameters used."""
+
+    def __init__(self, dim=3, hidden=8, seed=0, dtype=torch.float64):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.l1 = nn.Linear(dim, hidden, dtype=dtype)
+        self.l2 = nn.Linear(hidden, dim, dtype=dtype)
+        self.c = nn.Parameter(torch.randn(hidden, generator=g, dtype=dtype) * 0.3)
+        with torch.no_grad():
+            for p in (self.l1.weight, self.l1.bias, self.l2.weight, self.l2.bias):
+                p.copy_(torch.randn(p.shape, generator=g, dtype=dtype) * 0.5)
+
+    def forward(self, t, y):
+        return self.l2(torch.tanh(self.l1(y) + t * self.c))
+
+
+@pytest.fixture
+def mlp():
+    return TimeMLP()
+
+
+@pytest.fixture
+def y0():
+    return torch.randn(4, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+
+
+def run_mpi(nranks, script, *args, timeout=240):
+    """Run `python script args` under `mpiexec -n nranks` in its own process group; a hang is
+    killed (whole group) and becomes a test failure instead of a stuck CI."""
+    cmd = ["mpiexec", "-n", str(nranks), sys.executable, str(script), *map(str, args)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env, cwd=ROOT, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"{' '.join(cmd)} hung for {timeout}s:\n{out}\n{err}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)

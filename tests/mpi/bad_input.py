@@ -1,0 +1,45 @@
+"""Run under mpiexec: a bad argument on ONE rank raises InputError on EVERY rank (no hang).
+argv[1] names the case. Each rank prints 'raised: <message>'; exits 0 only if it raised."""
+import sys
+
+import torch
+
+sys.path.insert(0, __import__("os").path.dirname(__file__) + "/..")
+from conftest import TimeMLP  # noqa: E402
+
+from pnode_dist import InputError, SolverError, odeint  # noqa: E402
+from pnode_dist.parallel import MPI  # noqa: E402
+
+rank = MPI.COMM_WORLD.Get_rank()
+case = sys.argv[1]
+f = TimeMLP()
+y0 = torch.randn(3, 3, dtype=torch.float64)
+t = torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64)
+kwargs = {"method": "rk4", "options": {"step_size": 0.1}}
+if rank == 1:
+    if case == "nan":
+        y0[0, 0] = float("nan")
+    elif case == "shape":
+        y0 = torch.randn(3, 4, dtype=torch.float64)
+    elif case == "times":
+        t = torch.tensor([0.0, 0.6, 1.0], dtype=torch.float64)
+    elif case == "method":
+        kwargs["method"] = "rk45"
+    elif case == "blowup":
+        y0 = torch.full((3, 3), 50.0, dtype=torch.float64)
+if case == "blowup":
+    class Square(torch.nn.Module):
+        """y' = y^2 blows up at t = 1/y0: within [0, 1] only for rank 1's y0 = 50."""
+
+        def forward(self, t, y):
+            return y * y
+
+    f = Square()
+    y0 = y0.abs() * 0.1 if rank != 1 else y0
+try:
+    odeint(f, y0, t, **kwargs)
+except (InputError, SolverError) as exc:
+    print(f"rank {rank} raised: {exc}", flush=True)
+    sys.exit(0)
+print(f"rank {rank} did not raise", flush=True)
+sys.exit(1)

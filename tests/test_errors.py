@@ -1,0 +1,74 @@
+"""Bad input gets an InputError that says what to do (single rank; tests/mpi covers all-ranks)."""
+import pytest
+import torch
+
+from pnode_dist import InputError, SolverError, odeint
+
+
+def _call(mlp, y0, t=(0.0, 1.0), **kw):
+    kw.setdefault("method", "rk4")
+    kw.setdefault("options", {"step_size": 0.1})
+    return odeint(mlp, y0, torch.tensor(t, dtype=torch.float64), **kw)
+
+
+@pytest.mark.parametrize("kw,words", [
+    ({"method": "rk45"}, "valid methods are bosh3, dopri5, euler, midpoint, rk4"),
+    ({"options": {"stepsize": 0.1}}, "valid keys are"),
+    ({"options": {"step_size": -1.0}}, "positive number"),
+    ({"rtol": 0.0, "method": "dopri5", "options": None}, "rtol must be a positive number"),
+    ({"petsc_options": ["ts_rk_type"]}, "petsc_options must be a dict"),
+    ({"prefix": "bad prefix"}, "prefix must be"),
+])
+def test_bad_arguments(mlp, y0, kw, words):
+    with pytest.raises(InputError, match=words.replace("(", r"\(")):
+        _call(mlp, y0, **kw)
+
+
+@pytest.mark.parametrize("t,words", [((0.0, 0.5, 0.5), "strictly increasing"),
+                                     ((1.0, 0.0), "strictly increasing"),
+                                     ((0.0,), "at least two times"),
+                                     ((0.0, float("inf")), "non-finite")])
+def test_bad_times(mlp, y0, t, words):
+    with pytest.raises(InputError, match=words):
+        _call(mlp, y0, t)
+
+
+def test_nan_in_y0(mlp, y0):
+    y0[1, 1] = float("nan")
+    with pytest.raises(InputError, match="NaN"):
+        _call(mlp, y0)
+
+
+def test_dtype_mismatch(mlp, y0):
+    with pytest.raises(InputError, match=r"func\.to"):
+        _call(mlp, y0.float())
+    with pytest.raises(InputError, match="float32 or float64"):
+        _call(mlp, y0.to(torch.int64))
+
+
+def test_func_returning_wrong_shape(y0):
+    class Bad(torch.nn.Module):
+        def forward(self, t, y):
+            return y[:, :2]
+    with pytest.raises(SolverError, match="shaped like y"):
+        _call(Bad(), y0)
+
+
+def test_exception_inside_func_is_reported(y0):
+    class Raises(torch.nn.Module):
+        def forward(self, t, y):
+            if t > 0.5:
+                raise ValueError("boom")
+            return -y
+    with pytest.raises(SolverError, match="boom"):
+        _call(Raises(), y0)
+
+
+def test_max_num_steps(mlp, y0):
+    with pytest.raises(SolverError, match="max_num_steps"):
+        _call(mlp, y0, method="dopri5", options={"max_num_steps": 3}, rtol=1e-10, atol=1e-10)
+
+
+def test_gradient_wrt_t_refused(mlp, y0):
+    with pytest.raises(InputError, match=r"t\.detach"):
+        odeint(mlp, y0, torch.tensor([0.0, 1.0], dtype=torch.float64, requires_grad=True))

@@ -1,0 +1,26 @@
+"""MPI tests, each launched with mpiexec as a subprocess with a timeout (a hang fails)."""
+from pathlib import Path
+
+import pytest
+
+from conftest import run_mpi
+
+HERE = Path(__file__).resolve().parent
+
+
+@pytest.mark.parametrize("nranks", [2, 3])
+def test_n_ranks_equal_one_rank(nranks):
+    proc = run_mpi(nranks, HERE / "mpi" / "equivalence.py")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "worst relative difference" in proc.stdout
+
+
+@pytest.mark.parametrize("case,words", [
+    ("nan", "NaN"), ("shape", "leading (batch) dimension"), ("times", "t differs between ranks"),
+    ("method", "valid methods are"), ("blowup", "non-finite")])
+def test_bad_input_on_one_rank_raises_on_every_rank(case, words):
+    proc = run_mpi(2, HERE / "mpi" / "bad_input.py", case, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = [ln for ln in proc.stdout.splitlines() if "raised:" in ln]
+    assert sorted(ln.split()[1] for ln in lines) == ["0", "1"], proc.stdout + proc.stderr
+    assert all(words in ln for ln in lines), proc.stdout

@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# Idempotent set-up of pnode_dist's environment in .venv (Debian 12, run as root or with sudo).
+# Each step checks whether its result is already there and skips itself if so; a second run
+# takes seconds. Versions come from requirements.txt only.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+VENV=$ROOT/.venv
+PY=$VENV/bin/python
+PINS=$ROOT/requirements.txt
+pin() { grep -E "^$1==" "$PINS" | head -1; }
+say() { echo "[setup] $*"; }
+
+# 1. Debian packages: MPICH, LAPACK/BLAS, patchelf (PETSc's wheel install uses it).
+DEB_PKGS="mpich libmpich-dev liblapack-dev libblas-dev patchelf"
+missing=""
+for p in $DEB_PKGS; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
+if [ -n "$missing" ]; then
+  say "installing Debian packages:$missing"
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq $missing >/dev/null
+fi
+
+# 2. Virtual environment and build tools.
+if [ ! -x "$PY" ]; then
+  say "creating $VENV"
+  python3 -m venv "$VENV"
+fi
+pipi() { "$PY" -m pip install -q --disable-pip-version-check "$@"; }
+have() { "$PY" - "$1" <<'PYEOF' 2>/dev/null
+import sys
+from importlib.metadata import version
+name, _, want = sys.argv[1].partition("==")
+sys.exit(0 if version(name).split("+")[0] == want else 1)  # 2.13.0+cpu satisfies 2.13.0
+PYEOF
+}
+for p in pip setuptools wheel Cython numpy; do
+  have "$(pin $p)" || { say "installing $(pin $p)"; pipi "$(pin $p)"; }
+done
+
+# 3. mpi4py from source (its binary wheel looks for another MPI's libmpi.so.12).
+if ! have "$(pin mpi4py)"; then
+  say "building $(pin mpi4py) against $(command -v mpicc)"
+  pipi --no-binary=mpi4py --no-cache-dir "$(pin mpi4py)"
+fi
+
+# 4. PETSc (about 6 min on 2 cores), then petsc4py against that same PETSc (about 4 min).
+if ! have "$(pin petsc)"; then
+  say "building $(pin petsc) (several minutes)"
+  PETSC_CONFIGURE_OPTIONS="--with-fc=0 --with-x=0 --with-cuda=0 --with-debugging=0" \
+    pipi --no-build-isolation --no-cache-dir "$(pin petsc)"
+fi
+PETSC_DIR=$("$PY" -c "import petsc; print(petsc.get_petsc_dir())")
+petsc4py_ok() {
+  have "$(pin petsc4py)" || return 1
+  local so
+  so=$(ls "$VENV"/lib/python3*/site-packages/petsc4py/lib/PETSc*.so 2>/dev/null | head -1)
+  [ -n "$so" ] || return 1
+  # The extension must link this venv's PETSc, not one from a cached wheel of another venv.
+  readelf -d "$so" | grep -E "RUNPATH|RPATH" | grep -q "$PETSC_DIR" || return 1
+}
+if ! petsc4py_ok; then
+  say "building $(pin petsc4py) against $PETSC_DIR (several minutes)"
+  PETSC_DIR=$PETSC_DIR PETSC_ARCH="" \
+    pipi --no-build-isolation --no-cache-dir --force-reinstall --no-deps "$(pin petsc4py)"
+  petsc4py_ok || { echo "[setup] petsc4py does not link $PETSC_DIR" >&2; exit 1; }
+fi
+
+# 5. torch (exact pin: a range could pull a multi-GB CUDA build) and the rest.
+for p in torch h5py scikit-learn tqdm matplotlib pytest torchdiffeq; do
+  have "$(pin $p)" || { say "installing $(pin $p)"; pipi "$(pin $p)"; }
+done
+
+# 6. pnode_dist itself, editable, with its console scripts.
+if ! (cd / && "$PY" -c "import pnode_dist, sys; sys.exit(0 if pnode_dist.__file__.startswith('$ROOT/') else 1)") 2>/dev/null; then
+  say "installing pnode_dist (editable)"
+  pipi --no-build-isolation --no-deps -e "$ROOT"
+fi
+say "ready: $VENV"
