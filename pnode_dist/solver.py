@@ -76,8 +76,10 @@ class Integrator:
     """One PETSc TS for a problem; with `adjoint=True` it records a memory trajectory and
     carries the Jacobian Mats the discrete adjoint applies."""
 
-    def __init__(self, layout, method, rhs: TorchRHS, prefix, petsc_options, adaptive, adjoint):
-        self.layout, self.method, self.rhs = layout, method, rhs
+    def __init__(self, layout, method, func, params, dtype, prefix, petsc_options, adaptive,
+                 adjoint):
+        self.layout, self.method = layout, method
+        self.rhs = rhs = TorchRHS(func, params, layout.local_shape, dtype)
         self.adaptive, self.adjoint = adaptive, adjoint
         comm = layout.comm
         ts = PETSc.TS().create(comm=comm)
@@ -152,6 +154,7 @@ class Integrator:
         outputs = torch.empty((len(t_out),) + self.layout.local_shape, dtype=torch.float64)
         outputs[0].copy_(y0)
         self.x_view.copy_(y0)
+        self.x.stateIncrease()
         run = _Run(t_out, control, self.adaptive, outputs)
         self._run = run
         self.rhs.error = None
@@ -193,6 +196,7 @@ class Integrator:
         ts = self.ts
         self.rhs.error = None
         self.lam_view.copy_(grad_outputs[-1])
+        self.lam.stateIncrease()
         if self.mu is not None:
             self.mu.zeroEntries()
             ts.setCostGradients([self.lam], [self.mu])
@@ -202,6 +206,7 @@ class Integrator:
         for i in range(len(steps) - 1, 0, -1):
             if i < len(steps) - 1:
                 self.lam_view.add_(grad_outputs[i])
+                self.lam.stateIncrease()
             ts.adjointSetSteps(steps[i] - steps[i - 1])
             ts.adjointSolve()
         error = self.rhs.error
@@ -218,14 +223,15 @@ class Integrator:
         return grad_y0, grad_params
 
     def destroy(self):
+        self.rhs.forget_views()
         self.ts.destroy()
 
 
 class Solver:
     """A pool of Integrators for one problem configuration."""
 
-    def __init__(self, layout, method, rhs, prefix, petsc_options, adaptive):
-        self.args = (layout, method, rhs, prefix, petsc_options, adaptive)
+    def __init__(self, layout, method, func, params, dtype, prefix, petsc_options, adaptive):
+        self.args = (layout, method, func, params, dtype, prefix, petsc_options, adaptive)
         self._idle = {True: [], False: []}
 
     def acquire(self, adjoint):

@@ -32,7 +32,6 @@ def _pnode_and_replay(mlp, y0, method, options, rtol=1e-6, atol=1e-8):
 
 def _last_record(mlp, y0, method, options, rtol, atol):
     """Re-run the forward solve on an Integrator to read the step times it accepted."""
-    from pnode_dist.bridge import TorchRHS
     from pnode_dist.layout import BatchLayout
     from pnode_dist.parallel import PETSc
     from pnode_dist.solver import Integrator
@@ -40,8 +39,8 @@ def _last_record(mlp, y0, method, options, rtol, atol):
     m = METHODS[method]
     adaptive = m.adaptive and "step_size" not in options
     layout = BatchLayout(PETSc.COMM_WORLD, y0.shape, [tuple(y0.shape)])
-    rhs = TorchRHS(mlp, list(mlp.parameters()), y0.shape, y0.dtype)
-    integ = Integrator(layout, m, rhs, None, (), adaptive, adjoint=False)
+    integ = Integrator(layout, m, mlp, list(mlp.parameters()), y0.dtype, None, (), adaptive,
+                       adjoint=False)
     control = StepControl(step_size=options.get("step_size"), rtol=rtol, atol=atol)
     _, record = integ.forward(y0, T_OUT.tolist(), control)
     integ.destroy()

@@ -1,5 +1,6 @@
 """Run under mpiexec: a bad argument on ONE rank raises InputError on EVERY rank (no hang).
 argv[1] names the case. Each rank prints 'raised: <message>'; exits 0 only if it raised."""
+import os
 import sys
 
 import torch
@@ -39,7 +40,7 @@ if case == "blowup":
 try:
     odeint(f, y0, t, **kwargs)
 except (InputError, SolverError) as exc:
-    print(f"rank {rank} raised: {exc}", flush=True)
+    os.write(1, f"rank {rank} raised: {exc}\n".encode())     # one atomic write per rank
     sys.exit(0)
-print(f"rank {rank} did not raise", flush=True)
+os.write(1, f"rank {rank} did not raise\n".encode())
 sys.exit(1)
