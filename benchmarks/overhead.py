@@ -80,11 +80,14 @@ def main():
     h = 1.0 / args.steps
     tableau = METHODS["rk4"].tableau
 
-    def pnode():
-        y = y0.clone().requires_grad_(True)
-        out = odeint(func, y, t, method="rk4", options={"step_size": h})[-1]
-        out.sum().backward()
-        return y.grad
+    def pnode(store_graphs=False):
+        def run():
+            y = y0.clone().requires_grad_(True)
+            out = odeint(func, y, t, method="rk4", options={"step_size": h},
+                         store_graphs=store_graphs)[-1]
+            out.sum().backward()
+            return y.grad
+        return run
 
     def limit():
         _, lam, mu = replay_limit(func, y0, h, args.steps, tableau)
@@ -92,7 +95,8 @@ def main():
             p_.grad = m
         return lam
 
-    cases = {"pnode_dist": pnode, "limit (replay)": limit}
+    cases = {"pnode_dist": pnode(), "pnode_dist store_graphs": pnode(True),
+             "limit (replay)": limit}
     try:
         import torchdiffeq
 
@@ -129,11 +133,11 @@ def main():
           f"median of {args.reps}")
     for name, m in med.items():
         print(f"  {name:28s} {1e3 * m:8.1f} ms")
-    base = med["pnode_dist"]
-    print("ratios (pnode_dist / other):")
-    for name, m in med.items():
-        if name != "pnode_dist":
-            print(f"  pnode_dist / {name:28s} = {base / m:5.2f}")
+    for mine in ("pnode_dist", "pnode_dist store_graphs"):
+        print(f"ratios ({mine} / other):")
+        for name, m in med.items():
+            if not name.startswith("pnode_dist"):
+                print(f"  {mine} / {name:28s} = {med[mine] / m:5.2f}")
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ def _times(t):
     return values
 
 
-def _control(options, rtol, atol):
+def _control(options, rtol, atol, store_graphs):
     options = dict(options or {})
     unknown = sorted(set(options) - set(OPTION_KEYS))
     if unknown:
@@ -60,8 +60,11 @@ def _control(options, rtol, atol):
     for name, v in (("rtol", rtol), ("atol", atol)):
         if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
             raise InputError(f"{name} must be a positive number; got {v!r}")
+    if not isinstance(store_graphs, bool):
+        raise InputError(f"store_graphs must be True or False; got {store_graphs!r}")
     return StepControl(step_size=options.get("step_size"), first_step=options.get("first_step"),
-                       max_num_steps=steps, rtol=float(rtol), atol=float(atol))
+                       max_num_steps=steps, rtol=float(rtol), atol=float(atol),
+                       store_graphs=store_graphs)
 
 
 def _parameters(func, y0):
@@ -111,7 +114,7 @@ def _solver(func, layout, method, adaptive, prefix, frozen_options, params, dtyp
 
 
 def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, comm=None,
-           prefix=None, petsc_options=None):
+           prefix=None, petsc_options=None, store_graphs=False):
     """Solve dy/dt = func(t, y) from y(t[0]) = y0; returns y at every time of t,
     shape [len(t), *y0.shape]. Same signature and meaning as torchdiffeq.odeint, plus:
 
@@ -122,6 +125,9 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, comm
                    the command line overrides them.
     options:       step_size (fixed steps, at most this long, landing on every output time),
                    first_step (adaptive), max_num_steps.
+    store_graphs:  keep f's autograd graph of every stage from the forward solve, so that the
+                   adjoint does not re-evaluate f (about 1/4 less time; memory grows with the
+                   number of stages like backprop's). Gradients are identical either way.
     The solver state is float64; a float32 func is evaluated in float32.
     """
     comm = resolve_comm(comm)
@@ -130,7 +136,7 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, comm
         _check_y0(y0)
         t_out = _times(t)
         method_obj = get_method(method)
-        control = _control(options, rtol, atol)
+        control = _control(options, rtol, atol, store_graphs)
         frozen = freeze(petsc_options)
         if prefix is not None and not (isinstance(prefix, str) and prefix.replace("_", "").isalnum()):
             raise InputError(f"prefix must be letters, digits and underscores such as 'block1_'; "
@@ -167,12 +173,13 @@ class ODEBlock(nn.Module):
     keyword arguments. `return_all=True` returns the states at every time of `t`."""
 
     def __init__(self, func, t=(0.0, 1.0), *, method=None, rtol=1e-7, atol=1e-9, options=None,
-                 comm=None, prefix=None, petsc_options=None, return_all=False):
+                 comm=None, prefix=None, petsc_options=None, store_graphs=False,
+                 return_all=False):
         super().__init__()
         self.func = func
         self.register_buffer("t", torch.as_tensor(t, dtype=torch.float64), persistent=False)
         self.kwargs = dict(method=method, rtol=rtol, atol=atol, options=options, comm=comm,
-                           prefix=prefix, petsc_options=petsc_options)
+                           prefix=prefix, petsc_options=petsc_options, store_graphs=store_graphs)
         self.return_all = return_all
 
     def forward(self, y0):

@@ -27,6 +27,40 @@ def vec_view(vec, shape, readonly=False):
     return torch.from_numpy(vec.getArray(readonly=readonly)).view(shape)
 
 
+class GraphStore:
+    """f's autograd graphs at the stages of a forward solve, for the adjoint to reuse instead of
+    re-evaluating f at the same points. Entries are kept in evaluation order; the adjoint asks
+    for them in reverse, and each lookup is verified (time within round-off, state bitwise
+    equal), so a miss only costs a re-evaluation, never a wrong gradient."""
+
+    _WINDOW = 16
+
+    def __init__(self):
+        self.entries = []            # (t, y_leaf, f(t, y_leaf))
+        self.pending = []            # evaluations of the step being attempted
+        self.cursor = -1
+
+    def add(self, t, y, out):
+        self.pending.append((t, y, out))
+
+    def accept_step(self):
+        """The attempted step was accepted: its evaluations join the store."""
+        self.entries.extend(self.pending)
+        self.pending.clear()
+        self.cursor = len(self.entries) - 1
+
+    def find(self, t, y):
+        """The stored (y_leaf, out) at time t and state y, or None."""
+        tol = 1e-12 * max(1.0, abs(t))
+        top = min(self.cursor + 1, len(self.entries) - 1)
+        for j in range(top, max(-1, self.cursor - self._WINDOW), -1):
+            tj, yj, out = self.entries[j]
+            if abs(tj - t) <= tol and torch.equal(yj.detach(), y):
+                self.cursor = j - 1
+                return yj, out
+        return None
+
+
 class TorchRHS:
     """f(t, y) from a torch module on the local shard of the state, for one TS."""
 
@@ -40,6 +74,8 @@ class TorchRHS:
         self._views = {}             # Vec handle -> tensor view (the TS's Vecs live as long as it)
         self._lin = None             # (y_leaf, f(t, y_leaf)) at the current linearisation point
         self._cached_param_vjp = None
+        self.store = None            # a GraphStore while a forward solve keeps f's graphs
+        self.counts = dict.fromkeys(("rhs", "linearize", "reused"), 0)
 
     # ---------------------------------------------------------------- helpers
     def view(self, vec, numel=None):
@@ -71,11 +107,19 @@ class TorchRHS:
 
     # ---------------------------------------------------------------- TS callbacks
     def rhs(self, ts, t, X, F):
-        """RHSFunction: F = f(t, X)."""
+        """RHSFunction: F = f(t, X); with a GraphStore, f's graph is kept for the adjoint."""
         out_view = self.view(F)
+        self.counts["rhs"] += 1
         try:
-            with torch.no_grad():
-                out_view.copy_(self._evaluate(t, self.view(X).to(self.dtype)))
+            if self.store is not None:
+                y = self.view(X).to(self.dtype, copy=True).requires_grad_(True)
+                with torch.enable_grad():
+                    out = self._evaluate(t, y)
+                self.store.add(t, y, out)
+                out_view.copy_(out.detach())
+            else:
+                with torch.no_grad():
+                    out_view.copy_(self._evaluate(t, self.view(X).to(self.dtype)))
         except Exception as exc:  # noqa: BLE001 - reported collectively after the solve
             self._record(exc, f"the forward solve at t={t:g}")
             out_view.fill_(float("nan"))
@@ -84,6 +128,12 @@ class TorchRHS:
     def linearize(self, ts, t, X, J, P):
         """RHSJacobian: build f's graph at the point (t, X) where J and Jp are applied next."""
         self._cached_param_vjp = None
+        self.counts["linearize"] += 1
+        if self.store is not None:
+            self._lin = self.store.find(t, self.view(X).to(self.dtype))
+            if self._lin is not None:
+                self.counts["reused"] += 1
+                return
         try:
             y = self.view(X).detach().to(self.dtype).requires_grad_(True)
             with torch.enable_grad():

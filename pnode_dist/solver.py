@@ -12,7 +12,7 @@ from typing import List
 
 import torch
 
-from .bridge import ParamJacobianMat, StateJacobianMat, TorchRHS, vec_view
+from .bridge import GraphStore, ParamJacobianMat, StateJacobianMat, TorchRHS, vec_view
 from .errors import InputError, SolverError
 from .options import layered_options
 from .parallel import MPI, PETSc, raise_collectively
@@ -28,6 +28,7 @@ class StepControl:
     max_num_steps: int = 1_000_000
     rtol: float = 1e-7
     atol: float = 1e-9
+    store_graphs: bool = False   # keep f's stage graphs for the adjoint (faster, more memory)
 
 
 @dataclass
@@ -125,6 +126,8 @@ class Integrator:
     # ---------------------------------------------------------------- forward
     def _post_step(self, ts):
         run = self._run
+        if self.rhs.store is not None:
+            self.rhs.store.accept_step()
         t = ts.getTime()
         run.record.times.append(t)
         target = run.t_out[run.k]
@@ -158,6 +161,7 @@ class Integrator:
         run = _Run(t_out, control, self.adaptive, outputs)
         self._run = run
         self.rhs.error = None
+        self.rhs.store = GraphStore() if (self.adjoint and control.store_graphs) else None
         if self.adaptive:
             ts.setTolerances(rtol=control.rtol, atol=control.atol)
         ts.setTime(t_out[0])
@@ -210,6 +214,7 @@ class Integrator:
             ts.adjointSetSteps(steps[i] - steps[i - 1])
             ts.adjointSolve()
         error = self.rhs.error
+        self.rhs.store = None
         grad_y0 = self.lam_view + grad_outputs[0]
         if error is None and not bool(torch.isfinite(grad_y0).all()):
             error = "the adjoint produced a non-finite gradient with respect to y0"

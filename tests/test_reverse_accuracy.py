@@ -16,9 +16,10 @@ def _loss(ys):
     return (w * ys.sin()).sum() + (ys[-1] ** 2).sum()
 
 
-def _pnode_and_replay(mlp, y0, method, options, rtol=1e-6, atol=1e-8):
+def _pnode_and_replay(mlp, y0, method, options, store_graphs, rtol=1e-6, atol=1e-8):
     y0a = y0.clone().requires_grad_(True)
-    ys = odeint(mlp, y0a, T_OUT, method=method, options=options, rtol=rtol, atol=atol)
+    ys = odeint(mlp, y0a, T_OUT, method=method, options=options, rtol=rtol, atol=atol,
+                store_graphs=store_graphs)
     params = list(mlp.parameters())
     grads = torch.autograd.grad(_loss(ys), [y0a] + params)
 
@@ -55,12 +56,14 @@ def _assert_close(a, b, tol, what):
 
 @pytest.mark.parametrize("method", sorted(METHODS))
 @pytest.mark.parametrize("mode", ["fixed", "adaptive"])
-def test_gradients_equal_backprop_of_same_discrete_solve(mlp, y0, method, mode):
+@pytest.mark.parametrize("store_graphs", [False, True])
+def test_gradients_equal_backprop_of_same_discrete_solve(mlp, y0, method, mode, store_graphs):
     if mode == "adaptive" and not METHODS[method].adaptive:
         options = None              # fixed-order methods: one step per output interval
     else:
         options = {"step_size": 0.05} if mode == "fixed" else None
-    ys, grads, ys_ref, grads_ref, record = _pnode_and_replay(mlp, y0, method, options)
+    ys, grads, ys_ref, grads_ref, record = _pnode_and_replay(mlp, y0, method, options,
+                                                             store_graphs)
     if mode == "adaptive" and METHODS[method].adaptive:
         steps = [b - a for a, b in zip(record.times, record.times[1:])]
         assert len(set(round(s, 12) for s in steps)) > 2, "adaptive solve took uniform steps"
@@ -75,3 +78,24 @@ def test_fixed_steps_land_on_output_times(mlp, y0):
     assert record.output_steps == [0, 3, 7, 10]
     for k, t in zip(record.output_steps, T_OUT.tolist()):
         assert abs(record.times[k] - t) < 1e-14
+
+
+@pytest.mark.parametrize("method,options", [("rk4", {"step_size": 0.05}), ("dopri5", None),
+                                            ("bosh3", None), ("euler", {"step_size": 0.1})])
+def test_store_graphs_reuses_every_forward_graph(mlp, y0, method, options):
+    from pnode_dist.api import _solvers
+    for store in (False, True):
+        for s in _solvers.get(mlp, {}).values():
+            for integrator in s._idle[True]:
+                integrator.rhs.counts.update(linearize=0, reused=0)
+        y = y0.clone().requires_grad_(True)
+        ys = odeint(mlp, y, T_OUT, method=method, options=options, rtol=1e-6, atol=1e-8,
+                    store_graphs=store)
+        _loss(ys).backward()
+    # The adjoint reused the forward's graphs. FSAL methods (bosh3, dopri5) linearise the first
+    # stage of a step at the step's solution, which may differ from the previous step's last
+    # stage in the last bit: those few are re-evaluated.
+    (solver,) = list(_solvers[mlp].values())
+    counts = solver._idle[True][-1].rhs.counts
+    wanted = counts["linearize"] if method in ("rk4", "euler") else 0.8 * counts["linearize"]
+    assert counts["linearize"] > 0 and counts["reused"] >= wanted, counts

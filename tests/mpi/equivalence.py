@@ -21,14 +21,15 @@ y_all = torch.randn(BATCH, 3, generator=torch.Generator().manual_seed(7), dtype=
 t = torch.tensor([0.0, 0.4, 1.0], dtype=torch.float64)
 worst = 0.0
 
-for method, options in [("rk4", {"step_size": 0.1}), ("euler", {"step_size": 0.1}),
-                        ("dopri5", None), ("bosh3", None)]:
+for method, options, store in [("rk4", {"step_size": 0.1}, False),
+                               ("euler", {"step_size": 0.1}, False), ("dopri5", None, False),
+                               ("bosh3", None, False), ("rk4", {"step_size": 0.1}, True)]:
     results = {}
     for mode in ("dist", "serial"):
         f = TimeMLP(seed=3)
         y0 = (y_all[lo:hi] if mode == "dist" else y_all).clone().requires_grad_(True)
         ys = odeint(f, y0, t, method=method, options=options, rtol=1e-6, atol=1e-8,
-                    comm=None if mode == "dist" else "self")
+                    comm=None if mode == "dist" else "self", store_graphs=store)
         loss = (ys.sin() * torch.arange(1, 4, dtype=ys.dtype).view(3, 1, 1)).sum()
         loss.backward()
         results[mode] = (ys.detach(), y0.grad, [p.grad.clone() for p in f.parameters()])
