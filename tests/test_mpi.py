@@ -24,3 +24,9 @@ def test_bad_input_on_one_rank_raises_on_every_rank(case, words):
     lines = [ln for ln in proc.stdout.splitlines() if "raised:" in ln]
     assert sorted(ln.split()[1] for ln in lines) == ["0", "1"], proc.stdout + proc.stderr
     assert all(words in ln for ln in lines), proc.stdout
+
+
+def test_fixed_step_explicit_solve_does_not_communicate():
+    proc = run_mpi(2, HERE / "mpi" / "no_communication.py", timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "no communication in the solve" in proc.stdout, proc.stdout

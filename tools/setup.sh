@@ -11,8 +11,9 @@ PINS=$ROOT/requirements.txt
 pin() { grep -E "^$1==" "$PINS" | head -1; }
 say() { echo "[setup] $*"; }
 
-# 1. Debian packages: MPICH, LAPACK/BLAS, patchelf (PETSc's wheel install uses it).
-DEB_PKGS="mpich libmpich-dev liblapack-dev libblas-dev patchelf"
+# 1. Debian packages: MPICH, LAPACK/BLAS, patchelf (PETSc's wheel install uses it), and the
+#    Fashion-MNIST data set (IDX files under /usr/share/datasets/fashion-mnist) for the apps.
+DEB_PKGS="mpich libmpich-dev liblapack-dev libblas-dev patchelf dataset-fashion-mnist"
 missing=""
 for p in $DEB_PKGS; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
 if [ -n "$missing" ]; then
@@ -68,7 +69,7 @@ if ! petsc4py_ok; then
 fi
 
 # 5. torch (exact pin: a range could pull a multi-GB CUDA build) and the rest.
-for p in torch h5py scikit-learn tqdm matplotlib pytest torchdiffeq; do
+for p in torch h5py scikit-learn tqdm matplotlib pytest torchdiffeq mlxtend; do
   have "$(pin $p)" || { say "installing $(pin $p)"; pipi "$(pin $p)"; }
 done
 
