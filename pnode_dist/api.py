@@ -2,7 +2,6 @@
 errors say what to do. Every check is collective: a bad argument on one rank raises on all."""
 import collections
 import math
-import weakref
 from types import SimpleNamespace
 
 import torch
@@ -17,8 +16,11 @@ from .parallel import raise_collectively, resolve_comm
 from .solver import Solver, StepControl
 
 OPTION_KEYS = ("step_size", "first_step", "max_num_steps")
-_CACHE_PER_FUNC = 8
-_solvers = weakref.WeakKeyDictionary()   # func -> OrderedDict(key -> Solver)
+_CACHE_SIZE = 32
+# Solvers by (id(func), configuration), least recently used first. A Solver holds func itself, so
+# an id cannot be reused by another object while its entry lives; the bound keeps PETSc objects
+# of models that are gone from piling up.
+_solvers = collections.OrderedDict()
 
 
 def _times(t):
@@ -97,19 +99,15 @@ def _check_y0(y0):
 
 def _solver(func, layout, method, adaptive, prefix, frozen_options, params, dtype):
     """The cached Solver of this configuration (created on first use)."""
-    key = (layout.key, method.name, adaptive, prefix, frozen_options, dtype,
+    key = (id(func), layout.key, method.name, adaptive, prefix, frozen_options, dtype,
            tuple(id(p) for p in params))
-    try:
-        per_func = _solvers.setdefault(func, collections.OrderedDict())
-    except TypeError:        # a callable that cannot be weakly referenced: no reuse
-        per_func = collections.OrderedDict()
-    solver = per_func.get(key)
+    solver = _solvers.get(key)
     if solver is None:
         solver = Solver(layout, method, func, params, dtype, prefix, frozen_options, adaptive)
-        per_func[key] = solver
-        while len(per_func) > _CACHE_PER_FUNC:
-            per_func.popitem(last=False)
-    per_func.move_to_end(key)
+        _solvers[key] = solver
+        while len(_solvers) > _CACHE_SIZE:
+            _solvers.popitem(last=False)
+    _solvers.move_to_end(key)
     return solver
 
 
