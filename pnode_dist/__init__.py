@@ -3,11 +3,11 @@
     from pnode_dist import odeint            # instead of: from torchdiffeq import odeint
     ys = odeint(func, y0, t, method="rk4", options={"step_size": 0.1})
 """
-from .api import ODEBlock, odeint
+from .api import IMEX, ODEBlock, odeint
 from .errors import InputError, PnodeError, SolverError
 from .methods import METHODS
 from .parallel import allreduce_gradients, broadcast_parameters
 
 __version__ = "0.1.0"
-__all__ = ["odeint", "ODEBlock", "METHODS", "PnodeError", "InputError", "SolverError",
+__all__ = ["odeint", "ODEBlock", "IMEX", "METHODS", "PnodeError", "InputError", "SolverError",
            "allreduce_gradients", "broadcast_parameters", "__version__"]

@@ -10,12 +10,27 @@ from torch import nn
 from .adjoint import OdeintFunction
 from .errors import InputError
 from .layout import BatchLayout
-from .methods import get_method
+from .methods import ARKIMEX_ORDERS, EXPLICIT, IMEX as IMEX_KIND, IMPLICIT, get_method
 from .options import freeze
 from .parallel import raise_collectively, resolve_comm
-from .solver import Solver, StepControl
+from .solver import SetupConfig, Solver, StepControl
 
-OPTION_KEYS = ("step_size", "first_step", "max_num_steps")
+OPTION_KEYS = ("step_size", "first_step", "max_num_steps", "theta", "linear_solver", "tableau",
+               "mass")
+LINEAR_SOLVERS = ("gmres", "exact")
+
+
+class IMEX(nn.Module):
+    """A right-hand side split as f = implicit + explicit, for method='arkimex' (the implicit
+    part is solved by Newton, the explicit part stepped explicitly). With any other method it is
+    just their sum."""
+
+    def __init__(self, implicit, explicit):
+        super().__init__()
+        self.implicit, self.explicit = implicit, explicit
+
+    def forward(self, t, y):
+        return self.implicit(t, y) + self.explicit(t, y)
 _CACHE_SIZE = 32
 # Solvers by (id(func), configuration), least recently used first. A Solver holds func itself, so
 # an id cannot be reused by another object while its entry lives; the bound keeps PETSc objects
@@ -69,6 +84,41 @@ def _control(options, rtol, atol, store_graphs):
                        store_graphs=store_graphs)
 
 
+def _setup(options, method, func, y0):
+    """The TS-construction choices of `options` (theta, linear_solver, tableau, mass), checked."""
+    options = options or {}
+    theta = options.get("theta", 0.5)
+    if not (isinstance(theta, (int, float)) and 0 < theta <= 1):
+        raise InputError(f"options['theta'] must be in (0, 1]; got {theta!r}")
+    if "theta" in options and method.name != "theta":
+        raise InputError("options['theta'] applies to method='theta' only")
+    solver = options.get("linear_solver", "gmres")
+    if solver not in LINEAR_SOLVERS:
+        raise InputError(f"options['linear_solver'] must be one of {list(LINEAR_SOLVERS)}; "
+                         f"got {solver!r}")
+    if method.kind == EXPLICIT and ("linear_solver" in options or "mass" in options):
+        raise InputError(f"linear_solver and mass apply to implicit methods; {method.name!r} is "
+                         "explicit")
+    tableau = options.get("tableau")
+    if tableau is not None and (method.kind != IMEX_KIND or tableau not in ARKIMEX_ORDERS):
+        raise InputError(f"options['tableau'] selects an ARKIMEX tableau for method='arkimex': "
+                         f"one of {sorted(ARKIMEX_ORDERS)}; got {tableau!r}")
+    if method.kind == IMEX_KIND and not isinstance(func, IMEX):
+        raise InputError("method='arkimex' needs func=pnode_dist.IMEX(implicit=..., explicit=...) "
+                         "so that PETSc knows which part to solve implicitly")
+    mass = options.get("mass")
+    if mass is not None:
+        d = y0.shape[-1] if y0.dim() == 2 else None
+        if method.kind != IMPLICIT:
+            raise InputError("options['mass'] is supported by beuler, cn and theta only")
+        if not isinstance(mass, torch.Tensor) or d is None or tuple(mass.shape) != (d, d):
+            raise InputError(f"options['mass'] must be a [d, d] tensor for a state of shape "
+                             f"[batch, d]; got {type(mass).__name__} for y0 of shape "
+                             f"{list(y0.shape)}")
+        mass = mass.detach().to(torch.float64).clone()
+    return SetupConfig(theta=float(theta), linear_solver=solver, tableau=tableau, mass=mass)
+
+
 def _parameters(func, y0):
     params = [p for p in func.parameters() if p.requires_grad] if isinstance(func, nn.Module) else []
     for p in params:
@@ -97,13 +147,14 @@ def _check_y0(y0):
                          "ODE block")
 
 
-def _solver(func, layout, method, adaptive, prefix, frozen_options, params, dtype):
+def _solver(func, layout, method, adaptive, prefix, frozen_options, params, dtype, setup):
     """The cached Solver of this configuration (created on first use)."""
     key = (id(func), layout.key, method.name, adaptive, prefix, frozen_options, dtype,
-           tuple(id(p) for p in params))
+           tuple(id(p) for p in params), setup.key)
     solver = _solvers.get(key)
     if solver is None:
-        solver = Solver(layout, method, func, params, dtype, prefix, frozen_options, adaptive)
+        solver = Solver(layout, method, func, params, dtype, prefix, frozen_options, adaptive,
+                        setup)
         _solvers[key] = solver
         while len(_solvers) > _CACHE_SIZE:
             _solvers.popitem(last=False)
@@ -130,11 +181,13 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, comm
     """
     comm = resolve_comm(comm)
     error, signature, method_obj, control, t_out, frozen = None, None, None, None, None, ()
+    setup = None
     try:
         _check_y0(y0)
         t_out = _times(t)
         method_obj = get_method(method)
         control = _control(options, rtol, atol, store_graphs)
+        setup = _setup(options, method_obj, func, y0)
         frozen = freeze(petsc_options)
         if prefix is not None and not (isinstance(prefix, str) and prefix.replace("_", "").isalnum()):
             raise InputError(f"prefix must be letters, digits and underscores such as 'block1_'; "
@@ -145,7 +198,7 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, comm
     except InputError as exc:
         error = str(exc)
     if error is None:
-        signature = {"t": t_out, "method": method_obj.name, "options": control,
+        signature = {"t": t_out, "method": method_obj.name, "options": (control, setup.key),
                      "prefix": prefix, "petsc_options": frozen,
                      "the shape of y0 after its leading dimension": tuple(y0.shape[1:]),
                      "the dtype of y0": str(y0.dtype)}
@@ -153,7 +206,7 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, comm
                                 share=tuple(y0.shape) if error is None else None)
     layout = BatchLayout(comm, y0.shape, shapes)
     adaptive = method_obj.adaptive and control.step_size is None
-    solver = _solver(func, layout, method_obj, adaptive, prefix, frozen, params, y0.dtype)
+    solver = _solver(func, layout, method_obj, adaptive, prefix, frozen, params, y0.dtype, setup)
     problem = SimpleNamespace(solver=solver, params=params, t_out=t_out, control=control)
     needs_grad = torch.is_grad_enabled() and (y0.requires_grad or any(p.requires_grad for p in params))
     if needs_grad:

@@ -41,15 +41,19 @@ def _tableau(a, b):
     return ButcherTableau(a=rows, b=tuple(float(x) for x in b), c=c)
 
 
+EXPLICIT, IMPLICIT, IMEX = "explicit", "implicit", "imex"
+
+
 @dataclass(frozen=True)
 class Method:
     """One integration method as PETSc runs it."""
     name: str
     ts_type: str
-    subtype: Optional[str]      # e.g. the TSRK type
+    subtype: Optional[str]      # the TSRK / TSARKIMEX type
     order: int
-    adaptive: bool              # has an embedded error estimate usable by TSAdapt
+    adaptive: bool              # has an error estimate usable by TSAdapt
     tableau: Optional[ButcherTableau] = None
+    kind: str = EXPLICIT        # explicit (RHS form), implicit (IFunction), imex (both)
 
 
 _RK4 = _tableau([[], [F(1, 2)], [0, F(1, 2)], [0, 0, 1]], [F(1, 6), F(1, 3), F(1, 3), F(1, 6)])
@@ -69,8 +73,16 @@ METHODS = {
         Method("rk4", "rk", "4", 4, False, _RK4),
         Method("bosh3", "rk", "3bs", 3, True, _BOSH3),
         Method("dopri5", "rk", "5dp", 5, True, _DOPRI5),
+        # Implicit one-step methods (PETSc TSTHETA family), IFunction form F = ydot - f.
+        Method("beuler", "beuler", None, 1, False, kind=IMPLICIT),
+        Method("cn", "cn", None, 2, False, kind=IMPLICIT),
+        Method("theta", "theta", None, 1, False, kind=IMPLICIT),   # order 2 for theta = 0.5
+        # Additive Runge-Kutta IMEX (PETSc TSARKIMEX); func must be a pnode_dist.IMEX pair.
+        Method("arkimex", "arkimex", "3", 3, True, kind=IMEX),
     )
 }
+ARKIMEX_ORDERS = {"1bee": 1, "a2": 2, "l2": 2, "ars122": 2, "2c": 2, "2d": 2, "2e": 2,
+                  "prssp2": 2, "3": 3, "bpr3": 3, "ars443": 3, "4": 4, "5": 5}
 DEFAULT_METHOD = "dopri5"
 
 

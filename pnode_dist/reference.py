@@ -34,3 +34,51 @@ def rk_replay(func, y0, times, output_steps, tableau: ButcherTableau):
         y = rk_step(func, times[n - 1], y, times[n] - times[n - 1], tableau)
         outs[n] = y
     return torch.stack([outs[k] for k in output_steps])
+
+
+def _implicit_solve(residual, z0, iters=50):
+    """Solve residual(z) = 0 by Newton to round-off, then re-attach the graph through one
+    implicit-function step z - J^{-1} residual(z) (J detached): the value is the converged root
+    and its derivative with respect to everything residual depends on is exact."""
+    z = z0.detach().clone()
+    shape = z.shape
+    for _ in range(iters):
+        with torch.no_grad():
+            r = residual(z)
+        if r.abs().max() <= 1e-15 * max(1.0, z.abs().max().item()):
+            break
+        jac = torch.autograd.functional.jacobian(lambda u: residual(u.view(shape)).reshape(-1),
+                                                 z.reshape(-1))
+        z = z - torch.linalg.solve(jac, r.reshape(-1)).view(shape)
+    jac = torch.autograd.functional.jacobian(lambda u: residual(u.view(shape)).reshape(-1),
+                                             z.reshape(-1)).detach()
+    return z - torch.linalg.solve(jac, residual(z).reshape(-1)).view(shape)
+
+
+def theta_replay(func, y0, times, output_steps, theta, endpoint, mass=None):
+    """PETSc's TSTHETA scheme in pure torch, Newton converged to round-off:
+    endpoint=False (beuler, theta): M (X - y_n) = theta h f(t_n + theta h, X),
+                                    y_{n+1} = y_n + (X - y_n) / theta;
+    endpoint=True (cn):             M (y_{n+1} - y_n) = h [(1-theta) f(t_n, y_n)
+                                                           + theta f(t_{n+1}, y_{n+1})]."""
+    def apply_mass(v):
+        return v if mass is None else v @ mass.to(v.dtype).T
+
+    def tt(t):
+        return torch.tensor(t, dtype=y0.dtype)
+
+    outs = {0: y0}
+    y = y0
+    for n in range(1, len(times)):
+        t, h = times[n - 1], times[n] - times[n - 1]
+        if endpoint:
+            f_n = func(tt(t), y)
+            y = _implicit_solve(lambda z: apply_mass(z - y) - h * ((1 - theta) * f_n
+                                                                    + theta * func(tt(t + h), z)),
+                                y)
+        else:
+            x = _implicit_solve(lambda z: apply_mass(z - y) - theta * h * func(tt(t + theta * h), z),
+                                y)
+            y = y + (x - y) / theta
+        outs[n] = y
+    return torch.stack([outs[k] for k in output_steps])

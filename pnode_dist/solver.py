@@ -14,10 +14,33 @@ import torch
 
 from .bridge import GraphStore, ParamJacobianMat, StateJacobianMat, TorchRHS, vec_view
 from .errors import InputError, SolverError
+from .implicit import BlockJacobianPC, IJacobianMat, IJacobianPMat, TorchIFunction
+from .methods import EXPLICIT, IMPLICIT
 from .options import layered_options
 from .parallel import MPI, PETSc, raise_collectively
 
 _REL_TIME_TOL = 1e-12
+_THETA_TYPES = {"beuler", "cn", "theta"}
+
+
+def _reason_name(enum, value):
+    """PETSc's name of a converged/diverged reason, e.g. DIVERGED_MAX_IT."""
+    names = [k for k in dir(enum) if k.isupper() and getattr(enum, k) == value]
+    return names[0] if names else f"reason {value}"
+
+
+@dataclass(frozen=True)
+class SetupConfig:
+    """Choices fixed when a TS is built (part of the solver cache key)."""
+    theta: float = 0.5
+    linear_solver: str = "gmres"     # Newton's linear solver: 'gmres' (matrix-free) or 'exact'
+    tableau: str = None              # ARKIMEX tableau name (None: the method's default)
+    mass: object = None              # constant mass matrix [d, d] (torch tensor) or None
+
+    @property
+    def key(self):
+        mass = None if self.mass is None else (tuple(self.mass.shape), self.mass.double().tolist())
+        return (self.theta, self.linear_solver, self.tableau, str(mass))
 
 
 @dataclass
@@ -78,10 +101,20 @@ class Integrator:
     carries the Jacobian Mats the discrete adjoint applies."""
 
     def __init__(self, layout, method, func, params, dtype, prefix, petsc_options, adaptive,
-                 adjoint):
+                 adjoint, setup):
         self.layout, self.method = layout, method
-        self.rhs = rhs = TorchRHS(func, params, layout.local_shape, dtype)
         self.adaptive, self.adjoint = adaptive, adjoint
+        shape = layout.local_shape
+        self.rhs = self.ifun = None      # explicit part (RHS form) / implicit part (IFunction)
+        if method.kind == EXPLICIT:
+            self.rhs = TorchRHS(func, params, shape, dtype)
+        elif method.kind == IMPLICIT:
+            self.ifun = TorchIFunction(func, params, shape, dtype, setup.mass)
+        else:
+            self.ifun = TorchIFunction(func.implicit, params, shape, dtype)
+            self.rhs = TorchRHS(func.explicit, params, shape, dtype)
+        self.parts = [p for p in (self.rhs, self.ifun) if p is not None]
+        nparams = self.parts[0].nparams
         comm = layout.comm
         ts = PETSc.TS().create(comm=comm)
         if prefix:
@@ -90,43 +123,94 @@ class Integrator:
         ts.setType(method.ts_type)
         if method.ts_type == "rk":
             ts.setRKType(method.subtype)
+        elif method.ts_type == "arkimex":
+            ts.setARKIMEXType(setup.tableau or method.subtype)
+        elif method.ts_type == "theta":
+            ts.setTheta(setup.theta)
         self.x = layout.create_state_vec()
-        self.x_view = vec_view(self.x, layout.local_shape)
-        ts.setRHSFunction(rhs.rhs, self.x.duplicate())
+        self.x_view = vec_view(self.x, shape)
+        self.mu = None
         if adjoint:
-            J = PETSc.Mat().createPython(layout.state_mat_sizes(), StateJacobianMat(rhs), comm=comm)
-            J.setUp()
-            ts.setRHSJacobian(rhs.linearize, J, J)
             self.lam = self.x.duplicate()
-            self.lam_view = vec_view(self.lam, layout.local_shape)
-            self.mu = None
-            if rhs.nparams:
-                Jp = PETSc.Mat().createPython(layout.param_mat_sizes(rhs.nparams),
-                                              ParamJacobianMat(rhs), comm=comm)
-                Jp.setUp()
-                ts.setRHSJacobianP(rhs.linearize_params, Jp)
-                self.mu = layout.create_param_vec(rhs.nparams)
+            self.lam_view = vec_view(self.lam, shape)
+            if nparams:
+                self.mu = layout.create_param_vec(nparams)
+        if self.rhs is not None:
+            self._set_explicit_part(ts, nparams)
+        defaults = {"ts_adapt_type": "basic" if adaptive else "none"}
+        if self.ifun is not None:
+            defaults.update(self._set_implicit_part(ts, nparams, setup.linear_solver))
+        if adjoint:
             ts.setSaveTrajectory()
         ts.setExactFinalTime(PETSc.TS.ExactFinalTime.MATCHSTEP)
         ts.setErrorIfStepFails(False)
         ts.setPostStep(self._post_step)
-        defaults = {"ts_adapt_type": "basic" if adaptive else "none"}
         # The trajectory reads only unprefixed options; without a type PETSc would pick 'basic',
         # which writes files into the working directory.
         trajectory = {"ts_trajectory_type": "memory"} if adjoint else {}
         with layered_options(prefix, defaults, petsc_options), \
                 layered_options("", trajectory, ()):
             ts.setFromOptions()
-        if ts.getType() != "rk":
-            raise InputError(f"TS type {ts.getType()!r} (from the PETSc options) is not supported "
-                             "by odeint's explicit path: use -ts_type rk with -ts_rk_type")
+        if ts.getType() != method.ts_type and not {ts.getType(), method.ts_type} <= _THETA_TYPES:
+            raise InputError(f"TS type {ts.getType()!r} (from the PETSc options) does not match "
+                             f"method {method.name!r} ({method.ts_type}): choose the method with "
+                             "odeint's method argument and its variant with -ts_rk_type / "
+                             "-ts_arkimex_type")
         self.ts = ts
         self._run = None
 
+    def _set_explicit_part(self, ts, nparams):
+        rhs, comm = self.rhs, self.layout.comm
+        ts.setRHSFunction(rhs.rhs, self.x.duplicate())
+        if not self.adjoint:
+            return
+        J = PETSc.Mat().createPython(self.layout.state_mat_sizes(), StateJacobianMat(rhs),
+                                     comm=comm)
+        J.setUp()
+        ts.setRHSJacobian(rhs.linearize, J, J)
+        if nparams:
+            Jp = PETSc.Mat().createPython(self.layout.param_mat_sizes(nparams),
+                                          ParamJacobianMat(rhs), comm=comm)
+            Jp.setUp()
+            ts.setRHSJacobianP(rhs.linearize_params, Jp)
+
+    def _set_implicit_part(self, ts, nparams, linear_solver):
+        """IFunction, IJacobian (and IJacobianP); returns the Newton/Krylov option defaults."""
+        ifun, comm = self.ifun, self.layout.comm
+        ts.setIFunction(ifun.ifunction, self.x.duplicate())
+        A = PETSc.Mat().createPython(self.layout.state_mat_sizes(), IJacobianMat(ifun), comm=comm)
+        A.setUp()
+        ts.setIJacobian(ifun.ijacobian, A, A)
+        if self.adjoint and nparams:
+            Jp = PETSc.Mat().createPython(self.layout.param_mat_sizes(nparams),
+                                          IJacobianPMat(ifun), comm=comm)
+            Jp.setUp()
+            ts.setIJacobianP(ifun.ijacobian_params, Jp)
+        defaults = {"snes_rtol": 1e-10, "snes_atol": 1e-12, "ksp_rtol": 1e-10}
+        pc = ts.getSNES().getKSP().getPC()
+        if linear_solver == "exact":
+            pc.setType(PETSc.PC.Type.PYTHON)
+            pc.setPythonContext(BlockJacobianPC(ifun))
+            defaults["ksp_type"] = "preonly"
+        else:
+            defaults.update(ksp_type="gmres", pc_type="none")
+        return defaults
+
+    @property
+    def error(self):
+        """The first error recorded by a callback since the last reset."""
+        return next((p.error for p in self.parts if p.error is not None), None)
+
+    def _reset_errors(self):
+        for p in self.parts:
+            p.error = None
+
     # ---------------------------------------------------------------- forward
     def _post_step(self, ts):
+        if ts.getConvergedReason() < 0:      # PETSc calls it after a failed step too
+            return
         run = self._run
-        if self.rhs.store is not None:
+        if self.rhs is not None and self.rhs.store is not None:
             self.rhs.store.accept_step()
         t = ts.getTime()
         run.record.times.append(t)
@@ -160,8 +244,9 @@ class Integrator:
         self.x.stateIncrease()
         run = _Run(t_out, control, self.adaptive, outputs)
         self._run = run
-        self.rhs.error = None
-        self.rhs.store = GraphStore() if (self.adjoint and control.store_graphs) else None
+        self._reset_errors()
+        if self.rhs is not None:
+            self.rhs.store = GraphStore() if (self.adjoint and control.store_graphs) else None
         if self.adaptive:
             ts.setTolerances(rtol=control.rtol, atol=control.atol)
         ts.setTime(t_out[0])
@@ -172,19 +257,30 @@ class Integrator:
         ts.setConvergedReason(PETSc.TS.ConvergedReason.CONVERGED_ITERATING)
         ts.solve(self.x)
         self._run = None
+        self.stats = {"steps": run.record.steps, "newton_iterations": ts.getSNESIterations(),
+                      "linear_iterations": ts.getKSPIterations()}
         self._check_forward(run, outputs)
         return outputs, run.record
 
     def _check_forward(self, run, outputs):
-        error = self.rhs.error
+        error = self.error
         reason = self.ts.getConvergedReason()
         if error is None and not run.done:
             t = run.record.times[-1]
             if reason == PETSc.TS.ConvergedReason.CONVERGED_ITS:
                 error = (f"reached max_num_steps={run.control.max_num_steps} at t={t:g} before "
                          f"t={run.t_out[-1]:g}: raise options['max_num_steps'] or loosen rtol/atol")
+            elif reason == PETSc.TS.ConvergedReason.DIVERGED_NONLINEAR_SOLVE:
+                snes = self.ts.getSNES()
+                error = (f"Newton's method failed in step {len(run.record.times)} from t={t:g} "
+                         f"(step size {self.ts.getTimeStep():g}): "
+                         f"{_reason_name(PETSc.SNES.ConvergedReason, snes.getConvergedReason())}"
+                         f", residual norm {snes.getFunctionNorm():.3e}"
+                         f" after {snes.getIterationNumber()} iterations; try a smaller step, "
+                         "linear_solver='exact', or looser -snes_rtol/-snes_atol")
             else:
-                error = (f"the time integration failed at t={t:g} (PETSc TS reason {reason}): "
+                error = (f"the time integration failed at t={t:g} "
+                         f"({_reason_name(PETSc.TS.ConvergedReason, reason)}): "
                          "the step was rejected too often; try a smaller first_step, looser "
                          "rtol/atol, or check f for blow-up")
         if error is None and not bool(torch.isfinite(outputs).all()):
@@ -198,7 +294,7 @@ class Integrator:
         """Discrete adjoint of the last forward solve. grad_outputs: [len(t), *local_shape].
         Returns (dL/dy0 for this rank's shard, dL/dtheta summed over all ranks)."""
         ts = self.ts
-        self.rhs.error = None
+        self._reset_errors()
         self.lam_view.copy_(grad_outputs[-1])
         self.lam.stateIncrease()
         if self.mu is not None:
@@ -213,8 +309,9 @@ class Integrator:
                 self.lam.stateIncrease()
             ts.adjointSetSteps(steps[i] - steps[i - 1])
             ts.adjointSolve()
-        error = self.rhs.error
-        self.rhs.store = None
+        error = self.error
+        if self.rhs is not None:
+            self.rhs.store = None
         grad_y0 = self.lam_view + grad_outputs[0]
         if error is None and not bool(torch.isfinite(grad_y0).all()):
             error = "the adjoint produced a non-finite gradient with respect to y0"
@@ -228,20 +325,23 @@ class Integrator:
         return grad_y0, grad_params
 
     def destroy(self):
-        self.rhs.forget_views()
+        for p in self.parts:
+            p.forget_views()
         self.ts.destroy()
 
 
 class Solver:
     """A pool of Integrators for one problem configuration."""
 
-    def __init__(self, layout, method, func, params, dtype, prefix, petsc_options, adaptive):
+    def __init__(self, layout, method, func, params, dtype, prefix, petsc_options, adaptive,
+                 setup):
         self.args = (layout, method, func, params, dtype, prefix, petsc_options, adaptive)
+        self.setup = setup
         self._idle = {True: [], False: []}
 
     def acquire(self, adjoint):
         pool = self._idle[adjoint]
-        return pool.pop() if pool else Integrator(*self.args, adjoint=adjoint)
+        return pool.pop() if pool else Integrator(*self.args, adjoint=adjoint, setup=self.setup)
 
     def release(self, integrator):
         self._idle[integrator.adjoint].append(integrator)

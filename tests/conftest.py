@@ -53,3 +53,23 @@ def run_mpi(nranks, script, *args, timeout=240):
         out, err = proc.communicate()
         pytest.fail(f"{' '.join(cmd)} hung for {timeout}s:\n{out}\n{err}")
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def recorded_steps(func, y0, t, method, options=None, rtol=1e-7, atol=1e-9, **setup):
+    """Run a forward solve on a fresh Integrator; returns (record, stats): the step times PETSc
+    accepted (for replays) and its Newton/Krylov iteration counts."""
+    from pnode_dist import METHODS
+    from pnode_dist.layout import BatchLayout
+    from pnode_dist.parallel import PETSc
+    from pnode_dist.solver import Integrator, SetupConfig, StepControl
+    options = dict(options or {})
+    m = METHODS[method]
+    adaptive = m.adaptive and "step_size" not in options
+    layout = BatchLayout(PETSc.COMM_SELF, y0.shape, [tuple(y0.shape)])
+    integ = Integrator(layout, m, func, list(func.parameters()), y0.dtype, None, (), adaptive,
+                       adjoint=False, setup=SetupConfig(**setup))
+    control = StepControl(step_size=options.get("step_size"), rtol=rtol, atol=atol)
+    _, record = integ.forward(y0, [float(v) for v in t], control)
+    stats = integ.stats
+    integ.destroy()
+    return record, stats

@@ -12,7 +12,11 @@ def _call(mlp, y0, t=(0.0, 1.0), **kw):
 
 
 @pytest.mark.parametrize("kw,words", [
-    ({"method": "rk45"}, "valid methods are bosh3, dopri5, euler, midpoint, rk4"),
+    ({"method": "rk45"}, "valid methods are arkimex, beuler, bosh3, cn, dopri5, euler, midpoint, "
+                         "rk4, theta"),
+    ({"method": "arkimex"}, "needs func=pnode_dist.IMEX"),
+    ({"options": {"step_size": 0.1, "linear_solver": "lu"}}, "linear_solver"),
+    ({"options": {"step_size": 0.1, "mass": torch.eye(3)}}, "implicit methods"),
     ({"options": {"stepsize": 0.1}}, "valid keys are"),
     ({"options": {"step_size": -1.0}}, "positive number"),
     ({"rtol": 0.0, "method": "dopri5", "options": None}, "rtol must be a positive number"),

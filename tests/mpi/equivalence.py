@@ -8,7 +8,7 @@ import torch
 sys.path.insert(0, __import__("os").path.dirname(__file__) + "/..")
 from conftest import TimeMLP  # noqa: E402
 
-from pnode_dist import odeint  # noqa: E402
+from pnode_dist import IMEX, odeint  # noqa: E402
 from pnode_dist.parallel import MPI  # noqa: E402
 
 comm = MPI.COMM_WORLD
@@ -21,12 +21,23 @@ y_all = torch.randn(BATCH, 3, generator=torch.Generator().manual_seed(7), dtype=
 t = torch.tensor([0.0, 0.4, 1.0], dtype=torch.float64)
 worst = 0.0
 
-for method, options, store in [("rk4", {"step_size": 0.1}, False),
-                               ("euler", {"step_size": 0.1}, False), ("dopri5", None, False),
-                               ("bosh3", None, False), ("rk4", {"step_size": 0.1}, True)]:
+CASES = [("rk4", {"step_size": 0.1}, False), ("euler", {"step_size": 0.1}, False),
+         ("dopri5", None, False), ("bosh3", None, False), ("rk4", {"step_size": 0.1}, True),
+         ("beuler", {"step_size": 0.1, "linear_solver": "exact"}, False),
+         ("cn", {"step_size": 0.1}, False),
+         ("arkimex", {"step_size": 0.1, "linear_solver": "exact"}, False)]
+
+
+def make_func(method):
+    if method == "arkimex":
+        return IMEX(TimeMLP(seed=3), TimeMLP(seed=5))
+    return TimeMLP(seed=3)
+
+
+for method, options, store in CASES:
     results = {}
     for mode in ("dist", "serial"):
-        f = TimeMLP(seed=3)
+        f = make_func(method)
         y0 = (y_all[lo:hi] if mode == "dist" else y_all).clone().requires_grad_(True)
         ys = odeint(f, y0, t, method=method, options=options, rtol=1e-6, atol=1e-8,
                     comm=None if mode == "dist" else "self", store_graphs=store)

@@ -1,0 +1,206 @@
+"""Torch callbacks for implicit and IMEX integrators in PETSc's IFunction form
+F(t, y, ydot) = M ydot - f(t, y)   (M: optional constant mass matrix, identity by default).
+
+Newton's linear systems use the IJacobian A = shift*M - df/dy as a Python-type Mat:
+  mult          = shift*M x - J x        (J x by forward-mode AD: torch.func.jvp)
+  multTranspose = shift*M^T x - J^T x    (J^T x by a vjp), for the adjoint's transposed solves.
+IJacobianP = dF/dtheta = -df/dtheta (multTranspose only). PETSc calls the IJacobian with any shift,
+0 and negative ones included in the adjoint, and at points held in work Vecs that it changes
+afterwards: every call records its shift and a copy of its point.
+
+BlockJacobianPC is the exact Newton for batched problems whose Jacobian is block diagonal per
+sample: it builds every sample's own block (vmap of jacrev), LU-factors the blocks as a batch and
+applies the inverse (or its transpose, for the adjoint) as the preconditioner.
+"""
+import torch
+
+from .bridge import TorchRHS
+
+
+class TorchIFunction(TorchRHS):
+    """F(t, y, ydot) = M ydot - f(t, y) and its Jacobians, for one TS."""
+
+    def __init__(self, func, params, local_shape, module_dtype, mass=None):
+        super().__init__(func, params, local_shape, module_dtype)
+        self.mass = mass             # [d, d] per sample (state [batch, d]) or None
+        self.shift = 0.0
+        self._point = None           # (t, y copy) of the last IJacobian call
+        self.point_version = 0       # changes with every new point (for factorisation caches)
+        self.counts.update(jvp=0, blocks=0)
+
+    # ---------------------------------------------------------------- helpers
+    def _apply_mass(self, x, transpose=False):
+        if self.mass is None:
+            return x
+        m = self.mass.to(x.dtype)
+        return x @ m if transpose else x @ m.T
+
+    def _set_point(self, t, X):
+        self._point = (t, self.view(X).to(self.dtype, copy=True))
+        self.point_version += 1
+        self._lin = None             # the graph for vjps is built when first needed
+
+    def _ensure_graph(self):
+        """The torch graph of f at the recorded point (for vjps)."""
+        if self._lin is None and self._point is not None:
+            t, y = self._point
+            y = y.detach().requires_grad_(True)
+            with torch.enable_grad():
+                self._lin = (y, self._evaluate(t, y))
+        return self._lin
+
+    # ---------------------------------------------------------------- TS callbacks
+    def ifunction(self, ts, t, X, Xdot, F):
+        """IFunction: F = M Xdot - f(t, X)."""
+        out = self.view(F)
+        self.counts["rhs"] += 1
+        try:
+            with torch.no_grad():
+                f = self._evaluate(t, self.view(X).to(self.dtype))
+                out.copy_(self._apply_mass(self.view(Xdot)) - f)
+        except Exception as exc:  # noqa: BLE001 - reported collectively after the solve
+            self._record(exc, f"the forward solve at t={t:g}")
+            out.fill_(float("nan"))
+        F.stateIncrease()
+
+    def ijacobian(self, ts, t, X, Xdot, shift, A, P):
+        """IJacobian: remember the shift and the point; products are computed on demand."""
+        self.shift = shift
+        self.counts["linearize"] += 1
+        try:
+            self._set_point(t, X)
+        except Exception as exc:  # noqa: BLE001
+            self._record(exc, f"a Jacobian evaluation at t={t:g}")
+            self._point = None
+        self._cached_param_vjp = None
+
+    def ijacobian_params(self, ts, t, X, Xdot, shift, Jp):
+        """IJacobianP: the parameter products are taken at (t, X) (the shift does not enter)."""
+        point = self._point
+        if point is None or point[0] != t or not torch.equal(point[1], self.view(X).to(self.dtype)):
+            self._set_point(t, X)
+            self._cached_param_vjp = None
+
+    # ---------------------------------------------------------------- products
+    def jvp(self, v):
+        """J v at the recorded point (forward-mode AD)."""
+        t, y = self._point
+        self.counts["jvp"] += 1
+        time = self._time(t)
+        return torch.func.jvp(lambda z: self.func(time, z), (y,), (v,))[1]
+
+    def mult(self, x, out_vec):
+        """out = (shift*M - J) x."""
+        out = self.view(out_vec)
+        try:
+            v = self.view(x).to(self.dtype)
+            out.copy_(self.shift * self._apply_mass(v) - self.jvp(v))
+        except Exception as exc:  # noqa: BLE001
+            self._record(exc, "a Jacobian-vector product")
+            out.fill_(float("nan"))
+        out_vec.stateIncrease()
+
+    def mult_transpose(self, x, out_vec):
+        """out = (shift*M - J)^T x; the parameter part -(df/dtheta)^T x is kept for Jp."""
+        out = self.view(out_vec)
+        lin = None
+        try:
+            lin = self._ensure_graph()
+        except Exception as exc:  # noqa: BLE001
+            self._record(exc, "a Jacobian evaluation")
+        grads = self._vjp(x, with_state=True) if lin is not None else None
+        if grads is None:
+            out.fill_(float("nan"))
+        else:
+            v = self.view(x).to(self.dtype)
+            gy = grads[0] if grads[0] is not None else torch.zeros_like(v)
+            out.copy_(self.shift * self._apply_mass(v, transpose=True) - gy)
+            self._cached_param_vjp = ((x.handle, x.stateGet()), grads[1:])
+        out_vec.stateIncrease()
+
+    def vjp_params(self, x, y):
+        """y = (dF/dtheta)^T x = -(df/dtheta)^T x."""
+        try:
+            self._ensure_graph()
+        except Exception as exc:  # noqa: BLE001
+            self._record(exc, "a Jacobian evaluation")
+        super().vjp_params(x, y)
+        self.view(y, self.nparams).neg_()
+
+    def sample_blocks(self):
+        """Each sample's Jacobian block of f at the recorded point: [batch, d, d]."""
+        t, y = self._point
+        batch = y.shape[0]
+        time = self._time(t)
+        flat = y.reshape(batch, -1)
+        per_sample = y.shape[1:]
+
+        def f_one(z):
+            return self.func(time, z.reshape((1,) + per_sample)).reshape(-1)
+
+        self.counts["blocks"] += 1
+        return torch.func.vmap(torch.func.jacrev(f_one))(flat)
+
+
+class IJacobianMat:
+    """Python Mat context for the IJacobian A = shift*M - df/dy."""
+
+    def __init__(self, ifun):
+        self.ifun = ifun
+
+    def mult(self, mat, x, y):
+        self.ifun.mult(x, y)
+
+    def multTranspose(self, mat, x, y):  # noqa: N802
+        self.ifun.mult_transpose(x, y)
+
+
+class IJacobianPMat:
+    """Python Mat context for IJacobianP = -df/dtheta (transposed products only)."""
+
+    def __init__(self, ifun):
+        self.ifun = ifun
+
+    def multTranspose(self, mat, x, y):  # noqa: N802
+        self.ifun.vjp_params(x, y)
+
+
+class BlockJacobianPC:
+    """Python PC context: exact inverse of the block-diagonal IJacobian, one LU per sample,
+    factored lazily at the first application after each IJacobian call."""
+
+    def __init__(self, ifun):
+        self.ifun = ifun
+        self._lu = None
+        self._point_id = None
+
+    def _factors(self):
+        ifun = self.ifun
+        key = (ifun.point_version, ifun.shift)
+        if self._lu is None or self._point_id != key:
+            blocks = -ifun.sample_blocks().to(torch.float64)
+            d = blocks.shape[-1]
+            mass = torch.eye(d, dtype=torch.float64) if ifun.mass is None else ifun.mass.double()
+            blocks += ifun.shift * mass
+            self._lu = torch.linalg.lu_factor(blocks)
+            self._point_id = key
+        return self._lu
+
+    def _solve(self, x, y, adjoint):
+        ifun = self.ifun
+        out = ifun.view(y)
+        try:
+            lu, piv = self._factors()
+            rhs = ifun.view(x).reshape(lu.shape[0], -1, 1)
+            sol = torch.linalg.lu_solve(lu, piv, rhs, adjoint=adjoint)
+            out.copy_(sol.reshape(out.shape))
+        except Exception as exc:  # noqa: BLE001
+            ifun._record(exc, "the exact block solve")
+            out.fill_(float("nan"))
+        y.stateIncrease()
+
+    def apply(self, pc, x, y):
+        self._solve(x, y, adjoint=False)
+
+    def applyTranspose(self, pc, x, y):  # noqa: N802
+        self._solve(x, y, adjoint=True)
