@@ -22,6 +22,7 @@ test: setup
 
 bench: setup
 	$(PY) benchmarks/overhead.py
+	$(PY) benchmarks/stiff.py
 
 clean:
 	rm -rf .venv runs *.egg-info

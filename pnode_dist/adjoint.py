@@ -13,7 +13,11 @@ class OdeintFunction(torch.autograd.Function):
         solver = problem.solver
         integrator = solver.acquire(adjoint=True)
         lease = Lease(solver, integrator)
-        outputs, record = integrator.forward(y0.detach(), problem.t_out, problem.control)
+        try:
+            outputs, record = integrator.forward(y0.detach(), problem.t_out, problem.control)
+        finally:
+            if problem.stats is not None:
+                problem.stats.update(integrator.stats)
         ctx.lease, ctx.record, ctx.problem = lease, record, problem
         ctx.y0_dtype = y0.dtype
         return outputs.to(y0.dtype)
@@ -28,6 +32,8 @@ class OdeintFunction(torch.autograd.Function):
         try:
             grad_y0, grad_params = lease.integrator.backward(ctx.record, grad_outputs)
             lease.adjoint_done = True
+            if problem.stats is not None:
+                problem.stats.update(lease.integrator.stats)
         finally:
             lease.close()
         grads = [None, grad_y0.to(ctx.y0_dtype)]

@@ -163,7 +163,7 @@ def _solver(func, layout, method, adaptive, prefix, frozen_options, params, dtyp
 
 
 def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, comm=None,
-           prefix=None, petsc_options=None, store_graphs=False):
+           prefix=None, petsc_options=None, store_graphs=False, stats=None):
     """Solve dy/dt = func(t, y) from y(t[0]) = y0; returns y at every time of t,
     shape [len(t), *y0.shape]. Same signature and meaning as torchdiffeq.odeint, plus:
 
@@ -177,6 +177,9 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, comm
     store_graphs:  keep f's autograd graph of every stage from the forward solve, so that the
                    adjoint does not re-evaluate f (about 1/4 less time; memory grows with the
                    number of stages like backprop's). Gradients are identical either way.
+    stats:         a dict that receives this rank's counts: steps, newton_iterations,
+                   linear_iterations, f_evaluations, jvps, vjps... of the forward solve, and
+                   adjoint_* counts once the backward pass ran.
     The solver state is float64; a float32 func is evaluated in float32.
     """
     comm = resolve_comm(comm)
@@ -207,7 +210,8 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, comm
     layout = BatchLayout(comm, y0.shape, shapes)
     adaptive = method_obj.adaptive and control.step_size is None
     solver = _solver(func, layout, method_obj, adaptive, prefix, frozen, params, y0.dtype, setup)
-    problem = SimpleNamespace(solver=solver, params=params, t_out=t_out, control=control)
+    problem = SimpleNamespace(solver=solver, params=params, t_out=t_out, control=control,
+                              stats=stats)
     needs_grad = torch.is_grad_enabled() and (y0.requires_grad or any(p.requires_grad for p in params))
     if needs_grad:
         return OdeintFunction.apply(problem, y0, *params)
@@ -216,6 +220,8 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, comm
         outputs, _ = integrator.forward(y0.detach(), t_out, control)
     finally:
         solver.release(integrator)
+        if stats is not None:
+            stats.update(integrator.stats)
     return outputs.to(y0.dtype)
 
 

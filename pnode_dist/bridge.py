@@ -75,7 +75,7 @@ class TorchRHS:
         self._lin = None             # (y_leaf, f(t, y_leaf)) at the current linearisation point
         self._cached_param_vjp = None
         self.store = None            # a GraphStore while a forward solve keeps f's graphs
-        self.counts = dict.fromkeys(("rhs", "linearize", "reused"), 0)
+        self.counts = dict.fromkeys(("rhs", "linearize", "reused", "vjp"), 0)
 
     # ---------------------------------------------------------------- helpers
     def view(self, vec, numel=None):
@@ -153,6 +153,7 @@ class TorchRHS:
             return None
         y, out = self._lin
         inputs = ([y] if with_state else []) + self.params
+        self.counts["vjp"] += 1
         try:
             return torch.autograd.grad(out, inputs, self.view(x).to(self.dtype),
                                        retain_graph=True, allow_unused=True)

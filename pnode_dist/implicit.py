@@ -128,18 +128,36 @@ class TorchIFunction(TorchRHS):
         self.view(y, self.nparams).neg_()
 
     def sample_blocks(self):
-        """Each sample's Jacobian block of f at the recorded point: [batch, d, d]."""
+        """Each sample's Jacobian block of f at the recorded point: [batch, d, d] with d the
+        size of one sample. Because the Jacobian is block diagonal over samples, d jvps with the
+        k-th unit vector repeated in every sample give column k of every block at once."""
         t, y = self._point
-        batch = y.shape[0]
+        batch, d = y.shape[0], y[0].numel()
         time = self._time(t)
-        flat = y.reshape(batch, -1)
-        per_sample = y.shape[1:]
+        basis = torch.eye(d, dtype=y.dtype).reshape((d, 1) + y.shape[1:]).expand((d,) + y.shape)
 
-        def f_one(z):
-            return self.func(time, z.reshape((1,) + per_sample)).reshape(-1)
+        def column(v):
+            return torch.func.jvp(lambda z: self.func(time, z), (y,), (v,))[1]
 
         self.counts["blocks"] += 1
-        return torch.func.vmap(torch.func.jacrev(f_one))(flat)
+        try:
+            cols = torch.func.vmap(column)(basis)
+        except Exception:  # noqa: BLE001 - a module vmap cannot batch: one jvp per column
+            cols = torch.stack([column(v) for v in basis])
+        return cols.reshape(d, batch, d).permute(1, 2, 0)
+
+    def check_block_diagonal(self, blocks):
+        """One jvp with a random vector: J v must equal the block-diagonal product, or func
+        couples samples (batch norm, attention over the batch...) and the exact Newton is wrong."""
+        t, y = self._point
+        v = torch.randn(y.shape, dtype=y.dtype, generator=torch.Generator().manual_seed(0))
+        full = self.jvp(v).reshape(y.shape[0], -1).to(torch.float64)
+        by_blocks = (blocks @ v.reshape(y.shape[0], -1, 1).to(torch.float64)).squeeze(-1)
+        scale = full.abs().max().item() + by_blocks.abs().max().item() + 1e-300
+        if (full - by_blocks).abs().max().item() > 1e-8 * scale:
+            raise ValueError("func couples the samples of the batch (its Jacobian is not block "
+                             "diagonal per sample), so linear_solver='exact' does not apply: use "
+                             "linear_solver='gmres'")
 
 
 class IJacobianMat:
@@ -173,12 +191,17 @@ class BlockJacobianPC:
         self.ifun = ifun
         self._lu = None
         self._point_id = None
+        self._checked = False
 
     def _factors(self):
         ifun = self.ifun
         key = (ifun.point_version, ifun.shift)
         if self._lu is None or self._point_id != key:
-            blocks = -ifun.sample_blocks().to(torch.float64)
+            jac = ifun.sample_blocks().to(torch.float64)
+            if not self._checked:
+                ifun.check_block_diagonal(jac)
+                self._checked = True
+            blocks = -jac
             d = blocks.shape[-1]
             mass = torch.eye(d, dtype=torch.float64) if ifun.mass is None else ifun.mass.double()
             blocks += ifun.shift * mass

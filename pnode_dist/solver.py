@@ -158,6 +158,7 @@ class Integrator:
                              "-ts_arkimex_type")
         self.ts = ts
         self._run = None
+        self.stats = {}
 
     def _set_explicit_part(self, ts, nparams):
         rhs, comm = self.rhs, self.layout.comm
@@ -191,10 +192,24 @@ class Integrator:
         if linear_solver == "exact":
             pc.setType(PETSc.PC.Type.PYTHON)
             pc.setPythonContext(BlockJacobianPC(ifun))
-            defaults["ksp_type"] = "preonly"
+            # Exact Newton directions: full steps, no line search (which would cost a jvp).
+            defaults.update(ksp_type="preonly", snes_linesearch_type="basic")
         else:
             defaults.update(ksp_type="gmres", pc_type="none")
         return defaults
+
+    def _counts(self):
+        """Callback counters summed over the parts (f evaluations, jvps, vjps...)."""
+        total = {}
+        for p in self.parts:
+            for k, v in p.counts.items():
+                total[k] = total.get(k, 0) + v
+        return total
+
+    def _counts_since(self, before):
+        names = {"rhs": "f_evaluations", "linearize": "linearizations", "reused": "graphs_reused",
+                 "vjp": "vjps", "jvp": "jvps", "blocks": "jacobian_blocks"}
+        return {names[k]: v - before.get(k, 0) for k, v in self._counts().items()}
 
     @property
     def error(self):
@@ -255,10 +270,11 @@ class Integrator:
         ts.setMaxSteps(control.max_num_steps)
         ts.setTimeStep(run.first_dt())
         ts.setConvergedReason(PETSc.TS.ConvergedReason.CONVERGED_ITERATING)
+        before = self._counts()
         ts.solve(self.x)
         self._run = None
         self.stats = {"steps": run.record.steps, "newton_iterations": ts.getSNESIterations(),
-                      "linear_iterations": ts.getKSPIterations()}
+                      "linear_iterations": ts.getKSPIterations(), **self._counts_since(before)}
         self._check_forward(run, outputs)
         return outputs, run.record
 
@@ -295,6 +311,7 @@ class Integrator:
         Returns (dL/dy0 for this rank's shard, dL/dtheta summed over all ranks)."""
         ts = self.ts
         self._reset_errors()
+        before = self._counts()
         self.lam_view.copy_(grad_outputs[-1])
         self.lam.stateIncrease()
         if self.mu is not None:
@@ -310,6 +327,7 @@ class Integrator:
             ts.adjointSetSteps(steps[i] - steps[i - 1])
             ts.adjointSolve()
         error = self.error
+        self.stats.update({f"adjoint_{k}": v for k, v in self._counts_since(before).items()})
         if self.rhs is not None:
             self.rhs.store = None
         grad_y0 = self.lam_view + grad_outputs[0]

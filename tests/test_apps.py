@@ -25,3 +25,14 @@ def test_classify_reports_missing_dataset(tmp_path):
                           timeout=120)
     assert proc.returncode == 2
     assert "apt-get install dataset-fashion-mnist" in proc.stderr
+
+
+def test_stiff_quick_two_ranks(tmp_path):
+    proc = run_mpi(2, ROOT / "apps" / "stiff.py", "--quick", "--out", tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["final_loss"] < metrics["first_loss"]
+    cmp = metrics["stiffness"]
+    assert cmp["dopri5"]["steps"] > 50 * cmp["cn"]["steps"]          # stiffness shows
+    assert cmp["dopri5"]["max_scaled_error"] <= cmp["cn"]["max_scaled_error"]
+    assert (tmp_path / "fit.png").exists()

@@ -69,7 +69,7 @@ if ! petsc4py_ok; then
 fi
 
 # 5. torch (exact pin: a range could pull a multi-GB CUDA build) and the rest.
-for p in torch h5py scikit-learn tqdm matplotlib pytest torchdiffeq mlxtend; do
+for p in torch h5py scikit-learn scipy tqdm matplotlib pytest torchdiffeq mlxtend; do
   have "$(pin $p)" || { say "installing $(pin $p)"; pipi "$(pin $p)"; }
 done
 
