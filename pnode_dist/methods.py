@@ -81,6 +81,14 @@ METHODS = {
         Method("arkimex", "arkimex", "3", 3, True, kind=IMEX),
     )
 }
+_US2 = 1.0 - 1.0 / 2.0 ** 0.5
+# Two of PETSc's ARKIMEX tableaus, for the pure-torch replay (reference.ark_replay):
+# (explicit A, explicit b, implicit At, implicit bt).
+ARK_TABLEAUS = {
+    "a2": (((0.0, 0.0), (1.0, 0.0)), (0.5, 0.5), ((0.0, 0.0), (0.5, 0.5)), (0.5, 0.5)),
+    "l2": (((0.0, 0.0), (1.0, 0.0)), (0.5, 0.5), ((_US2, 0.0), (1.0 - 2.0 * _US2, _US2)),
+           (0.5, 0.5)),
+}
 ARKIMEX_ORDERS = {"1bee": 1, "a2": 2, "l2": 2, "ars122": 2, "2c": 2, "2d": 2, "2e": 2,
                   "prssp2": 2, "3": 3, "bpr3": 3, "ars443": 3, "4": 4, "5": 5}
 DEFAULT_METHOD = "dopri5"

@@ -42,14 +42,15 @@ def _implicit_solve(residual, z0, iters=50):
     and its derivative with respect to everything residual depends on is exact."""
     z = z0.detach().clone()
     shape = z.shape
+    eps = torch.finfo(z.dtype).eps
     for _ in range(iters):
-        with torch.no_grad():
-            r = residual(z)
-        if r.abs().max() <= 1e-15 * max(1.0, z.abs().max().item()):
-            break
         jac = torch.autograd.functional.jacobian(lambda u: residual(u.view(shape)).reshape(-1),
                                                  z.reshape(-1))
-        z = z - torch.linalg.solve(jac, r.reshape(-1)).view(shape)
+        with torch.no_grad():
+            step = torch.linalg.solve(jac, residual(z).reshape(-1)).view(shape)
+        z = z - step
+        if step.abs().max() <= 4 * eps * max(1.0, z.abs().max().item()):
+            break          # the update is at round-off: converged
     jac = torch.autograd.functional.jacobian(lambda u: residual(u.view(shape)).reshape(-1),
                                              z.reshape(-1)).detach()
     return z - torch.linalg.solve(jac, residual(z).reshape(-1)).view(shape)
@@ -80,5 +81,41 @@ def theta_replay(func, y0, times, output_steps, theta, endpoint, mass=None):
             x = _implicit_solve(lambda z: apply_mass(z - y) - theta * h * func(tt(t + theta * h), z),
                                 y)
             y = y + (x - y) / theta
+        outs[n] = y
+    return torch.stack([outs[k] for k in output_steps])
+
+
+def ark_replay(implicit, explicit, y0, times, output_steps, tableau):
+    """PETSc's ARKIMEX scheme y' = g(t, y) + h(t, y) (g implicit, h explicit) in pure torch, every
+    implicit stage solved to round-off. `tableau` = (A, b, At, bt) (methods.ARK_TABLEAUS):
+    Y_i = y_n + h sum_{j<i} A_ij h(t_n + c_j h, Y_j) + h sum_{j<=i} At_ij g(t_n + ct_j h, Y_j),
+    y_{n+1} = y_n + h sum_j (b_j h(.., Y_j) + bt_j g(.., Y_j))."""
+    A, b, At, bt = tableau
+    c = [sum(row) for row in A]
+    ct = [sum(row) for row in At]
+
+    def tt(t):
+        return torch.tensor(t, dtype=y0.dtype)
+
+    outs = {0: y0}
+    y = y0
+    for n in range(1, len(times)):
+        t, h = times[n - 1], times[n] - times[n - 1]
+        ks, qs = [], []
+        for i in range(len(b)):
+            base = y
+            for j in range(i):
+                base = base + h * A[i][j] * ks[j] + h * At[i][j] * qs[j]
+            if At[i][i] != 0.0:
+                time_i = tt(t + ct[i] * h)
+                stage = _implicit_solve(
+                    lambda z, base=base, time_i=time_i, a=At[i][i]: z - base - h * a * implicit(time_i, z),
+                    base)
+            else:
+                stage = base
+            ks.append(explicit(tt(t + c[i] * h), stage))
+            qs.append(implicit(tt(t + ct[i] * h), stage))
+        for j in range(len(b)):
+            y = y + h * b[j] * ks[j] + h * bt[j] * qs[j]
         outs[n] = y
     return torch.stack([outs[k] for k in output_steps])
