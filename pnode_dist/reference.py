@@ -25,15 +25,20 @@ def rk_step(func, t, y, h, tableau: ButcherTableau):
     return out
 
 
-def rk_replay(func, y0, times, output_steps, tableau: ButcherTableau):
-    """Integrate through the step times `times` (times[0] is the start); return the states at
-    the step indices `output_steps`, stacked as [len(output_steps), *y0.shape]."""
+def _replay(step, y0, times, output_steps):
+    """Apply y <- step(t, h, y) through the step times `times` (times[0] is the start); return
+    the states at the step indices `output_steps`, stacked as [len(output_steps), *y0.shape]."""
     outs = {0: y0}
     y = y0
     for n in range(1, len(times)):
-        y = rk_step(func, times[n - 1], y, times[n] - times[n - 1], tableau)
+        y = step(times[n - 1], times[n] - times[n - 1], y)
         outs[n] = y
     return torch.stack([outs[k] for k in output_steps])
+
+
+def rk_replay(func, y0, times, output_steps, tableau: ButcherTableau):
+    """Explicit RK through the recorded step times (see _replay)."""
+    return _replay(lambda t, h, y: rk_step(func, t, y, h, tableau), y0, times, output_steps)
 
 
 def _implicit_solve(residual, z0, iters=50):
@@ -68,21 +73,17 @@ def theta_replay(func, y0, times, output_steps, theta, endpoint, mass=None):
     def tt(t):
         return torch.tensor(t, dtype=y0.dtype)
 
-    outs = {0: y0}
-    y = y0
-    for n in range(1, len(times)):
-        t, h = times[n - 1], times[n] - times[n - 1]
+    def step(t, h, y):
         if endpoint:
             f_n = func(tt(t), y)
-            y = _implicit_solve(lambda z: apply_mass(z - y) - h * ((1 - theta) * f_n
-                                                                    + theta * func(tt(t + h), z)),
-                                y)
-        else:
-            x = _implicit_solve(lambda z: apply_mass(z - y) - theta * h * func(tt(t + theta * h), z),
-                                y)
-            y = y + (x - y) / theta
-        outs[n] = y
-    return torch.stack([outs[k] for k in output_steps])
+            return _implicit_solve(
+                lambda z: apply_mass(z - y) - h * ((1 - theta) * f_n + theta * func(tt(t + h), z)),
+                y)
+        x = _implicit_solve(lambda z: apply_mass(z - y) - theta * h * func(tt(t + theta * h), z),
+                            y)
+        return y + (x - y) / theta
+
+    return _replay(step, y0, times, output_steps)
 
 
 def ark_replay(implicit, explicit, y0, times, output_steps, tableau):
@@ -97,25 +98,20 @@ def ark_replay(implicit, explicit, y0, times, output_steps, tableau):
     def tt(t):
         return torch.tensor(t, dtype=y0.dtype)
 
-    outs = {0: y0}
-    y = y0
-    for n in range(1, len(times)):
-        t, h = times[n - 1], times[n] - times[n - 1]
+    def step(t, h, y):
         ks, qs = [], []
         for i in range(len(b)):
             base = y
             for j in range(i):
                 base = base + h * A[i][j] * ks[j] + h * At[i][j] * qs[j]
+            stage = base
             if At[i][i] != 0.0:
-                time_i = tt(t + ct[i] * h)
-                stage = _implicit_solve(
-                    lambda z, base=base, time_i=time_i, a=At[i][i]: z - base - h * a * implicit(time_i, z),
-                    base)
-            else:
-                stage = base
+                time_i, a = tt(t + ct[i] * h), At[i][i]
+                stage = _implicit_solve(lambda z: z - base - h * a * implicit(time_i, z), base)
             ks.append(explicit(tt(t + c[i] * h), stage))
             qs.append(implicit(tt(t + ct[i] * h), stage))
         for j in range(len(b)):
             y = y + h * b[j] * ks[j] + h * bt[j] * qs[j]
-        outs[n] = y
-    return torch.stack([outs[k] for k in output_steps])
+        return y
+
+    return _replay(step, y0, times, output_steps)

@@ -73,3 +73,14 @@ def recorded_steps(func, y0, t, method, options=None, rtol=1e-7, atol=1e-9, **se
     stats = integ.stats
     integ.destroy()
     return record, stats
+
+
+def central_difference(loss, param, idx, eps=1e-6):
+    """(loss(param[idx] + eps) - loss(param[idx] - eps)) / (2 eps), param restored after."""
+    with torch.no_grad():
+        param[idx] += eps
+        up = loss().item()
+        param[idx] -= 2 * eps
+        down = loss().item()
+        param[idx] += eps
+    return (up - down) / (2 * eps)

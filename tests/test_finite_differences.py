@@ -3,6 +3,7 @@ tight tolerances, and fixed-step rk4)."""
 import pytest
 import torch
 
+from conftest import central_difference
 from pnode_dist import odeint
 
 
@@ -19,13 +20,7 @@ def test_gradient_matches_central_differences(mlp, y0, method, options):
     eps = 1e-6
     checks = [(mlp.l1.weight, (0, 1)), (mlp.l2.bias, (2,)), (mlp.c, (3,))]
     for p, idx in checks:
-        with torch.no_grad():
-            p[idx] += eps
-            up = loss(y0).item()
-            p[idx] -= 2 * eps
-            down = loss(y0).item()
-            p[idx] += eps
-        fd = (up - down) / (2 * eps)
+        fd = central_difference(lambda: loss(y0), p, idx, eps)
         assert abs(p.grad[idx].item() - fd) <= 1e-6 * max(1.0, abs(fd)), (p.grad[idx], fd)
     with torch.no_grad():
         e = torch.zeros_like(y0)

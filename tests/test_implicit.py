@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import TimeMLP, recorded_steps
+from conftest import TimeMLP, central_difference, recorded_steps
 from pnode_dist import IMEX, SolverError, odeint
 from pnode_dist.reference import theta_replay
 
@@ -115,15 +115,8 @@ def test_finite_differences_beuler(mlp, y0):
         return (ys[1] ** 2).sum() + ys[-1].sum()
 
     loss().backward()
-    eps = 1e-6
     for p, idx in [(mlp.l1.weight, (0, 1)), (mlp.l2.bias, (2,)), (mlp.c, (3,))]:
-        with torch.no_grad():
-            p[idx] += eps
-            up = loss().item()
-            p[idx] -= 2 * eps
-            down = loss().item()
-            p[idx] += eps
-        fd = (up - down) / (2 * eps)
+        fd = central_difference(loss, p, idx)
         assert abs(p.grad[idx].item() - fd) <= 1e-6 * max(1.0, abs(fd))
 
 
@@ -165,13 +158,7 @@ def test_arkimex_adjoint_matches_finite_differences():
     loss(y).backward()
     eps = 1e-6
     for p, idx in [(func.implicit.l1.weight, (0, 1)), (func.explicit.A, (1, 0))]:
-        with torch.no_grad():
-            p[idx] += eps
-            up = loss(y0).item()
-            p[idx] -= 2 * eps
-            down = loss(y0).item()
-            p[idx] += eps
-        fd = (up - down) / (2 * eps)
+        fd = central_difference(lambda: loss(y0), p, idx, eps)
         assert abs(p.grad[idx].item() - fd) <= 1e-6 * max(1.0, abs(fd)), (p.grad[idx], fd)
     with torch.no_grad():
         e = torch.zeros_like(y0)
