@@ -94,6 +94,7 @@ def parse_args(argv=None):
     p.add_argument("--substeps", type=int, default=2, help="steps per grid interval")
     p.add_argument("--iterations", type=int, default=120)
     p.add_argument("--lr", type=float, default=1e-2)
+    p.add_argument("--hidden", type=int, default=32, help="width of the MLP")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/stiff")
     p.add_argument("--quick", action="store_true", help="smoke test: 20 iterations")
@@ -146,7 +147,7 @@ def main(argv=None):
     data = reference_data(y0s[lo:hi], times.numpy()) if hi > lo else None
     z_data = data / SCALE
     taus = torch.log(times)
-    model = LogTimeMLP().double()
+    model = LogTimeMLP(args.hidden).double()
     broadcast_parameters(model)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, args.iterations)
