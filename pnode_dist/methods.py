@@ -74,9 +74,10 @@ METHODS = {
         Method("bosh3", "rk", "3bs", 3, True, _BOSH3),
         Method("dopri5", "rk", "5dp", 5, True, _DOPRI5),
         # Implicit one-step methods (PETSc TSTHETA family), IFunction form F = ydot - f.
-        Method("beuler", "beuler", None, 1, False, kind=IMPLICIT),
-        Method("cn", "cn", None, 2, False, kind=IMPLICIT),
-        Method("theta", "theta", None, 1, False, kind=IMPLICIT),   # order 2 for theta = 0.5
+        # Adaptive through TSTHETA's local error estimate when no step_size is given.
+        Method("beuler", "beuler", None, 1, True, kind=IMPLICIT),
+        Method("cn", "cn", None, 2, True, kind=IMPLICIT),
+        Method("theta", "theta", None, 1, True, kind=IMPLICIT),    # order 2 for theta = 0.5
         # Additive Runge-Kutta IMEX (PETSc TSARKIMEX); func must be a pnode_dist.IMEX pair.
         Method("arkimex", "arkimex", "3", 3, True, kind=IMEX),
     )

@@ -24,23 +24,31 @@ def _rel(a, b):
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-300)).item()
 
 
-def _options(method, solver, **extra):
-    opts = {"step_size": 0.1, "linear_solver": solver, **extra}
+def _options(method, solver, adaptive=False, **extra):
+    opts = {"linear_solver": solver, **extra}
+    if not adaptive:
+        opts["step_size"] = 0.1
     if method == "theta":
         opts["theta"] = THETA["theta"][0]
     return opts
 
 
 @pytest.mark.parametrize("method", sorted(THETA))
-@pytest.mark.parametrize("solver", ["gmres", "exact"])
-def test_gradients_equal_backprop_of_converged_implicit_scheme(mlp, y0, method, solver):
-    opts = _options(method, solver)
+@pytest.mark.parametrize("solver,adaptive", [("gmres", False), ("exact", False), ("exact", True)])
+def test_gradients_equal_backprop_of_converged_implicit_scheme(mlp, y0, method, solver,
+                                                               adaptive):
+    opts = _options(method, solver, adaptive)
+    tol = {"rtol": 1e-4, "atol": 1e-6}
     y0a = y0.clone().requires_grad_(True)
-    ys = odeint(mlp, y0a, T_OUT, method=method, options=opts)
+    ys = odeint(mlp, y0a, T_OUT, method=method, options=opts, **tol)
     grads = torch.autograd.grad(_loss(ys), [y0a] + list(mlp.parameters()))
 
     setup = {k: opts[k] for k in ("theta", "linear_solver") if k in opts}
-    record, _ = recorded_steps(mlp, y0, T_OUT, method, {"step_size": 0.1}, **setup)
+    record, _ = recorded_steps(mlp, y0, T_OUT, method,
+                               {k: v for k, v in opts.items() if k == "step_size"}, **tol, **setup)
+    if adaptive:
+        steps = [b - a for a, b in zip(record.times, record.times[1:])]
+        assert len(set(round(s, 12) for s in steps)) > 2, "adaptive solve took uniform steps"
     theta, endpoint = THETA[method]
     y0b = y0.clone().requires_grad_(True)
     ref = theta_replay(mlp, y0b, record.times, record.output_steps, theta, endpoint)
