@@ -214,13 +214,16 @@ class BlockJacobianPC:
         self.ifun = ifun
         self._lu = None
         self._point_id = None
+        self._jac = None             # (point_version, per-sample blocks of df/dy)
         self._checked = False
 
     def _factors(self):
         ifun = self.ifun
         key = (ifun.point_version, ifun.shift)
         if self._lu is None or self._point_id != key:
-            jac = ifun.sample_blocks().to(torch.float64)
+            if self._jac is None or self._jac[0] != ifun.point_version:   # a new point
+                self._jac = (ifun.point_version, ifun.sample_blocks().to(torch.float64))
+            jac = self._jac[1]
             if not self._checked:
                 ifun.check_block_diagonal(jac)
                 self._checked = True

@@ -208,3 +208,14 @@ def test_arkimex_gradients_equal_backprop_of_same_tableau(tableau, mode):
     assert _rel(ys.detach(), ref.detach()) < 1e-10
     for k, (g, gr) in enumerate(zip(grads, grads_ref)):
         assert _rel(g, gr) < 1e-9, f"gradient {k}: {_rel(g, gr):.2e}"
+
+
+def test_exact_newton_refuses_a_func_that_couples_samples(y0):
+    class Coupled(nn.Module):
+        def forward(self, t, y):
+            return -(y - y.mean(0, keepdim=True)) - y
+
+    with pytest.raises(SolverError, match="couples the samples"):
+        odeint(Coupled(), y0, T_OUT, method="beuler",
+               options={"step_size": 0.1, "linear_solver": "exact"})
+    odeint(Coupled(), y0, T_OUT, method="beuler", options={"step_size": 0.1})   # gmres is fine
