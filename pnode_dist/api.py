@@ -173,7 +173,9 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, comm
     petsc_options: dict of PETSc options (without prefix) such as {'ts_rk_type': '5bs'};
                    the command line overrides them.
     options:       step_size (fixed steps, at most this long, landing on every output time),
-                   first_step (adaptive), max_num_steps.
+                   first_step (adaptive), max_num_steps; for implicit methods linear_solver
+                   ('gmres' or 'exact'), mass ([d, d]), theta (method='theta') and tableau
+                   (method='arkimex').
     store_graphs:  keep f's autograd graph of every stage from the forward solve, so that the
                    adjoint does not re-evaluate f (about 1/4 less time; memory grows with the
                    number of stages like backprop's). Gradients are identical either way.
@@ -186,6 +188,8 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, comm
     error, signature, method_obj, control, t_out, frozen = None, None, None, None, None, ()
     setup = None
     try:
+        if not callable(func):
+            raise InputError("func must be callable as func(t, y), typically an nn.Module")
         _check_y0(y0)
         t_out = _times(t)
         method_obj = get_method(method)
@@ -196,8 +200,6 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, comm
             raise InputError(f"prefix must be letters, digits and underscores such as 'block1_'; "
                              f"got {prefix!r}")
         params = _parameters(func, y0)
-        if not callable(func):
-            raise InputError("func must be callable as func(t, y), typically an nn.Module")
     except InputError as exc:
         error = str(exc)
     if error is None:
