@@ -117,7 +117,7 @@ class TorchIFunction(TorchRHS):
         out = self.view(out_vec)
         try:
             v = self.view(x).to(self.dtype)
-            out.copy_(self.shift * self._apply_mass(v) - self.jvp(v))
+            out.copy_(self.jvp(v)).neg_().add_(self._apply_mass(v), alpha=self.shift)
         except Exception as exc:  # noqa: BLE001
             self._record(exc, "a Jacobian-vector product")
             out.fill_(float("nan"))
@@ -137,7 +137,7 @@ class TorchIFunction(TorchRHS):
         else:
             v = self.view(x).to(self.dtype)
             gy = grads[0] if grads[0] is not None else torch.zeros_like(v)
-            out.copy_(self.shift * self._apply_mass(v, transpose=True) - gy)
+            out.copy_(gy).neg_().add_(self._apply_mass(v, transpose=True), alpha=self.shift)
             self._cached_param_vjp = ((x.handle, x.stateGet()), grads[1:])
         out_vec.stateIncrease()
 
