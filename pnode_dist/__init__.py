@@ -4,10 +4,11 @@
     ys = odeint(func, y0, t, method="rk4", options={"step_size": 0.1})
 """
 from .api import IMEX, ODEBlock, odeint
+from .checkpointing import Checkpointing
 from .errors import InputError, PnodeError, SolverError
 from .methods import METHODS
 from .parallel import allreduce_gradients, broadcast_parameters
 
 __version__ = "0.1.0"
-__all__ = ["odeint", "ODEBlock", "IMEX", "METHODS", "PnodeError", "InputError", "SolverError",
+__all__ = ["odeint", "ODEBlock", "IMEX", "Checkpointing", "METHODS", "PnodeError", "InputError", "SolverError",
            "allreduce_gradients", "broadcast_parameters", "__version__"]

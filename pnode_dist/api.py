@@ -8,11 +8,13 @@ import torch
 from torch import nn
 
 from .adjoint import OdeintFunction
+from .checkpointing import Checkpointing
 from .errors import InputError
 from .layout import BatchLayout
 from .methods import ARKIMEX_ORDERS, EXPLICIT, IMEX as IMEX_KIND, IMPLICIT, get_method
 from .options import freeze
 from .parallel import raise_collectively, resolve_comm
+from .runs import new_run
 from .solver import SetupConfig, Solver, StepControl
 
 OPTION_KEYS = ("step_size", "first_step", "max_num_steps", "theta", "linear_solver", "tableau",
@@ -162,8 +164,17 @@ def _solver(func, layout, method, adaptive, prefix, frozen_options, params, dtyp
     return solver
 
 
+def _policy(checkpointing):
+    if checkpointing is None:
+        return Checkpointing()
+    if not isinstance(checkpointing, Checkpointing):
+        raise InputError("checkpointing must be a pnode_dist.Checkpointing(...) policy; got "
+                         f"{type(checkpointing).__name__}")
+    return checkpointing
+
+
 def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, comm=None,
-           prefix=None, petsc_options=None, store_graphs=False, stats=None):
+           prefix=None, petsc_options=None, store_graphs=False, checkpointing=None, stats=None):
     """Solve dy/dt = func(t, y) from y(t[0]) = y0; returns y at every time of t,
     shape [len(t), *y0.shape]. Same signature and meaning as torchdiffeq.odeint, plus:
 
@@ -179,9 +190,13 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, comm
     store_graphs:  keep f's autograd graph of every stage from the forward solve, so that the
                    adjoint does not re-evaluate f (about 1/4 less time; memory grows with the
                    number of stages like backprop's). Gradients are identical either way.
+    checkpointing: a pnode_dist.Checkpointing policy bounding the memory the forward states
+                   take (schedule, slots, byte budgets per tier, disk directory); by default
+                   every step is kept in memory.
     stats:         a dict that receives this rank's counts: steps, newton_iterations,
-                   linear_iterations, f_evaluations, jvps, vjps... of the forward solve, and
-                   adjoint_* counts once the backward pass ran.
+                   linear_iterations, f_evaluations, jvps, vjps... of the forward solve,
+                   adjoint_* counts once the backward pass ran, and with checkpointing the
+                   schedule, recomputed_steps, bytes per tier, disk read/write seconds.
     The solver state is float64; a float32 func is evaluated in float32.
     """
     comm = resolve_comm(comm)
@@ -200,11 +215,15 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, comm
             raise InputError(f"prefix must be letters, digits and underscores such as 'block1_'; "
                              f"got {prefix!r}")
         params = _parameters(func, y0)
+        policy = _policy(checkpointing)
     except InputError as exc:
         error = str(exc)
     if error is None:
         signature = {"t": t_out, "method": method_obj.name, "options": (control, setup.key),
                      "prefix": prefix, "petsc_options": frozen,
+                     "checkpointing": (policy.schedule, policy.slots, policy.host_bytes,
+                                       policy.device_bytes, policy.disk_bytes,
+                                       policy.disk_dir is None),
                      "the shape of y0 after its leading dimension": tuple(y0.shape[1:]),
                      "the dtype of y0": str(y0.dtype)}
     shapes = raise_collectively(comm, error, InputError, same=signature,
@@ -212,8 +231,8 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, comm
     layout = BatchLayout(comm, y0.shape, shapes)
     adaptive = method_obj.adaptive and control.step_size is None
     solver = _solver(func, layout, method_obj, adaptive, prefix, frozen, params, y0.dtype, setup)
-    problem = SimpleNamespace(solver=solver, params=params, t_out=t_out, control=control,
-                              stats=stats)
+    problem = SimpleNamespace(params=params, t_out=t_out, control=control, stats=stats,
+                              new_run=lambda: new_run(solver, policy, t_out, control))
     needs_grad = torch.is_grad_enabled() and (y0.requires_grad or any(p.requires_grad for p in params))
     if needs_grad:
         return OdeintFunction.apply(problem, y0, *params)
@@ -233,12 +252,13 @@ class ODEBlock(nn.Module):
 
     def __init__(self, func, t=(0.0, 1.0), *, method=None, rtol=1e-7, atol=1e-9, options=None,
                  comm=None, prefix=None, petsc_options=None, store_graphs=False,
-                 return_all=False):
+                 checkpointing=None, return_all=False):
         super().__init__()
         self.func = func
         self.register_buffer("t", torch.as_tensor(t, dtype=torch.float64), persistent=False)
         self.kwargs = dict(method=method, rtol=rtol, atol=atol, options=options, comm=comm,
-                           prefix=prefix, petsc_options=petsc_options, store_graphs=store_graphs)
+                           prefix=prefix, petsc_options=petsc_options, store_graphs=store_graphs,
+                           checkpointing=checkpointing)
         self.return_all = return_all
 
     def forward(self, y0):

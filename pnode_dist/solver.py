@@ -7,6 +7,7 @@ block used twice in a network); each forward that needs a gradient leases an Int
 its backward pass (or the graph's destruction) returns it.
 """
 import math
+import uuid
 from dataclasses import dataclass, field
 from typing import List
 
@@ -21,6 +22,14 @@ from .parallel import MPI, PETSc, raise_collectively
 
 _REL_TIME_TOL = 1e-12
 _THETA_TYPES = {"beuler", "cn", "theta"}
+_MIN_CAPACITY = 1024                 # trajectory steps reserved by a replaying Integrator
+
+
+def fixed_step_count(span, step_size):
+    """Equal steps, at most step_size long, that cover span (one without a step_size)."""
+    if step_size is None:
+        return 1
+    return max(1, math.ceil(span / step_size * (1 - 1e-12)))
 
 
 def _reason_name(enum, value):
@@ -82,11 +91,7 @@ class _Run:
 
     def fixed_steps(self, t):
         """Number of equal steps from t to the next output time (at most step_size each)."""
-        remaining = self.t_out[self.k] - t
-        h = self.control.step_size
-        if h is None:
-            return 1
-        return max(1, math.ceil(remaining / h * (1 - 1e-12)))
+        return fixed_step_count(self.t_out[self.k] - t, self.control.step_size)
 
     def first_dt(self):
         span = self.t_out[1] - self.t_out[0]
@@ -94,6 +99,47 @@ class _Run:
             return span / self.fixed_steps(self.t_out[0])
         dt = self.control.first_step or (self.t_out[-1] - self.t_out[0]) * 1e-2
         return min(dt, span)
+
+    def post_step(self, integrator, ts):
+        """Record the accepted step, copy outputs, choose the next step."""
+        t = ts.getTime()
+        self.record.times.append(t)
+        if integrator.observer is not None:
+            integrator.observer.accepted(len(self.record.times) - 1, self.record.times,
+                                         integrator.x_view)
+        target = self.t_out[self.k]
+        if t >= target - self.tol:
+            self.outputs[self.k].copy_(integrator.x_view)
+            self.record.output_steps.append(len(self.record.times) - 1)
+            self.k += 1
+            if self.k == len(self.t_out):
+                self.done = True
+                ts.setConvergedReason(PETSc.TS.ConvergedReason.CONVERGED_USER)
+                return
+            target = self.t_out[self.k]
+        remaining = target - t
+        if not self.adaptive:
+            ts.setTimeStep(remaining / self.fixed_steps(t))
+            return
+        dt = ts.getTimeStep()
+        if remaining <= 1.01 * dt:
+            ts.setTimeStep(remaining)
+        elif remaining < 2 * dt:
+            ts.setTimeStep(remaining / 2)
+
+
+class _Replay:
+    """A re-run of recorded steps: step i goes from times[i] to times[i + 1] (the step sizes
+    PETSc's own adjoint uses, from the recorded times)."""
+
+    def __init__(self, times):
+        self.times = times
+        self.i = 0
+
+    def post_step(self, integrator, ts):
+        self.i += 1
+        if self.i < len(self.times) - 1:
+            ts.setTimeStep(self.times[self.i + 1] - self.times[self.i])
 
 
 class Integrator:
@@ -144,6 +190,7 @@ class Integrator:
             ts.setSaveTrajectory()
         ts.setExactFinalTime(PETSc.TS.ExactFinalTime.MATCHSTEP)
         ts.setErrorIfStepFails(False)
+        ts.setPreStep(self._pre_step)
         ts.setPostStep(self._post_step)
         # The trajectory reads only unprefixed options; without a type PETSc would pick 'basic',
         # which writes files into the working directory.
@@ -157,8 +204,24 @@ class Integrator:
                              "odeint's method argument and its variant with -ts_rk_type / "
                              "-ts_arkimex_type")
         self.ts = ts
-        self._run = None
+        self._run = self.observer = None
         self.stats = {}
+        self.capacity = None         # steps the trajectory can hold (set on first use)
+
+    def reserve(self, nsteps):
+        """Size the memory trajectory for `nsteps` steps per solve. PETSc sizes its stack once,
+        at the first solve, from the max steps and the first step size, and cannot grow it: a
+        solve that takes no step (its step number already at the maximum) sets it up here."""
+        if not self.adjoint or self.capacity is not None:
+            return
+        ts = self.ts
+        ts.setTime(0.0)
+        ts.setTimeStep(1.0)
+        ts.setMaxTime(float(nsteps))
+        ts.setMaxSteps(nsteps)
+        ts.setStepNumber(nsteps)
+        ts.solve(self.x)
+        self.capacity = nsteps
 
     def _set_explicit_part(self, ts, nparams):
         rhs, comm = self.rhs, self.layout.comm
@@ -221,38 +284,25 @@ class Integrator:
             p.error = None
 
     # ---------------------------------------------------------------- forward
+    def _pre_step(self, ts):
+        if self.observer is not None:
+            self.observer.starting(ts.getStepNumber(), self.x_view)
+
     def _post_step(self, ts):
         if ts.getConvergedReason() < 0:      # PETSc calls it after a failed step too
             return
-        run = self._run
         if self.rhs is not None and self.rhs.store is not None:
             self.rhs.store.accept_step()
-        t = ts.getTime()
-        run.record.times.append(t)
-        target = run.t_out[run.k]
-        if t >= target - run.tol:
-            run.outputs[run.k].copy_(self.x_view)
-            run.record.output_steps.append(len(run.record.times) - 1)
-            run.k += 1
-            if run.k == len(run.t_out):
-                run.done = True
-                ts.setConvergedReason(PETSc.TS.ConvergedReason.CONVERGED_USER)
-                return
-            target = run.t_out[run.k]
-        remaining = target - t
-        if not run.adaptive:
-            ts.setTimeStep(remaining / run.fixed_steps(t))
-            return
-        dt = ts.getTimeStep()
-        if remaining <= 1.01 * dt:
-            ts.setTimeStep(remaining)
-        elif remaining < 2 * dt:
-            ts.setTimeStep(remaining / 2)
+        self._run.post_step(self, ts)
 
-    def forward(self, y0, t_out, control: StepControl):
+    def forward(self, y0, t_out, control: StepControl, observer=None):
         """Solve from t_out[0] through every output time; returns (outputs, record).
-        outputs has shape [len(t_out), *local_shape] in float64 (the solver precision)."""
+        outputs has shape [len(t_out), *local_shape] in float64 (the solver precision).
+        observer (checkpointing): observer.starting(step, state) before each step and
+        observer.accepted(step, times, state) after each accepted one."""
         ts = self.ts
+        self.reserve(control.max_num_steps)
+        self.observer = observer
         outputs = torch.empty((len(t_out),) + self.layout.local_shape, dtype=torch.float64)
         outputs[0].copy_(y0)
         self.x_view.copy_(y0)
@@ -271,8 +321,10 @@ class Integrator:
         ts.setTimeStep(run.first_dt())
         ts.setConvergedReason(PETSc.TS.ConvergedReason.CONVERGED_ITERATING)
         before = self._counts()
-        ts.solve(self.x)
-        self._run = None
+        try:
+            ts.solve(self.x)
+        finally:
+            self._run = self.observer = None
         self.stats = {"steps": run.record.steps, "newton_iterations": ts.getSNESIterations(),
                       "linear_iterations": ts.getKSPIterations(), **self._counts_since(before)}
         self._check_forward(run, outputs)
@@ -305,32 +357,61 @@ class Integrator:
                      "up; use smaller steps (step_size or rtol/atol) or rescale the problem")
         raise_collectively(self.layout.comm, error, SolverError)
 
-    # ---------------------------------------------------------------- adjoint
-    def backward(self, record: ForwardRecord, grad_outputs):
-        """Discrete adjoint of the last forward solve. grad_outputs: [len(t), *local_shape].
-        Returns (dL/dy0 for this rank's shard, dL/dtheta summed over all ranks)."""
+    def replay(self, y_start, times, control):
+        """Re-run the recorded steps times[0] -> ... -> times[-1] from y_start (with the
+        trajectory on if this Integrator records one); the end state is left in x_view."""
         ts = self.ts
+        self.reserve(max(len(times) - 1, _MIN_CAPACITY))
+        self.x_view.copy_(y_start)
+        self.x.stateIncrease()
+        self._run = _Replay(times)
+        if self.rhs is not None:
+            self.rhs.store = GraphStore() if (self.adjoint and control.store_graphs) else None
+        ts.setTime(times[0])
+        ts.setStepNumber(0)
+        ts.setMaxTime(times[-1])
+        ts.setMaxSteps(len(times) - 1)
+        ts.setTimeStep(times[1] - times[0])
+        ts.setConvergedReason(PETSc.TS.ConvergedReason.CONVERGED_ITERATING)
+        try:
+            ts.solve(self.x)
+        finally:
+            self._run = None
+        if ts.getConvergedReason() < 0 and self.error is None:
+            self.parts[0].error = (f"re-running the steps from t={times[0]:g} failed "
+                                   f"({_reason_name(PETSc.TS.ConvergedReason, ts.getConvergedReason())})")
+
+    # ---------------------------------------------------------------- adjoint
+    def start_adjoint(self, grad_last):
+        """lambda = dL/dy(t_N), mu = 0, before the adjoint steps."""
         self._reset_errors()
-        before = self._counts()
-        self.lam_view.copy_(grad_outputs[-1])
+        self._adjoint_counts = self._counts()
+        self.lam_view.copy_(grad_last)
         self.lam.stateIncrease()
         if self.mu is not None:
             self.mu.zeroEntries()
-            ts.setCostGradients([self.lam], [self.mu])
+            self.ts.setCostGradients([self.lam], [self.mu])
         else:
-            ts.setCostGradients([self.lam])
-        steps = record.output_steps
-        for i in range(len(steps) - 1, 0, -1):
-            if i < len(steps) - 1:
-                self.lam_view.add_(grad_outputs[i])
-                self.lam.stateIncrease()
-            ts.adjointSetSteps(steps[i] - steps[i - 1])
-            ts.adjointSolve()
-        error = self.error
-        self.stats.update({f"adjoint_{k}": v for k, v in self._counts_since(before).items()})
+            self.ts.setCostGradients([self.lam])
+
+    def adjoint_steps(self, nsteps):
+        """Apply the discrete adjoint of the last `nsteps` recorded steps."""
+        self.ts.adjointSetSteps(nsteps)
+        self.ts.adjointSolve()
+
+    def add_to_lambda(self, grad):
+        self.lam_view.add_(grad)
+        self.lam.stateIncrease()
+
+    def finish_adjoint(self, grad_first, error=None):
+        """(dL/dy0 for this rank's shard, dL/dtheta summed over all ranks); raises on every rank
+        if a callback failed here (or `error` was reported elsewhere)."""
+        error = error or self.error
+        self.stats.update({f"adjoint_{k}": v
+                           for k, v in self._counts_since(self._adjoint_counts).items()})
         if self.rhs is not None:
             self.rhs.store = None
-        grad_y0 = self.lam_view + grad_outputs[0]
+        grad_y0 = self.lam_view + grad_first
         if error is None and not bool(torch.isfinite(grad_y0).all()):
             error = "the adjoint produced a non-finite gradient with respect to y0"
         raise_collectively(self.layout.comm, error, SolverError)
@@ -342,6 +423,17 @@ class Integrator:
                 mpi.Allreduce(MPI.IN_PLACE, grad_params.numpy(), op=MPI.SUM)
         return grad_y0, grad_params
 
+    def backward(self, record: ForwardRecord, grad_outputs):
+        """Discrete adjoint of the last forward solve (its whole trajectory recorded).
+        grad_outputs: [len(t), *local_shape]."""
+        self.start_adjoint(grad_outputs[-1])
+        steps = record.output_steps
+        for i in range(len(steps) - 1, 0, -1):
+            if i < len(steps) - 1:
+                self.add_to_lambda(grad_outputs[i])
+            self.adjoint_steps(steps[i] - steps[i - 1])
+        return self.finish_adjoint(grad_outputs[0])
+
     def destroy(self):
         for p in self.parts:
             p.forget_views()
@@ -349,39 +441,38 @@ class Integrator:
 
 
 class Solver:
-    """A pool of Integrators for one problem configuration."""
+    """A pool of Integrators for one problem configuration, plus what successive solves of it
+    share (the step count of the last solve, the disk-file tag)."""
 
     def __init__(self, layout, method, func, params, dtype, prefix, petsc_options, adaptive,
                  setup):
-        self.args = (layout, method, func, params, dtype, prefix, petsc_options, adaptive)
+        self.args = (layout, method, func, params, dtype, prefix, petsc_options)
+        self.layout, self.method, self.prefix, self.dtype = layout, method, prefix, dtype
+        self.adaptive = adaptive
         self.setup = setup
-        self._idle = {True: [], False: []}
+        self._idle = {}
+        self.last_steps = None       # steps of the last forward solve (checkpoint placement)
+        self.solves = 0
+        self._file_tag = None
 
-    def acquire(self, adjoint):
-        pool = self._idle[adjoint]
-        return pool.pop() if pool else Integrator(*self.args, adjoint=adjoint, setup=self.setup)
+    def acquire(self, adjoint, adaptive=None, nsteps=0):
+        """An idle Integrator (trajectory or not; adaptive steps or replayed ones) whose
+        trajectory holds `nsteps` steps (pooled ones that are too small are destroyed)."""
+        adaptive = self.adaptive if adaptive is None else adaptive
+        pool = self._idle.setdefault((adjoint, adaptive), [])
+        while pool:
+            integrator = pool.pop()
+            if integrator.capacity is None or integrator.capacity >= nsteps:
+                return integrator
+            integrator.destroy()
+        return Integrator(*self.args, adaptive=adaptive, adjoint=adjoint, setup=self.setup)
 
     def release(self, integrator):
-        self._idle[integrator.adjoint].append(integrator)
+        self._idle.setdefault((integrator.adjoint, integrator.adaptive), []).append(integrator)
 
-
-class Lease:
-    """An Integrator lent to one forward pass. After its adjoint ran, the Integrator goes back to
-    the pool; if the graph is dropped without a backward pass, its trajectory still holds the
-    forward steps (a memory trajectory cannot be reset from petsc4py), so it is destroyed."""
-
-    def __init__(self, solver, integrator):
-        self.solver, self.integrator = solver, integrator
-        self.adjoint_done = False
-
-    def close(self):
-        if self.integrator is None:
-            return
-        if self.adjoint_done:
-            self.solver.release(self.integrator)
-        else:
-            self.integrator.destroy()
-        self.integrator = None
-
-    def __del__(self):
-        self.close()
+    def file_tag(self):
+        """A tag shared by all ranks for this problem's checkpoint files (collective on first
+        use: rank 0's random tag, broadcast)."""
+        if self._file_tag is None:
+            self._file_tag = self.layout.comm.tompi4py().bcast(uuid.uuid4().hex[:12], root=0)
+        return self._file_tag

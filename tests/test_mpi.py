@@ -30,3 +30,9 @@ def test_fixed_step_explicit_solve_does_not_communicate():
     proc = run_mpi(2, HERE / "mpi" / "no_communication.py", timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "no communication in the solve" in proc.stdout, proc.stdout
+
+
+def test_checkpointed_gradients_on_three_ranks():
+    proc = run_mpi(3, HERE / "mpi" / "checkpointing.py", timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "files left 0" in proc.stdout, proc.stdout

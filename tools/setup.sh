@@ -74,7 +74,8 @@ for p in torch h5py scikit-learn scipy tqdm matplotlib pytest torchdiffeq mlxten
 done
 
 # 6. pnode_dist itself, editable, with its console scripts.
-if ! (cd / && "$PY" -c "import pnode_dist, sys; sys.exit(0 if pnode_dist.__file__.startswith('$ROOT/') else 1)") 2>/dev/null; then
+if ! (cd / && "$PY" -c "import pnode_dist, sys; sys.exit(0 if pnode_dist.__file__.startswith('$ROOT/') else 1)") 2>/dev/null \
+   || [ ! -x "$VENV/bin/pnode-inspect" ]; then
   say "installing pnode_dist (editable)"
   pipi --no-build-isolation --no-deps -e "$ROOT"
 fi

@@ -1,0 +1,242 @@
+"""The checkpoint store: tiers of memory for the states the forward solve keeps.
+
+A checkpoint goes to the fastest tier with room: device memory (a GPU-resident state), host
+memory, then an HDF5 file (h5format's layout). Each tier counts the bytes it holds against its
+budget. The disk tier writes behind the solve on a worker thread and, on the way back, reads the
+checkpoints the backward pass needs next while the adjoint of the current segment runs.
+"""
+import collections
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from . import h5format
+
+
+class MemoryTier:
+    """Checkpoints held as tensors in host memory (or on `device`), up to `capacity` bytes
+    (None: unbounded)."""
+
+    def __init__(self, name, capacity, device="cpu"):
+        self.name, self.capacity, self.device = name, capacity, device
+        self.data = {}
+        self.bytes = self.peak = self.stored = 0
+
+    def has_room(self, nbytes):
+        return self.capacity is None or self.bytes + nbytes <= self.capacity
+
+    def put(self, pos, state, meta):
+        self.data[pos] = state.to(self.device, copy=True)
+        self._count(state.nbytes)
+
+    def _count(self, nbytes):
+        self.bytes += nbytes
+        self.stored += 1
+        self.peak = max(self.peak, self.bytes)
+
+    def get(self, pos):
+        return self.data[pos]
+
+    def drop(self, pos):
+        self.bytes -= self.data.pop(pos).nbytes
+
+    def prefetch(self, pos):
+        """Memory tiers need no read-ahead."""
+
+    def stats(self):
+        return {f"{self.name}_bytes_peak": self.peak, f"{self.name}_checkpoints": self.stored}
+
+    def close(self):
+        self.data.clear()
+        self.bytes = 0
+
+
+class DeviceTier(MemoryTier):
+    """GPU memory: room is the byte budget and what torch reports free (less a reserve)."""
+
+    RESERVE = 256 << 20
+
+    def has_room(self, nbytes):
+        free, _ = torch.cuda.mem_get_info(self.device)
+        return super().has_room(nbytes) and nbytes + self.RESERVE <= free
+
+
+class DiskTier:
+    """Checkpoints in one HDF5 file of this rank (created on the first write). With
+    keep_files, checkpoints the schedule frees stay in the file (for inspection); the budget
+    counts only those the schedule holds."""
+
+    name = "disk"
+
+    def __init__(self, path, capacity, root_attributes, method, depth, keep_files=False):
+        self.path, self.capacity, self.keep_files = path, capacity, keep_files
+        self.root_attributes, self.method, self.depth = root_attributes, method, depth
+        self.file = None
+        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pnode-disk")
+        self.writes = collections.OrderedDict()   # pos -> (state copy, future) not yet written
+        self.reads = {}                            # pos -> future of a read-ahead
+        self.nbytes = {}                           # pos -> bytes of the stored checkpoint
+        self.bytes = self.peak = self.stored = 0
+        self.write_seconds = self.read_seconds = 0.0
+        self.hits = self.misses = 0
+
+    def has_room(self, nbytes):
+        return self.capacity is None or self.bytes + nbytes <= self.capacity
+
+    # ---------------------------------------------------------------- worker-side I/O
+    def _open(self):
+        import h5py
+        if self.file is None:
+            os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+            self.file = h5py.File(self.path, "w")
+            h5format.write_root_attributes(self.file, **self.root_attributes)
+            self.file.create_group("checkpoints")
+        return self.file
+
+    def _write(self, pos, array, meta):
+        start = time.perf_counter()
+        group = self._open()["checkpoints"]
+        name = h5format.dataset_name(pos)
+        if name in group:                  # kept from an earlier placement at this step
+            del group[name]
+        ds = group.create_dataset(name, data=array)
+        ds.attrs.update(meta)
+        self.write_seconds += time.perf_counter() - start
+
+    def _read(self, pos):
+        start = time.perf_counter()
+        array = self.file["checkpoints"][h5format.dataset_name(pos)][()]
+        self.read_seconds += time.perf_counter() - start
+        return torch.from_numpy(array)
+
+    def _delete(self, pos):
+        del self.file["checkpoints"][h5format.dataset_name(pos)]
+
+    # ---------------------------------------------------------------- tier interface
+    def _settle(self, block_until=None):
+        """Forget finished writes (re-raising their errors); with block_until, wait until at
+        most that many remain in flight."""
+        while self.writes:
+            pos, (_, future) = next(iter(self.writes.items()))
+            if not future.done() and (block_until is None or len(self.writes) <= block_until):
+                break
+            future.result()
+            del self.writes[pos]
+
+    def put(self, pos, state, meta):
+        copy = state.to("cpu", copy=True)
+        meta = dict(meta, dtype=self.root_attributes["dtype"], shape=list(copy.shape),
+                    rank=self.root_attributes["rank"], method=self.method)
+        self.writes[pos] = (copy, self.worker.submit(self._write, pos, copy.numpy(), meta))
+        self.nbytes[pos] = copy.nbytes
+        self.bytes += copy.nbytes
+        self.stored += 1
+        self.peak = max(self.peak, self.bytes)
+        self._settle(block_until=self.depth)
+
+    def prefetch(self, pos):
+        if pos not in self.writes and pos not in self.reads and len(self.reads) < self.depth:
+            self.reads[pos] = self.worker.submit(self._read, pos)
+
+    def get(self, pos):
+        self._settle()
+        if pos in self.writes:
+            return self.writes[pos][0]
+        future = self.reads.pop(pos, None)
+        if future is not None:
+            self.hits += 1
+            return future.result()
+        self.misses += 1
+        return self.worker.submit(self._read, pos).result()
+
+    def drop(self, pos):
+        if pos in self.writes:
+            self.writes.pop(pos)[1].result()
+        read = self.reads.pop(pos, None)
+        if read is not None:
+            read.result()
+        if not self.keep_files:
+            self.worker.submit(self._delete, pos)
+        self.bytes -= self.nbytes.pop(pos)
+
+    def write_step_times(self, times):
+        if self.file is not None or self.writes:
+            self.worker.submit(lambda: self._open().create_dataset(
+                "step_times", data=torch.tensor(times, dtype=torch.float64).numpy()))
+
+    def stats(self):
+        self._settle()
+        return {"disk_bytes_peak": self.peak, "disk_checkpoints": self.stored,
+                "disk_write_seconds": self.write_seconds, "disk_read_seconds": self.read_seconds,
+                "disk_prefetch_hits": self.hits, "disk_prefetch_misses": self.misses}
+
+    def close(self):
+        """Finish the I/O in flight, close the file and remove it unless asked to keep it."""
+        self.worker.shutdown(wait=True)
+        self.writes.clear()
+        self.reads.clear()
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+            if not self.keep_files:
+                os.remove(self.path)
+        self.bytes = 0
+
+
+class CheckpointStore:
+    """Tiers from fastest to slowest; `where` maps each held position to its tier."""
+
+    def __init__(self, tiers, state_bytes):
+        self.tiers = tiers
+        self.state_bytes = state_bytes
+        self.where = {}
+
+    def held(self):
+        return sorted(self.where)
+
+    def __contains__(self, pos):
+        return pos in self.where
+
+    def put(self, pos, state, t, step_size):
+        for tier in self.tiers:
+            if tier.has_room(state.nbytes):
+                tier.put(pos, state, {"time": float(t), "step": int(pos),
+                                      "step_size": float(step_size)})
+                self.where[pos] = tier
+                return
+        raise RuntimeError("no checkpoint tier has room (the slot count exceeds the budgets)")
+
+    def get(self, pos):
+        return self.where[pos].get(pos)
+
+    def drop(self, pos):
+        self.where.pop(pos).drop(pos)
+
+    def prefetch(self, upcoming):
+        """Start reading the checkpoints the backward pass restores next."""
+        for pos in upcoming:
+            tier = self.where.get(pos)
+            if tier is not None:
+                tier.prefetch(pos)
+
+    @property
+    def bytes(self):
+        return sum(t.bytes for t in self.tiers)
+
+    def finish_forward(self, times):
+        for tier in self.tiers:
+            if isinstance(tier, DiskTier):
+                tier.write_step_times(times)
+
+    def stats(self):
+        out = {}
+        for tier in self.tiers:
+            out.update(tier.stats())
+        return out
+
+    def close(self):
+        for tier in self.tiers:
+            tier.close()
+        self.where.clear()
