@@ -23,6 +23,7 @@ test: setup
 bench: setup
 	$(PY) benchmarks/overhead.py
 	$(PY) benchmarks/stiff.py
+	$(PY) benchmarks/memory.py
 
 clean:
 	rm -rf .venv runs *.egg-info

@@ -21,6 +21,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import datasets  # noqa: E402
+import ode_cli  # noqa: E402
 
 import pnode_dist  # noqa: E402
 from pnode_dist import ODEBlock, allreduce_gradients, broadcast_parameters  # noqa: E402
@@ -76,6 +77,7 @@ def parse_args(argv=None):
     p.add_argument("--out", default="runs/classify", help="directory for metrics.json")
     p.add_argument("--quick", action="store_true", help="smoke test: at most 2 epochs of 4 batches from 256 images")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ode_cli.add_checkpoint_arguments(p)
     args, petsc_args = p.parse_known_args(argv)
     bad = [a for a in petsc_args if not a.startswith("-") or a.startswith("--")]
     if any(a.startswith("--") for a in petsc_args):
@@ -126,6 +128,12 @@ def main(argv=None):
         ode_kwargs = dict(method=args.method, options={"step_size": 1.0 / args.steps})
     else:
         ode_kwargs = dict(method=args.method, rtol=args.rtol, atol=args.atol)
+    try:
+        ode_kwargs["checkpointing"] = ode_cli.checkpoint_policy(args)
+    except pnode_dist.InputError as exc:
+        if rank == 0:
+            print(f"error: {exc}", file=sys.stderr)
+        return 2
     model = ODENet(xtr.shape[-1], args.channels, int(ytr.max()) + 1, ode_kwargs)
     broadcast_parameters(model)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
@@ -156,6 +164,7 @@ def main(argv=None):
             # Sum of every rank's loss = mean over the global batch.
             loss = nn.functional.cross_entropy(model(xb), yb, reduction="sum") / len(idx)
             loss.backward()
+            ode_stats = dict(model.ode.stats)
             allreduce_gradients(model.outer_parameters())
             opt.step()
             total_loss += comm.allreduce(loss.item())
@@ -169,6 +178,8 @@ def main(argv=None):
         if rank == 0:
             print(f"epoch {epoch:3d}  train loss {train_loss:.4f}  test loss {test_loss:.4f}  "
                   f"test acc {100 * test_acc:6.2f}%  time {elapsed:6.1f}s", flush=True)
+            if args.verbose:
+                print(f"          ODE block: {ode_cli.format_stats(ode_stats)}", flush=True)
     metrics = {"dataset": args.dataset, "ranks": size, "method": args.method,
                "steps": args.steps, "epochs": args.epochs,
                "final_test_accuracy": history[-1]["test_accuracy"],

@@ -248,7 +248,8 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, comm
 
 class ODEBlock(nn.Module):
     """A network layer y -> y(t1) with dy/dt = func(t, y), y(t0) = y; see odeint for the
-    keyword arguments. `return_all=True` returns the states at every time of `t`."""
+    keyword arguments. `return_all=True` returns the states at every time of `t`; `stats` holds
+    the counts of the last forward (and, once it ran, backward) pass."""
 
     def __init__(self, func, t=(0.0, 1.0), *, method=None, rtol=1e-7, atol=1e-9, options=None,
                  comm=None, prefix=None, petsc_options=None, store_graphs=False,
@@ -260,9 +261,11 @@ class ODEBlock(nn.Module):
                            prefix=prefix, petsc_options=petsc_options, store_graphs=store_graphs,
                            checkpointing=checkpointing)
         self.return_all = return_all
+        self.stats = {}              # this rank's statistics of the last solve (see odeint)
 
     def forward(self, y0):
-        ys = odeint(self.func, y0, self.t, **self.kwargs)
+        self.stats = {}
+        ys = odeint(self.func, y0, self.t, stats=self.stats, **self.kwargs)
         return ys if self.return_all else ys[-1]
 
     def extra_repr(self):

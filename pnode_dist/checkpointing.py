@@ -61,6 +61,12 @@ class Checkpointing:
         if not isinstance(self.prefetch, int) or self.prefetch < 0:
             raise InputError(f"Checkpointing(prefetch=...) must be an integer >= 0; got "
                              f"{self.prefetch!r}")
+        unbounded = self.host_bytes is None or (self.disk_dir is not None
+                                                and self.disk_bytes is None)
+        if self.schedule in ("uniform", "binomial") and self.slots is None and unbounded:
+            raise InputError(f"Checkpointing(schedule={self.schedule!r}) needs slots=... or a "
+                             "byte budget on every tier (host_bytes=..., and disk_bytes=... "
+                             "with disk_dir)")
         if self.schedule == "all" and self.slots is not None:
             raise InputError("Checkpointing(schedule='all') stores every step: slots applies "
                              "to 'uniform' and 'binomial'")
@@ -94,10 +100,6 @@ class Checkpointing:
         if all(cap is not None for _, cap in caps):
             fits = sum(cap // state_bytes for _, cap in caps)
         slots = self.slots if self.slots is not None else fits
-        if slots is None:
-            raise InputError(f"Checkpointing(schedule={schedule!r}) needs slots=... or a byte "
-                             "budget on every tier (host_bytes=..., and disk_bytes=... with "
-                             "disk_dir)")
         if fits is not None and slots > fits:
             raise InputError(f"Checkpointing: {slots} slots of {state_bytes} bytes do not fit "
                              f"the tier budgets {dict(caps)} (room for {fits}): raise a budget "

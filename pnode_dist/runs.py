@@ -172,6 +172,9 @@ class CheckpointedRun:
         adv = solver.acquire(adjoint=False, adaptive=False) if plan_advances(ops) else None
         if adv is not None:
             adv._reset_errors()
+        # Binomial records one step at a time: keeping f's stage graphs of that step costs little
+        # memory and saves re-evaluating f in its adjoint.
+        keep_graphs = control.store_graphs or self.schedule == "binomial"
         start = time.perf_counter()
         ok = False
         try:
@@ -182,7 +185,7 @@ class CheckpointedRun:
                     nrestore += 1
                     store.prefetch(restores[nrestore:nrestore + _PREFETCH_LOOKAHEAD])
                 if op.kind == "advance":
-                    adv.replay(self._state(op.a, None, None), times[op.a:op.b + 1], control)
+                    adv.replay(self._state(op.a, None, None), times[op.a:op.b + 1])
                     work_pos = op.b
                 elif op.kind == "store":
                     store.put(op.a, adv.x_view, times[op.a], times[op.a] - times[op.a - 1])
@@ -190,7 +193,8 @@ class CheckpointedRun:
                     store.drop(op.a)
                 else:
                     work = adv.x_view if adv is not None else None
-                    rec.replay(self._state(op.a, work, work_pos), times[op.a:op.b + 1], control)
+                    rec.replay(self._state(op.a, work, work_pos), times[op.a:op.b + 1],
+                               keep_graphs)
                     self._adjoint_segment(rec, op.a, op.b, record.output_steps, out_index,
                                           grad_outputs)
             grads = rec.finish_adjoint(grad_outputs[0], error=adv.error if adv else None)

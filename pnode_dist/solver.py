@@ -357,16 +357,17 @@ class Integrator:
                      "up; use smaller steps (step_size or rtol/atol) or rescale the problem")
         raise_collectively(self.layout.comm, error, SolverError)
 
-    def replay(self, y_start, times, control):
+    def replay(self, y_start, times, keep_graphs=False):
         """Re-run the recorded steps times[0] -> ... -> times[-1] from y_start (with the
-        trajectory on if this Integrator records one); the end state is left in x_view."""
+        trajectory on if this Integrator records one, and f's stage graphs kept for its adjoint
+        with keep_graphs); the end state is left in x_view."""
         ts = self.ts
         self.reserve(max(len(times) - 1, _MIN_CAPACITY))
         self.x_view.copy_(y_start)
         self.x.stateIncrease()
         self._run = _Replay(times)
         if self.rhs is not None:
-            self.rhs.store = GraphStore() if (self.adjoint and control.store_graphs) else None
+            self.rhs.store = GraphStore() if (self.adjoint and keep_graphs) else None
         ts.setTime(times[0])
         ts.setStepNumber(0)
         ts.setMaxTime(times[-1])

@@ -84,3 +84,10 @@ def central_difference(loss, param, idx, eps=1e-6):
         down = loss().item()
         param[idx] += eps
     return (up - down) / (2 * eps)
+
+
+def batch_shard(batch, rank, size):
+    """Uneven split of `batch` rows over `size` ranks: (rows per rank, this rank's lo, hi)."""
+    counts = [batch // size + (1 if r < batch % size else 0) for r in range(size)]
+    lo = sum(counts[:rank])
+    return counts, lo, lo + counts[rank]

@@ -141,6 +141,8 @@ def test_graph_dropped_without_backward_removes_files(tmp_path, y0):
     (dict(host_bytes=-1), "number of bytes"),
     (dict(disk_bytes=100), "needs disk_dir"),
     (dict(schedule="all", slots=3), "slots applies"),
+    (dict(schedule="binomial"), "needs slots"),
+    (dict(schedule="uniform", host_bytes=100, disk_dir="/tmp"), "needs slots"),
 ])
 def test_bad_policies_say_what_to_do(kwargs, words):
     with pytest.raises(InputError, match=words):
@@ -148,7 +150,6 @@ def test_bad_policies_say_what_to_do(kwargs, words):
 
 
 @pytest.mark.parametrize("policy,words", [
-    (Checkpointing(schedule="binomial"), "needs slots"),
     (Checkpointing(schedule="binomial", slots=5, host_bytes=2 * STATE_BYTES), "do not fit"),
     (Checkpointing(schedule="uniform", host_bytes=10), "hold no checkpoint"),
     ("binomial", "Checkpointing"),

@@ -6,7 +6,7 @@ import sys
 import torch
 
 sys.path.insert(0, __import__("os").path.dirname(__file__) + "/..")
-from conftest import TimeMLP  # noqa: E402
+from conftest import TimeMLP, batch_shard  # noqa: E402
 
 from pnode_dist import IMEX, odeint  # noqa: E402
 from pnode_dist.parallel import MPI  # noqa: E402
@@ -14,9 +14,7 @@ from pnode_dist.parallel import MPI  # noqa: E402
 comm = MPI.COMM_WORLD
 rank, size = comm.Get_rank(), comm.Get_size()
 BATCH = 8
-counts = [BATCH // size + (1 if r < BATCH % size else 0) for r in range(size)]
-lo = sum(counts[:rank])
-hi = lo + counts[rank]
+counts, lo, hi = batch_shard(BATCH, rank, size)
 y_all = torch.randn(BATCH, 3, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
 t = torch.tensor([0.0, 0.4, 1.0], dtype=torch.float64)
 worst = 0.0
