@@ -23,8 +23,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from pnode_dist import SolverError, broadcast_parameters, odeint
+from pnode_dist import InputError, SolverError, broadcast_parameters, odeint
 from pnode_dist.parallel import MPI
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import ode_cli  # noqa: E402
 
 RATES = (0.04, 1e4, 3e7)
 SCALE = torch.tensor([1.0, 4e-5, 1.0], dtype=torch.float64)   # typical size of each species
@@ -98,6 +101,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/stiff")
     p.add_argument("--quick", action="store_true", help="smoke test: 20 iterations")
+    ode_cli.add_checkpoint_arguments(p)
     args, _ = p.parse_known_args(argv)
     if args.quick:
         args.iterations, args.trajectories = 20, 4
@@ -154,6 +158,12 @@ def main(argv=None):
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, args.iterations)
     step = float((taus[1] - taus[0]) / args.substeps)
     opts = {"step_size": step, "linear_solver": args.linear_solver}
+    try:
+        policy = ode_cli.checkpoint_policy(args)
+    except InputError as exc:
+        if rank == 0:
+            print(f"error: {exc}", file=sys.stderr)
+        return 2
     if rank == 0:
         print(f"Robertson: {args.trajectories} trajectories over {size} ranks, {args.points} "
               f"log-time points, {args.method} ({args.linear_solver} Newton)", flush=True)
@@ -161,7 +171,9 @@ def main(argv=None):
     history = []
     for it in range(1, args.iterations + 1):
         opt.zero_grad()
-        z = odeint(model, z_data[0], taus, method=args.method, options=opts)
+        stats = {}
+        z = odeint(model, z_data[0], taus, method=args.method, options=opts,
+                   checkpointing=policy, stats=stats)
         loss = ((z - z_data) ** 2).sum() / (args.trajectories * args.points)
         loss.backward()
         opt.step()
@@ -171,6 +183,8 @@ def main(argv=None):
         if rank == 0 and (it % max(1, args.iterations // 10) == 0 or it == 1):
             print(f"iteration {it:4d}  loss {total:.3e}  ({time.perf_counter() - t0:.1f}s)",
                   flush=True)
+            if args.verbose:
+                print(f"          ODE: {ode_cli.format_stats(stats)}", flush=True)
     with torch.no_grad():
         z = odeint(model, z_data[0], taus, method=args.method, options=opts)
         err = comm.allreduce(float((z - z_data).abs().max()), op=MPI.MAX)
