@@ -108,3 +108,16 @@ print(torch.equal(a, b), torch.equal(c, b), torch.equal(d, b))
     proc = subprocess.run([sys.executable, "-c", script, "-blk_ts_rk_type", "1fe"],
                           capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert proc.stdout.split() == ["True", "False", "True"], proc.stdout + proc.stderr
+
+
+def test_a_longer_solve_after_a_shorter_one_reuses_the_solver_safely(mlp, y0):
+    """PETSc sizes a trajectory once; a later solve with more steps on the same cached solver
+    must not overflow it (it used to crash) and gives a fresh solver's gradients."""
+    for t_end in (1.0, 3.0):
+        t = torch.tensor([0.0, t_end], dtype=torch.float64)
+        y = y0.clone().requires_grad_(True)
+        odeint(mlp, y, t, method="rk4", options={"step_size": 0.1}).sum().backward()
+    fresh = TimeMLP()
+    y_fresh = y0.clone().requires_grad_(True)
+    odeint(fresh, y_fresh, t, method="rk4", options={"step_size": 0.1}).sum().backward()
+    assert torch.equal(y.grad, y_fresh.grad)

@@ -36,3 +36,28 @@ def test_stiff_quick_two_ranks(tmp_path):
     assert cmp["dopri5"]["steps"] > 50 * cmp["cn"]["steps"]          # stiffness shows
     assert cmp["dopri5"]["max_scaled_error"] <= cmp["cn"]["max_scaled_error"]
     assert (tmp_path / "fit.png").exists()
+
+
+def test_classify_with_disk_checkpoints_trains_identically(tmp_path):
+    """Binomial checkpoints on disk change memory, not the numbers: the losses equal those of
+    the default run; --verbose reports the schedule; kept files are readable by pnode-inspect."""
+    import subprocess
+    import sys
+    runs = {}
+    for name, extra in (("default", []),
+                        ("binomial", ["--checkpoint", "binomial", "--slots", "3",
+                                      "--host-bytes", "0", "--disk-dir", tmp_path / "ckpt",
+                                      "--keep-checkpoints", "--verbose"])):
+        out = tmp_path / name
+        proc = run_mpi(2, ROOT / "apps" / "classify.py", "--quick", "--no-progress",
+                       "--epochs", "1", "--out", out, *extra, timeout=300)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        runs[name] = json.loads((out / "metrics.json").read_text())["history"][-1]
+    assert "recomputed_steps=" in proc.stdout and "checkpoint_schedule=binomial" in proc.stdout
+    for key in ("train_loss", "test_loss"):
+        assert abs(runs["binomial"][key] - runs["default"][key]) <= 1e-12 * runs["default"][key]
+    files = sorted((tmp_path / "ckpt").iterdir())
+    assert files and any("rank0001-of-0002" in f.name for f in files)
+    inspect = subprocess.run([sys.executable, "-m", "pnode_dist.inspect", str(files[-1])],
+                             capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert inspect.returncode == 0 and "method rk4" in inspect.stdout, inspect.stderr
