@@ -10,5 +10,6 @@ from .methods import METHODS
 from .parallel import allreduce_gradients, broadcast_parameters
 
 __version__ = "0.1.0"
-__all__ = ["odeint", "ODEBlock", "IMEX", "Checkpointing", "METHODS", "PnodeError", "InputError", "SolverError",
+__all__ = ["odeint", "ODEBlock", "IMEX", "Checkpointing", "METHODS", "PnodeError", "InputError",
+           "SolverError",
            "allreduce_gradients", "broadcast_parameters", "__version__"]

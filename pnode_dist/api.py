@@ -159,7 +159,7 @@ def _solver(func, layout, method, adaptive, prefix, frozen_options, params, dtyp
                         setup)
         _solvers[key] = solver
         while len(_solvers) > _CACHE_SIZE:
-            _solvers.popitem(last=False)
+            _solvers.popitem(last=False)[1].close()
     _solvers.move_to_end(key)
     return solver
 

@@ -106,5 +106,6 @@ class Checkpointing:
                              "or lower slots")
         if slots < 1:
             raise InputError(f"Checkpointing: the budgets {dict(caps)} hold no checkpoint of "
-                             f"{state_bytes} bytes (this rank's state); at least one (y0) is needed")
+                             f"{state_bytes} bytes (the largest rank's state); at least one "
+                             "(y0) is needed")
         return schedule, slots

@@ -1,11 +1,13 @@
 """The PETSc side of one ODE problem: TS set-up, the forward solve through the output times, and
 the discrete adjoint between output times.
 
-An Integrator owns one TS with its Vecs and Jacobian Mats. A Solver keeps a pool of them for one
-problem configuration, so that several forward passes may await their backward at once (an ODE
-block used twice in a network); each forward that needs a gradient leases an Integrator until
-its backward pass (or the graph's destruction) returns it.
+An Integrator owns one TS with its Vecs and Jacobian Mats; it solves forward, re-runs recorded
+steps, and applies the adjoint. A Solver keeps a pool of them for one problem configuration, so
+that several forward passes may await their backward at once (an ODE block used twice in a
+network); each differentiable solve (runs.py) leases Integrators until its backward pass (or the
+graph's destruction) returns them.
 """
+import ctypes
 import math
 import uuid
 from dataclasses import dataclass, field
@@ -23,6 +25,12 @@ from .parallel import MPI, PETSc, raise_collectively
 _REL_TIME_TOL = 1e-12
 _THETA_TYPES = {"beuler", "cn", "theta"}
 _MIN_CAPACITY = 1024                 # trajectory steps reserved by a replaying Integrator
+
+
+def _keep_forever(obj):
+    """Never free `obj` (not even while the interpreter shuts down, when PETSc is still
+    initialised): one extra reference that nothing releases."""
+    ctypes.pythonapi.Py_IncRef(ctypes.py_object(obj))
 
 
 def fixed_step_count(span, step_size):
@@ -207,19 +215,26 @@ class Integrator:
         self._run = self.observer = None
         self.stats = {}
         self.capacity = None         # steps the trajectory can hold (set on first use)
+        self.replayed = False        # has re-run recorded segments (see destroy)
 
     def reserve(self, nsteps):
-        """Size the memory trajectory for `nsteps` steps per solve. PETSc sizes its stack once,
-        at the first solve, from the max steps and the first step size, and cannot grow it: a
-        solve that takes no step (its step number already at the maximum) sets it up here."""
-        if not self.adjoint or self.capacity is not None:
+        """Size the memory trajectory for solves of up to `nsteps` steps. PETSc sizes its stack
+        once, at the first solve, from the max steps and the first step size, and cannot grow
+        it (an overflow corrupts memory): a solve that takes no step (its step number already
+        at the maximum) sets it up here, with a margin of one step."""
+        if not self.adjoint:
+            return
+        if self.capacity is not None:
+            if nsteps > self.capacity:
+                raise RuntimeError(f"trajectory capacity {self.capacity} < {nsteps} steps: "
+                                   "acquire the Integrator with nsteps")
             return
         ts = self.ts
         ts.setTime(0.0)
         ts.setTimeStep(1.0)
-        ts.setMaxTime(float(nsteps))
-        ts.setMaxSteps(nsteps)
-        ts.setStepNumber(nsteps)
+        ts.setMaxTime(float(nsteps + 8))
+        ts.setMaxSteps(nsteps + 8)
+        ts.setStepNumber(nsteps + 8)
         ts.solve(self.x)
         self.capacity = nsteps
 
@@ -362,7 +377,8 @@ class Integrator:
         trajectory on if this Integrator records one, and f's stage graphs kept for its adjoint
         with keep_graphs); the end state is left in x_view."""
         ts = self.ts
-        self.reserve(max(len(times) - 1, _MIN_CAPACITY))
+        self.reserve(len(times) - 1)
+        self.replayed = True
         self.x_view.copy_(y_start)
         self.x.stateIncrease()
         self._run = _Replay(times)
@@ -378,9 +394,10 @@ class Integrator:
             ts.solve(self.x)
         finally:
             self._run = None
-        if ts.getConvergedReason() < 0 and self.error is None:
+        reason = ts.getConvergedReason()
+        if reason < 0 and self.error is None:
             self.parts[0].error = (f"re-running the steps from t={times[0]:g} failed "
-                                   f"({_reason_name(PETSc.TS.ConvergedReason, ts.getConvergedReason())})")
+                                   f"({_reason_name(PETSc.TS.ConvergedReason, reason)})")
 
     # ---------------------------------------------------------------- adjoint
     def start_adjoint(self, grad_last):
@@ -436,9 +453,22 @@ class Integrator:
         return self.finish_adjoint(grad_outputs[0])
 
     def destroy(self):
+        """Free the TS now: it holds callbacks that refer back to this object, a cycle the
+        garbage collector would otherwise free in an order PETSc does not survive.
+
+        A TS whose memory trajectory recorded re-run segments is kept alive instead: with
+        PETSc 3.26, destroying such a trajectory crashed (TSTHETA segments of adaptive step
+        sizes, seen in VecDestroy under TSTrajectoryDestroy) although every adjoint was
+        correct. It holds at most one segment's states."""
+        if self.ts is None:
+            return
+        if self.adjoint and self.replayed:
+            _keep_forever(self)
+            return
         for p in self.parts:
             p.forget_views()
         self.ts.destroy()
+        self.ts = None
 
 
 class Solver:
@@ -452,6 +482,7 @@ class Solver:
         self.adaptive = adaptive
         self.setup = setup
         self._idle = {}
+        self.closed = False
         self.last_steps = None       # steps of the last forward solve (checkpoint placement)
         self.solves = 0
         self._file_tag = None
@@ -461,15 +492,31 @@ class Solver:
         trajectory holds `nsteps` steps (pooled ones that are too small are destroyed)."""
         adaptive = self.adaptive if adaptive is None else adaptive
         pool = self._idle.setdefault((adjoint, adaptive), [])
-        while pool:
+        integrator = None
+        while pool and integrator is None:
             integrator = pool.pop()
-            if integrator.capacity is None or integrator.capacity >= nsteps:
-                return integrator
-            integrator.destroy()
-        return Integrator(*self.args, adaptive=adaptive, adjoint=adjoint, setup=self.setup)
+            if integrator.capacity is not None and integrator.capacity < nsteps:
+                integrator.destroy()
+                integrator = None
+        if integrator is None:
+            integrator = Integrator(*self.args, adaptive=adaptive, adjoint=adjoint,
+                                    setup=self.setup)
+        integrator.reserve(max(nsteps, _MIN_CAPACITY))
+        return integrator
 
     def release(self, integrator):
-        self._idle.setdefault((integrator.adjoint, integrator.adaptive), []).append(integrator)
+        if self.closed:
+            integrator.destroy()
+        else:
+            self._idle.setdefault((integrator.adjoint, integrator.adaptive), []).append(integrator)
+
+    def close(self):
+        """Destroy the idle Integrators (the cache dropped this Solver); leased ones are
+        destroyed when their run returns them."""
+        self.closed = True
+        for pool in self._idle.values():
+            while pool:
+                pool.pop().destroy()
 
     def file_tag(self):
         """A tag shared by all ranks for this problem's checkpoint files (collective on first

@@ -159,3 +159,17 @@ def test_policies_the_budgets_cannot_hold_are_refused(y0, policy, words):
     with pytest.raises(InputError, match=words):
         odeint(TimeMLP(), y, T, method="rk4", options={"step_size": 0.1},
                checkpointing=policy).sum().backward()
+
+
+def test_adaptive_solves_without_or_beyond_a_step_prediction(y0):
+    """The first adaptive solve of a problem places checkpoints online; a later, longer solve
+    outgrows the prediction from the first. Both keep the store-all gradients."""
+    policy = Checkpointing(schedule="binomial", slots=4)
+    func, twin = TimeMLP(), TimeMLP()                # same weights, separate solver caches
+    for t_end in (1.0, 2.5):
+        t = torch.tensor([0.0, 0.5 * t_end, t_end], dtype=torch.float64)
+        _, g, stats = _gradients(func, y0, "dopri5", None, policy, rtol=1e-9, t=t)
+        _, ref, ref_stats = _gradients(twin, y0, "dopri5", None, None, rtol=1e-9, t=t)
+        assert stats["steps"] == ref_stats["steps"] > 5
+        assert stats["host_bytes_peak"] <= 4 * STATE_BYTES
+        assert float((g - ref).abs().max() / ref.abs().max()) <= 1e-14
