@@ -16,7 +16,9 @@ import time
 import torch
 
 from . import h5format
+from .errors import SolverError
 from .methods import EXPLICIT, IMEX
+from .parallel import raise_collectively
 from .schedule import Placement, plan_advances, reversal_plan
 from .solver import fixed_step_count
 from .store import CheckpointStore, DeviceTier, DiskTier, MemoryTier
@@ -81,6 +83,7 @@ def make_store(solver, policy, state_bytes):
     """The tiers the policy asks for, fastest first."""
     tiers = []
     layout = solver.layout
+    # The state lives in host memory in this build, so the device tier is never asked for.
     for name, capacity in policy.capacities(on_device=False):
         if name == "device":
             tiers.append(DeviceTier("device", capacity, device="cuda"))
@@ -148,6 +151,8 @@ class CheckpointedRun:
         for pos in [p for p in self.store.held() if p >= record.steps - 1 and p > 0]:
             self.store.drop(pos)             # y_{n-1} is in the tail buffer, y_n never needed
         self.store.finish_forward(record.times)
+        self.store.settle()
+        raise_collectively(solver.layout.comm, self.store.error, SolverError)
         self.stats["checkpoints_held"] = len(self.store.held())
         return outputs, record
 
@@ -171,7 +176,7 @@ class CheckpointedRun:
         rec = solver.acquire(adjoint=True, adaptive=False, nsteps=span)
         adv = solver.acquire(adjoint=False, adaptive=False) if plan_advances(ops) else None
         if adv is not None:
-            adv._reset_errors()
+            adv.reset_errors()
         # Binomial records one step at a time: keeping f's stage graphs of that step costs little
         # memory and saves re-evaluating f in its adjoint.
         keep_graphs = control.store_graphs or self.schedule == "binomial"
@@ -197,7 +202,9 @@ class CheckpointedRun:
                                keep_graphs)
                     self._adjoint_segment(rec, op.a, op.b, record.output_steps, out_index,
                                           grad_outputs)
-            grads = rec.finish_adjoint(grad_outputs[0], error=adv.error if adv else None)
+            store.settle()
+            error = store.error or (adv.error if adv else None)
+            grads = rec.finish_adjoint(grad_outputs[0], error=error)
             ok = True
         finally:
             self._finish(rec, adv, ok)

@@ -294,7 +294,7 @@ class Integrator:
         """The first error recorded by a callback since the last reset."""
         return next((p.error for p in self.parts if p.error is not None), None)
 
-    def _reset_errors(self):
+    def reset_errors(self):
         for p in self.parts:
             p.error = None
 
@@ -324,7 +324,7 @@ class Integrator:
         self.x.stateIncrease()
         run = _Run(t_out, control, self.adaptive, outputs)
         self._run = run
-        self._reset_errors()
+        self.reset_errors()
         if self.rhs is not None:
             self.rhs.store = GraphStore() if (self.adjoint and control.store_graphs) else None
         if self.adaptive:
@@ -402,7 +402,7 @@ class Integrator:
     # ---------------------------------------------------------------- adjoint
     def start_adjoint(self, grad_last):
         """lambda = dL/dy(t_N), mu = 0, before the adjoint steps."""
-        self._reset_errors()
+        self.reset_errors()
         self._adjoint_counts = self._counts()
         self.lam_view.copy_(grad_last)
         self.lam.stateIncrease()

@@ -66,7 +66,8 @@ class DeviceTier(MemoryTier):
 class DiskTier:
     """Checkpoints in one HDF5 file of this rank (created on the first write). With
     keep_files, checkpoints the schedule frees stay in the file (for inspection); the budget
-    counts only those the schedule holds."""
+    counts only those the schedule holds. I/O errors are recorded in `error` (the first one)
+    rather than raised, so that the solve reaches the point where all ranks learn of it."""
 
     name = "disk"
 
@@ -81,6 +82,12 @@ class DiskTier:
         self.bytes = self.peak = self.stored = 0
         self.write_seconds = self.read_seconds = 0.0
         self.hits = self.misses = 0
+        self.error = None
+
+    def _failed(self, exc, what):
+        if self.error is None:
+            self.error = (f"{what} checkpoint file {self.path} failed ({exc}): free disk space "
+                          "or choose another Checkpointing(disk_dir=...)")
 
     def has_room(self, nbytes):
         return self.capacity is None or self.bytes + nbytes <= self.capacity
@@ -115,6 +122,9 @@ class DiskTier:
         del self.file["checkpoints"][h5format.dataset_name(pos)]
 
     # ---------------------------------------------------------------- tier interface
+    def settle(self):
+        self._settle(block_until=0)
+
     def _settle(self, block_until=None):
         """Forget finished writes (re-raising their errors); with block_until, wait until at
         most that many remain in flight."""
@@ -122,7 +132,10 @@ class DiskTier:
             pos, (_, future) = next(iter(self.writes.items()))
             if not future.done() and (block_until is None or len(self.writes) <= block_until):
                 break
-            future.result()
+            try:
+                future.result()
+            except Exception as exc:  # noqa: BLE001 - reported collectively by the run
+                self._failed(exc, "writing")
             del self.writes[pos]
 
     def put(self, pos, state, meta):
@@ -141,30 +154,44 @@ class DiskTier:
             self.reads[pos] = self.worker.submit(self._read, pos)
 
     def get(self, pos):
+        """The checkpoint (NaN if it could not be read: see `error`)."""
         self._settle()
         if pos in self.writes:
             return self.writes[pos][0]
         future = self.reads.pop(pos, None)
         if future is not None:
             self.hits += 1
+        else:
+            self.misses += 1
+            future = self.worker.submit(self._read, pos)
+        try:
             return future.result()
-        self.misses += 1
-        return self.worker.submit(self._read, pos).result()
+        except Exception as exc:  # noqa: BLE001
+            self._failed(exc, "reading")
+            shape = self.root_attributes["local_shape"]
+            return torch.full(tuple(shape), float("nan"), dtype=torch.float64)
 
     def drop(self, pos):
-        if pos in self.writes:
-            self.writes.pop(pos)[1].result()
-        read = self.reads.pop(pos, None)
-        if read is not None:
-            read.result()
+        for future in (self.writes.pop(pos, (None, None))[1], self.reads.pop(pos, None)):
+            if future is not None:
+                try:
+                    future.result()
+                except Exception:  # noqa: BLE001 - recorded at the write; a dropped read is moot
+                    pass
         if not self.keep_files:
             self.worker.submit(self._delete, pos)
         self.bytes -= self.nbytes.pop(pos)
 
+    def _write_times(self, times):
+        try:
+            self._open().create_dataset("step_times", data=times)
+        except Exception as exc:  # noqa: BLE001
+            self._failed(exc, "writing")
+
     def write_step_times(self, times):
+        """The forward's step times, next to the checkpoints (if any were written)."""
         if self.file is not None or self.writes:
-            self.worker.submit(lambda: self._open().create_dataset(
-                "step_times", data=torch.tensor(times, dtype=torch.float64).numpy()))
+            self.worker.submit(self._write_times, torch.tensor(times, dtype=torch.float64).numpy())
 
     def stats(self):
         self._settle()
@@ -180,8 +207,8 @@ class DiskTier:
         if self.file is not None:
             self.file.close()
             self.file = None
-            if not self.keep_files:
-                os.remove(self.path)
+        if not self.keep_files and os.path.isfile(self.path):
+            os.remove(self.path)
         self.bytes = 0
 
 
@@ -224,6 +251,17 @@ class CheckpointStore:
     @property
     def bytes(self):
         return sum(t.bytes for t in self.tiers)
+
+    @property
+    def error(self):
+        """The first I/O error of a tier, as a message, or None."""
+        return next((t.error for t in self.tiers if getattr(t, "error", None)), None)
+
+    def settle(self):
+        """Wait for the writes in flight (their errors land in `error`)."""
+        for tier in self.tiers:
+            if isinstance(tier, DiskTier):
+                tier.settle()
 
     def finish_forward(self, times):
         for tier in self.tiers:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import TimeMLP
-from pnode_dist import Checkpointing, InputError, odeint
+from pnode_dist import Checkpointing, InputError, SolverError, odeint
 from pnode_dist.h5format import describe
 from pnode_dist.schedule import revolve_cost
 
@@ -173,3 +173,13 @@ def test_adaptive_solves_without_or_beyond_a_step_prediction(y0):
         assert stats["steps"] == ref_stats["steps"] > 5
         assert stats["host_bytes_peak"] <= 4 * STATE_BYTES
         assert float((g - ref).abs().max() / ref.abs().max()) <= 1e-14
+
+
+def test_unusable_disk_directory_fails_clearly(tmp_path, y0):
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("")
+    y = y0.clone().requires_grad_(True)
+    policy = Checkpointing(schedule="binomial", slots=3, host_bytes=0,
+                           disk_dir=str(not_a_dir / "ckpt"))
+    with pytest.raises(SolverError, match="choose another Checkpointing"):
+        odeint(TimeMLP(), y, T, method="rk4", options={"step_size": 0.1}, checkpointing=policy)
