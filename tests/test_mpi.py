@@ -17,7 +17,8 @@ def test_n_ranks_equal_one_rank(nranks):
 
 @pytest.mark.parametrize("case,words", [
     ("nan", "NaN"), ("shape", "leading (batch) dimension"), ("times", "t differs between ranks"),
-    ("method", "valid methods are"), ("blowup", "non-finite")])
+    ("method", "valid methods are"), ("blowup", "non-finite"),
+    ("disk", "choose another Checkpointing(disk_dir")])
 def test_bad_input_on_one_rank_raises_on_every_rank(case, words):
     proc = run_mpi(2, HERE / "mpi" / "bad_input.py", case, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
