@@ -47,8 +47,9 @@ def _simulate(n, slots, held, ops):
     return peak, reversed_steps
 
 
-# (steps, slots) -> Griewank-Walther's least number of forward steps t(n, s): a table of
-# published values is reproduced by revolve_cost, and the plans meet it exactly.
+# For a table of (steps, slots), the plans (forward sweep + backward re-runs) take exactly
+# Griewank-Walther's least number of forward steps t(n, s) (revolve_cost, checked above against
+# exhaustive search), keep at most `slots` states and reverse every step once, in order.
 @pytest.mark.parametrize("n,slots", [(1, 1), (2, 1), (10, 1), (10, 2), (10, 3), (20, 3),
                                      (55, 3), (56, 3), (100, 5), (1000, 10), (30, 30),
                                      (7, 50)])
