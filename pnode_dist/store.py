@@ -76,7 +76,7 @@ class DiskTier:
         self.root_attributes, self.method, self.depth = root_attributes, method, depth
         self.file = None
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pnode-disk")
-        self.writes = collections.OrderedDict()   # pos -> (state copy, future) not yet written
+        self.writes = collections.OrderedDict()   # pos -> (state copy, future): recent writes
         self.reads = {}                            # pos -> future of a read-ahead
         self.nbytes = {}                           # pos -> bytes of the stored checkpoint
         self.bytes = self.peak = self.stored = 0
@@ -123,20 +123,18 @@ class DiskTier:
 
     # ---------------------------------------------------------------- tier interface
     def settle(self):
-        self._settle(block_until=0)
+        """Wait for every write in flight (errors land in `error`)."""
+        self._settle(keep=0)
 
-    def _settle(self, block_until=None):
-        """Forget finished writes (re-raising their errors); with block_until, wait until at
-        most that many remain in flight."""
-        while self.writes:
-            pos, (_, future) = next(iter(self.writes.items()))
-            if not future.done() and (block_until is None or len(self.writes) <= block_until):
-                break
+    def _settle(self, keep):
+        """Keep the `keep` most recent written checkpoints in memory too (a backward pass often
+        restores a checkpoint it has just stored); finish and forget the older writes."""
+        while len(self.writes) > keep:
+            _, (_, future) = self.writes.popitem(last=False)
             try:
                 future.result()
             except Exception as exc:  # noqa: BLE001 - reported collectively by the run
                 self._failed(exc, "writing")
-            del self.writes[pos]
 
     def put(self, pos, state, meta):
         copy = state.to("cpu", copy=True)
@@ -147,7 +145,7 @@ class DiskTier:
         self.bytes += copy.nbytes
         self.stored += 1
         self.peak = max(self.peak, self.bytes)
-        self._settle(block_until=self.depth)
+        self._settle(keep=self.depth)
 
     def prefetch(self, pos):
         if pos not in self.writes and pos not in self.reads and len(self.reads) < self.depth:
@@ -155,8 +153,8 @@ class DiskTier:
 
     def get(self, pos):
         """The checkpoint (NaN if it could not be read: see `error`)."""
-        self._settle()
         if pos in self.writes:
+            self.hits += 1
             return self.writes[pos][0]
         future = self.reads.pop(pos, None)
         if future is not None:
@@ -194,7 +192,7 @@ class DiskTier:
             self.worker.submit(self._write_times, torch.tensor(times, dtype=torch.float64).numpy())
 
     def stats(self):
-        self._settle()
+        self.settle()
         return {"disk_bytes_peak": self.peak, "disk_checkpoints": self.stored,
                 "disk_write_seconds": self.write_seconds, "disk_read_seconds": self.read_seconds,
                 "disk_prefetch_hits": self.hits, "disk_prefetch_misses": self.misses}
