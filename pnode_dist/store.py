@@ -170,12 +170,18 @@ class DiskTier:
             return torch.full(tuple(shape), float("nan"), dtype=torch.float64)
 
     def drop(self, pos):
-        for future in (self.writes.pop(pos, (None, None))[1], self.reads.pop(pos, None)):
-            if future is not None:
-                try:
-                    future.result()
-                except Exception:  # noqa: BLE001 - recorded at the write; a dropped read is moot
-                    pass
+        write = self.writes.pop(pos, None)
+        if write is not None:
+            try:
+                write[1].result()
+            except Exception as exc:  # noqa: BLE001
+                self._failed(exc, "writing")
+        read = self.reads.pop(pos, None)
+        if read is not None:
+            try:
+                read.result()
+            except Exception:  # noqa: BLE001 - the checkpoint is no longer needed
+                pass
         if not self.keep_files:
             self.worker.submit(self._delete, pos)
         self.bytes -= self.nbytes.pop(pos)
