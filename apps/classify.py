@@ -25,6 +25,8 @@ import ode_cli  # noqa: E402
 
 import pnode_dist  # noqa: E402
 from pnode_dist import ODEBlock, allreduce_gradients, broadcast_parameters  # noqa: E402
+from pnode_dist import training_state  # noqa: E402
+from pnode_dist.h5format import FileFormatError  # noqa: E402
 from pnode_dist.parallel import MPI  # noqa: E402
 
 
@@ -77,6 +79,12 @@ def parse_args(argv=None):
     p.add_argument("--out", default="runs/classify", help="directory for metrics.json")
     p.add_argument("--quick", action="store_true", help="smoke test: at most 2 epochs of 4 batches from 256 images")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--save-every", type=int, default=0, metavar="K",
+                   help="write the training state every K iterations (and always at the end)")
+    p.add_argument("--resume", default=None, metavar="PATH|auto",
+                   help="continue from a training-state file, or from the newest valid one in "
+                        "the state directory ('auto'; starts fresh if there is none)")
+    p.add_argument("--state-dir", default=None, help="training-state directory (OUT/state)")
     ode_cli.add_checkpoint_arguments(p)
     args, petsc_args = p.parse_known_args(argv)
     bad = [a for a in petsc_args if not a.startswith("-") or a.startswith("--")]
@@ -105,6 +113,27 @@ def evaluate(model, x, y, comm):
             correct += int((logits.argmax(1) == y[i:min(i + 256, hi)]).sum())
     correct, loss = comm.allreduce(correct), comm.allreduce(loss)
     return correct / len(y), loss / len(y)
+
+
+def resume(spec, state_dir, model, opt, schedule, comm):
+    """Load the state `spec` names ('auto': the newest valid file in state_dir, skipping
+    damaged ones; None: nothing); returns its info dict or None."""
+    if spec is None:
+        return None
+    path = spec
+    if spec == "auto":
+        path, skipped = (training_state.latest_valid(state_dir) if comm.Get_rank() == 0
+                         else (None, []))
+        path, skipped = comm.bcast((path, skipped), root=0)
+        if comm.Get_rank() == 0:
+            for bad, why in skipped:
+                print(f"skipping {bad}: {why}", flush=True)
+        if path is None:
+            return None
+    info = training_state.load(path, model=model, optimizer=opt, scheduler=schedule, comm=comm)
+    if comm.Get_rank() == 0:
+        print(f"resumed from {path} (iteration {info['iteration']})", flush=True)
+    return info
 
 
 def main(argv=None):
@@ -145,16 +174,36 @@ def main(argv=None):
         print(f"pnode_dist {pnode_dist.__version__}: {args.dataset} train={len(ytr)} "
               f"test={len(yte)} ranks={size} method={args.method} steps={args.steps or 'adaptive'}",
               flush=True)
-    history = []
+    state_dir = args.state_dir or str(Path(args.out) / "state")
+    progress = {"batch": 0, "total_loss": 0.0, "history": []}
+    start_epoch, iteration = 1, 0
+    try:
+        resumed = resume(args.resume, state_dir, model, opt, schedule, comm)
+    except FileFormatError as exc:
+        if rank == 0:
+            print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if resumed is not None:
+        start_epoch, iteration = resumed["epoch"], resumed["iteration"]
+        progress = resumed["progress"]
+    history = progress["history"]
+
+    def save_state(epoch, batch, total_loss):
+        progress = {"batch": batch, "total_loss": total_loss, "history": history}
+        return training_state.save(state_dir, model=model, optimizer=opt, scheduler=schedule,
+                                   iteration=iteration, epoch=epoch, comm=comm,
+                                   args=vars(args), progress=progress)
+
     t_start = time.perf_counter()
-    for epoch in range(1, args.epochs + 1):
+    for epoch in range(start_epoch, args.epochs + 1):
+        first_batch = progress["batch"] if epoch == start_epoch else 0
         t0 = time.perf_counter()
         perm = torch.randperm(len(ytr), generator=torch.Generator().manual_seed(args.seed + epoch))
-        bar = range(nbatches)
+        bar = range(first_batch, nbatches)
         if rank == 0 and not args.no_progress:
             from tqdm import tqdm
             bar = tqdm(bar, desc=f"epoch {epoch}", leave=False, file=sys.stdout)
-        total_loss = 0.0
+        total_loss = progress["total_loss"] if epoch == start_epoch else 0.0
         model.train()
         for b in bar:
             idx = perm[b * args.batch_size:(b + 1) * args.batch_size]
@@ -168,6 +217,9 @@ def main(argv=None):
             allreduce_gradients(model.outer_parameters())
             opt.step()
             total_loss += comm.allreduce(loss.item())
+            iteration += 1
+            if args.save_every and iteration % args.save_every == 0:
+                save_state(epoch, b + 1, total_loss)
         schedule.step()
         model.eval()
         train_loss = total_loss / nbatches
@@ -180,12 +232,13 @@ def main(argv=None):
                   f"test acc {100 * test_acc:6.2f}%  time {elapsed:6.1f}s", flush=True)
             if args.verbose:
                 print(f"          ODE block: {ode_cli.format_stats(ode_stats)}", flush=True)
+    final_state = save_state(args.epochs + 1, 0, 0.0)
     metrics = {"dataset": args.dataset, "ranks": size, "method": args.method,
                "steps": args.steps, "epochs": args.epochs,
                "final_test_accuracy": history[-1]["test_accuracy"],
                "final_test_loss": history[-1]["test_loss"],
                "total_seconds": time.perf_counter() - t_start, "history": history,
-               "args": vars(args)}
+               "args": vars(args), "training_state": final_state}
     if rank == 0:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)

@@ -12,8 +12,8 @@ One file per rank: serial h5py (no parallel HDF5 build needed), no collective ca
 checkpoint (ranks write when they reach a step, without synchronising), node-local scratch
 disks work; the rank and shape attributes say how the shards form the global state.
 
-Other pnode_dist files (training state) carry their own `format` attribute; `describe` lists
-any of them generically.
+Other pnode_dist files carry their own `format` attribute; `describe` lists any of them
+generically (training states, see training_state.py, also get their checksum verified).
 """
 import datetime
 import os
@@ -21,6 +21,7 @@ import os
 import numpy as np
 
 CHECKPOINT_FORMAT = "pnode_dist.checkpoints"
+TRAINING_STATE_FORMAT = "pnode_dist.training_state"
 FORMAT_VERSION = 1
 FORMAT_PREFIX = "pnode_dist."
 
@@ -95,6 +96,9 @@ def describe(path):
             raise FileFormatError(f"{path}: damaged pnode_dist file ({exc}); it was probably "
                                   "truncated") from None
     info["format"] = fmt
+    if fmt == TRAINING_STATE_FORMAT:
+        from .training_state import verify
+        info["checksum_status"] = verify(path) or "ok"
     return info
 
 

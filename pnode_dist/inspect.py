@@ -40,6 +40,8 @@ def format_text(info):
                              f"{str(r['shape']):>14} {r['norm']:>14.8g} "
                              f"{_human_bytes(r['bytes']):>10}")
     else:
+        if "checksum_status" in info:
+            lines.append(f"  checksum status: {info['checksum_status']}")
         for k, v in a.items():
             if k != "format":
                 lines.append(f"  {k}: {v}")
