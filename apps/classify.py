@@ -6,7 +6,9 @@
 
 Model: conv stem -> ODE block (convolutional right-hand side, solved by PETSc TS, gradients by
 the discrete adjoint) -> linear head. The ODE block's parameter gradients are summed over ranks by
-its backward pass; the stem's and head's by one allreduce. Metrics go to OUT/metrics.json.
+its backward pass; the stem's and head's by one allreduce. Metrics go to OUT/metrics.json,
+training curves to OUT/curves.png (rewritten every epoch), training states to OUT/state
+(--save-every K, --resume auto).
 PETSc options for the block use the prefix 'ode_' (e.g. -ode_ts_rk_type 5bs).
 """
 import argparse
@@ -113,6 +115,25 @@ def evaluate(model, x, y, comm):
             correct += int((logits.argmax(1) == y[i:min(i + 256, hi)]).sum())
     correct, loss = comm.allreduce(correct), comm.allreduce(loss)
     return correct / len(y), loss / len(y)
+
+
+def plot_curves(history, path):
+    """Training and test loss and test accuracy per epoch, rewritten after every epoch."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    epochs = [h["epoch"] for h in history]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(9, 3.5))
+    ax_loss.plot(epochs, [h["train_loss"] for h in history], label="train")
+    ax_loss.plot(epochs, [h["test_loss"] for h in history], label="test")
+    ax_loss.set(xlabel="epoch", ylabel="cross-entropy", yscale="log")
+    ax_loss.legend()
+    ax_acc.plot(epochs, [100 * h["test_accuracy"] for h in history])
+    ax_acc.set(xlabel="epoch", ylabel="test accuracy (%)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
 
 
 def resume(spec, state_dir, model, opt, schedule, comm):
@@ -232,6 +253,7 @@ def main(argv=None):
                   f"test acc {100 * test_acc:6.2f}%  time {elapsed:6.1f}s", flush=True)
             if args.verbose:
                 print(f"          ODE block: {ode_cli.format_stats(ode_stats)}", flush=True)
+            plot_curves(history, Path(args.out) / "curves.png")
     final_state = save_state(args.epochs + 1, 0, 0.0)
     metrics = {"dataset": args.dataset, "ranks": size, "method": args.method,
                "steps": args.steps, "epochs": args.epochs,

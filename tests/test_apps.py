@@ -13,6 +13,7 @@ def test_classify_quick_two_ranks(tmp_path):
     first, last = metrics["history"][0], metrics["history"][-1]
     assert last["test_loss"] < first["test_loss"] < 2.5      # it learns (chance is ln 10 = 2.30)
     assert proc.stdout.count("epoch ") >= 2
+    assert (tmp_path / "curves.png").stat().st_size > 1000
 
 
 def test_classify_reports_missing_dataset(tmp_path):
