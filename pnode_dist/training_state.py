@@ -113,6 +113,8 @@ def _read_optimizer(group):
 def verify(path):
     """None if the file is a complete training state whose checksum matches, else why not."""
     import h5py
+    if not os.path.isfile(path):
+        return "no such file"
     try:
         with h5py.File(path, "r") as f:
             if f.attrs.get("format") != FORMAT:
