@@ -86,8 +86,13 @@ def central_difference(loss, param, idx, eps=1e-6):
     return (up - down) / (2 * eps)
 
 
-def batch_shard(batch, rank, size):
-    """Uneven split of `batch` rows over `size` ranks: (rows per rank, this rank's lo, hi)."""
+def mpi_batch_problem(comm, batch=8):
+    """The global problem the MPI scripts share: `batch` rows split unevenly over the ranks of
+    comm. Returns (rows per rank, this rank's lo, hi, the whole batch y [batch, 3], times t)."""
+    rank, size = comm.Get_rank(), comm.Get_size()
     counts = [batch // size + (1 if r < batch % size else 0) for r in range(size)]
     lo = sum(counts[:rank])
-    return counts, lo, lo + counts[rank]
+    y_all = torch.randn(batch, 3, generator=torch.Generator().manual_seed(7),
+                        dtype=torch.float64)
+    t = torch.tensor([0.0, 0.4, 1.0], dtype=torch.float64)
+    return counts, lo, lo + counts[rank], y_all, t

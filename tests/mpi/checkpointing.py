@@ -9,17 +9,14 @@ import tempfile
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__) + "/..")
-from conftest import TimeMLP, batch_shard  # noqa: E402
+from conftest import TimeMLP, mpi_batch_problem  # noqa: E402
 
 from pnode_dist import Checkpointing, odeint  # noqa: E402
 from pnode_dist.parallel import MPI  # noqa: E402
 
 comm = MPI.COMM_WORLD
 rank, size = comm.Get_rank(), comm.Get_size()
-BATCH = 8
-counts, lo, hi = batch_shard(BATCH, rank, size)
-y_all = torch.randn(BATCH, 3, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
-t = torch.tensor([0.0, 0.4, 1.0], dtype=torch.float64)
+counts, lo, hi, y_all, t = mpi_batch_problem(comm)
 disk = comm.bcast(tempfile.mkdtemp(prefix="pnode-ckpt-") if rank == 0 else None, root=0)
 STATE = 8 * 3 * max(counts)
 POLICIES = {"all": None,

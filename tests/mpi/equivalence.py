@@ -6,17 +6,14 @@ import sys
 import torch
 
 sys.path.insert(0, __import__("os").path.dirname(__file__) + "/..")
-from conftest import TimeMLP, batch_shard  # noqa: E402
+from conftest import TimeMLP, mpi_batch_problem  # noqa: E402
 
 from pnode_dist import IMEX, odeint  # noqa: E402
 from pnode_dist.parallel import MPI  # noqa: E402
 
 comm = MPI.COMM_WORLD
 rank, size = comm.Get_rank(), comm.Get_size()
-BATCH = 8
-counts, lo, hi = batch_shard(BATCH, rank, size)
-y_all = torch.randn(BATCH, 3, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
-t = torch.tensor([0.0, 0.4, 1.0], dtype=torch.float64)
+counts, lo, hi, y_all, t = mpi_batch_problem(comm)
 worst = 0.0
 
 CASES = [("rk4", {"step_size": 0.1}, False), ("euler", {"step_size": 0.1}, False),
