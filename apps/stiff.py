@@ -11,10 +11,12 @@ much time an explicit method (dopri5) needs versus the implicit one for the same
 
     mpiexec -n 2 .venv/bin/python apps/stiff.py            # about a minute
     .venv/bin/python apps/stiff.py --quick                  # smoke test
+
+Outputs in OUT: metrics.json, curves.png (loss per iteration), fit.png, training states in
+OUT/state (--save-every K, --resume auto); SIGTERM/SIGUSR1 save the state and exit with status 75.
+PETSc options of the solve use the prefix 'stiff_' (e.g. -stiff_snes_monitor).
 """
 import argparse
-import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -24,10 +26,12 @@ import torch
 from torch import nn
 
 from pnode_dist import InputError, SolverError, broadcast_parameters, odeint
+from pnode_dist.h5format import FileFormatError
 from pnode_dist.parallel import MPI
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import ode_cli  # noqa: E402
+import workflow  # noqa: E402
 
 RATES = (0.04, 1e4, 3e7)
 SCALE = torch.tensor([1.0, 4e-5, 1.0], dtype=torch.float64)   # typical size of each species
@@ -82,12 +86,6 @@ class LogTimeMLP(nn.Module):
         return self.net(torch.cat([z, tt], dim=-1))
 
 
-def shard(n, rank, size):
-    base, extra = divmod(n, size)
-    lo = rank * base + min(rank, extra)
-    return lo, lo + base + (1 if rank < extra else 0)
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--method", choices=["cn", "beuler"], default="cn")
@@ -98,11 +96,9 @@ def parse_args(argv=None):
     p.add_argument("--iterations", type=int, default=120)
     p.add_argument("--lr", type=float, default=1e-2)
     p.add_argument("--hidden", type=int, default=32, help="width of the MLP")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="runs/stiff")
-    p.add_argument("--quick", action="store_true", help="smoke test: 20 iterations")
     ode_cli.add_checkpoint_arguments(p)
-    args, _ = p.parse_known_args(argv)
+    workflow.add_run_arguments(p, out="runs/stiff")
+    args = workflow.parse_with_petsc_options(p, argv)
     if args.quick:
         args.iterations, args.trajectories = 20, 4
     return args
@@ -148,7 +144,7 @@ def main(argv=None):
     y0s = torch.zeros(args.trajectories, 3, dtype=torch.float64)
     y0s[:, 0] = 1.0 - 0.5 * torch.rand(args.trajectories, generator=gen, dtype=torch.float64)
     y0s[:, 2] = 1.0 - y0s[:, 0]
-    lo, hi = shard(args.trajectories, rank, size)
+    lo, hi = workflow.shard(args.trajectories, rank, size)
     data = reference_data(y0s[lo:hi], times.numpy()) if hi > lo else None
     z_data = data / SCALE
     taus = torch.log(times)
@@ -161,38 +157,54 @@ def main(argv=None):
     try:
         policy = ode_cli.checkpoint_policy(args)
     except InputError as exc:
-        if rank == 0:
-            print(f"error: {exc}", file=sys.stderr)
-        return 2
-    if rank == 0:
-        print(f"Robertson: {args.trajectories} trajectories over {size} ranks, {args.points} "
-              f"log-time points, {args.method} ({args.linear_solver} Newton)", flush=True)
+        return workflow.fail(comm, exc)
+    run = workflow.TrainingRun(args, comm, model, opt, sched)
+    run.say(f"Robertson: {args.trajectories} trajectories over {size} ranks, {args.points} "
+            f"log-time points, {args.method} ({args.linear_solver} Newton)")
+    try:
+        resumed = run.resume()
+    except FileFormatError as exc:
+        return run.fail(exc)
+    start, history = 1, []
+    if resumed is not None:
+        start, history = resumed["iteration"] + 1, resumed["progress"]["history"]
     t0 = time.perf_counter()
-    history = []
-    for it in range(1, args.iterations + 1):
-        opt.zero_grad()
-        stats = {}
-        z = odeint(model, z_data[0], taus, method=args.method, options=opts,
-                   checkpointing=policy, stats=stats)
-        loss = ((z - z_data) ** 2).sum() / (args.trajectories * args.points)
-        loss.backward()
-        opt.step()
-        sched.step()
-        total = comm.allreduce(loss.item())
-        history.append(total)
-        if rank == 0 and (it % max(1, args.iterations // 10) == 0 or it == 1):
-            print(f"iteration {it:4d}  loss {total:.3e}  ({time.perf_counter() - t0:.1f}s)",
-                  flush=True)
-            if args.verbose:
-                print(f"          ODE: {ode_cli.format_stats(stats)}", flush=True)
+    report_every = max(1, args.iterations // 10)
+    with run:
+        try:
+            for it in run.bar(range(start, args.iterations + 1), "training",
+                              total=args.iterations - start + 1):
+                opt.zero_grad()
+                stats = {}
+                z = odeint(model, z_data[0], taus, method=args.method, options=opts,
+                           checkpointing=policy, stats=stats, prefix="stiff_")
+                loss = ((z - z_data) ** 2).sum() / (args.trajectories * args.points)
+                loss.backward()
+                opt.step()
+                sched.step()
+                total = comm.allreduce(loss.item())
+                history.append({"iteration": it, "loss": total})
+                if it % report_every == 0 or it == 1:
+                    run.say(f"iteration {it:4d}  loss {total:.3e}  "
+                            f"({time.perf_counter() - t0:.1f}s)")
+                    if args.verbose:
+                        run.say(f"          ODE: {ode_cli.format_stats(stats)}")
+                    run.plot(history, [("loss (scaled species)", ["loss"], True)], x="iteration")
+                run.after_iteration(it, 1, {"history": history})
+        except workflow.Stopped as stop:
+            return stop.exit_code
+    final_state = run.save(args.iterations, 1, {"history": history})
+    run.plot(history, [("loss (scaled species)", ["loss"], True)], x="iteration")
     with torch.no_grad():
-        z = odeint(model, z_data[0], taus, method=args.method, options=opts)
+        z = odeint(model, z_data[0], taus, method=args.method, options=opts, prefix="stiff_")
         err = comm.allreduce(float((z - z_data).abs().max()), op=MPI.MAX)
-    report = {"final_loss": history[-1], "first_loss": history[0], "max_abs_scaled_error": err,
-              "train_seconds": time.perf_counter() - t0, "ranks": size, "method": args.method}
+    report = {"final_loss": history[-1]["loss"], "first_loss": history[0]["loss"],
+              "max_abs_scaled_error": err, "train_seconds": time.perf_counter() - t0,
+              "ranks": size, "method": args.method, "history": history,
+              "training_state": final_state}
     if rank == 0:
         report["stiffness"] = compare_with_explicit(times, args.method, args.linear_solver)
-        print(f"fit: loss {history[0]:.3e} -> {history[-1]:.3e}, max |error| in scaled species "
+        print(f"fit: loss {report['first_loss']:.3e} -> {report['final_loss']:.3e}, max |error| in scaled species "
               f"{err:.3e}", flush=True)
         cmp = report["stiffness"]
         imp, exp = cmp[args.method], cmp["dopri5"]
@@ -201,10 +213,8 @@ def main(argv=None):
               f"{exp['steps']} steps {exp['seconds']:.3f}s (max scaled error "
               f"{exp['max_scaled_error']:.1e}): {exp['steps'] / imp['steps']:.0f}x the steps, "
               f"{exp['seconds'] / imp['seconds']:.0f}x the time", flush=True)
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "metrics.json").write_text(json.dumps(report, indent=2))
-        _plot(out / "fit.png", times, data, z * SCALE)
+        run.write_metrics(report)
+        _plot(run.out / "fit.png", times, data, z * SCALE)
     return 0
 
 

@@ -10,11 +10,14 @@ Layout (format 'pnode_dist.training_state', one file per save, written by rank 0
   /optimizer attributes     param_groups (JSON)
   /scheduler attributes     state (JSON), when a scheduler is given
   /rng/rank_<r>             torch's CPU generator state of rank r
+  /rng/numpy_rank_<r>       numpy's global MT19937 keys of rank r (position etc. in attributes)
+  /rng attributes           python_rank_<r>: Python's `random` state of rank r (JSON)
 """
 import glob
 import hashlib
 import json
 import os
+import random
 
 import numpy as np
 import torch
@@ -56,7 +59,7 @@ def save(directory, *, model, optimizer, iteration, epoch, comm, scheduler=None,
     returns the file's path. Written to a temporary name, flushed, then renamed, so a crash
     leaves either the previous files or a complete new one; only the newest `keep` remain."""
     import h5py
-    rng_states = comm.gather(torch.get_rng_state().numpy(), root=0)
+    rng_states = comm.gather(_rng_states(), root=0)
     path = None
     if comm.Get_rank() == 0:
         os.makedirs(directory, exist_ok=True)
@@ -74,8 +77,12 @@ def save(directory, *, model, optimizer, iteration, epoch, comm, scheduler=None,
             if scheduler is not None:
                 f.create_group("scheduler").attrs["state"] = json.dumps(scheduler.state_dict())
             g = f.create_group("rng")
-            for r, state in enumerate(rng_states):
-                g.create_dataset(f"rank_{r}", data=state)
+            for r, (torch_state, numpy_state, python_state) in enumerate(rng_states):
+                g.create_dataset(f"rank_{r}", data=torch_state)
+                kind, keys, pos, has_gauss, cached = numpy_state
+                d = g.create_dataset(f"numpy_rank_{r}", data=keys)
+                d.attrs.update(kind=kind, pos=pos, has_gauss=has_gauss, cached_gaussian=cached)
+                g.attrs[f"python_rank_{r}"] = json.dumps(python_state)
             f.attrs["checksum"] = _checksum(f)
             f.flush()
         with open(tmp, "rb") as raw:
@@ -84,6 +91,28 @@ def save(directory, *, model, optimizer, iteration, epoch, comm, scheduler=None,
         for old in sorted(glob.glob(os.path.join(directory, "state-*.h5")))[:-keep]:
             os.remove(old)
     return comm.bcast(path, root=0)
+
+
+def _rng_states():
+    """This rank's torch, numpy (global) and Python `random` generator states."""
+    return torch.get_rng_state().numpy(), np.random.get_state(), random.getstate()
+
+
+def _read_rng(group, rank):
+    numpy_keys = group[f"numpy_rank_{rank}"]
+    a = numpy_keys.attrs
+    version, internal, gauss = json.loads(group.attrs[f"python_rank_{rank}"])
+    return (np.array(group[f"rank_{rank}"][()]),
+            (str(a["kind"]), np.array(numpy_keys[()]), int(a["pos"]), int(a["has_gauss"]),
+             float(a["cached_gaussian"])),
+            (version, tuple(internal), gauss))
+
+
+def _set_rng_states(states):
+    torch_state, numpy_state, python_state = states
+    torch.set_rng_state(torch.from_numpy(torch_state))
+    np.random.set_state(numpy_state)
+    random.setstate(python_state)
 
 
 def _write_optimizer(group, state_dict):
@@ -151,8 +180,7 @@ def load(path, *, model, optimizer, comm, scheduler=None):
                     "optimizer": _read_optimizer(f["optimizer"]),
                     "scheduler": (json.loads(f["scheduler"].attrs["state"])
                                   if "scheduler" in f else None),
-                    "rng": [np.array(f["rng"][f"rank_{r}"][()])
-                            for r in range(int(f.attrs["nranks"]))],
+                    "rng": [_read_rng(f["rng"], r) for r in range(int(f.attrs["nranks"]))],
                     "info": {"iteration": int(f.attrs["iteration"]),
                              "epoch": int(f.attrs["epoch"]),
                              "args": json.loads(f.attrs["args"]),
@@ -171,5 +199,5 @@ def load(path, *, model, optimizer, comm, scheduler=None):
     optimizer.load_state_dict(payload["optimizer"])
     if scheduler is not None and payload["scheduler"] is not None:
         scheduler.load_state_dict(payload["scheduler"])
-    torch.set_rng_state(torch.from_numpy(payload["rng"][comm.Get_rank()]))
+    _set_rng_states(payload["rng"][comm.Get_rank()])
     return payload["info"]

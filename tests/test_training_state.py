@@ -1,5 +1,8 @@
 """Training-state files: exact round trip, checksum, newest-valid selection, pruning."""
+import random
+
 import h5py
+import numpy as np
 import pytest
 import torch
 
@@ -26,11 +29,20 @@ def _trained(seed):
 
 def test_round_trip_is_exact(tmp_path):
     model, opt, sched = _trained(0)
+    np.random.seed(5)
+    np.random.randn()                                      # a cached Gaussian in numpy's state
+    random.gauss(0, 1)
+    state = (torch.get_rng_state(), np.random.get_state(), random.getstate())
     path = training_state.save(tmp_path, model=model, optimizer=opt, scheduler=sched,
                                iteration=3, epoch=1, comm=COMM, args={"lr": 1e-2},
                                progress={"batch": 7})
-    expected_rng = torch.get_rng_state()
+    torch.set_rng_state(state[0])
+    np.random.set_state(state[1])
+    random.setstate(state[2])
+    expected = (torch.rand(3), np.random.rand(3), random.random())   # the next draws
     torch.manual_seed(123)
+    np.random.seed(123)
+    random.seed(123)
     other, other_opt, other_sched = _trained(1)
     info = training_state.load(path, model=other, optimizer=other_opt, scheduler=other_sched,
                                comm=COMM)
@@ -43,7 +55,8 @@ def test_round_trip_is_exact(tmp_path):
             assert torch.equal(value, other_opt.state_dict()["state"][k][key]), key
     assert opt.state_dict()["param_groups"][0]["lr"] == other_opt.param_groups[0]["lr"]
     assert sched.state_dict() == other_sched.state_dict()
-    assert torch.equal(torch.get_rng_state(), expected_rng)
+    assert torch.equal(torch.rand(3), expected[0])
+    assert np.array_equal(np.random.rand(3), expected[1]) and random.random() == expected[2]
     assert describe(path)["checksum_status"] == "ok"
 
 
