@@ -14,7 +14,6 @@ ODE block i reads PETSc options with the prefix 'ode<i>_' (e.g. -ode1_ts_rk_type
     mpiexec -n 2 .venv/bin/python apps/classify.py --blocks 2 --method rk4 dopri5 --steps 4 0
 """
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -138,7 +137,7 @@ def main(argv=None):
     comm = MPI.COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()
     torch.manual_seed(args.seed)
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // size))
+    workflow.set_threads(comm)
     try:
         (xtr, ytr), (xte, yte) = datasets.load(args.dataset, args.seed, args.limit)
         policy = ode_cli.checkpoint_policy(args)

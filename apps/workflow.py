@@ -3,10 +3,12 @@
 errors), training-curve PNGs, the metrics JSON, training-state save/resume, and a clean stop on
 SIGTERM/SIGUSR1 (state saved, exit status 75 so that a job script requeues itself)."""
 import json
+import os
 import sys
 from pathlib import Path
 
 from pnode_dist import training_state
+from pnode_dist.parallel import MPI
 from pnode_dist.preemption import REQUEUE_EXIT_CODE, StopSignals
 
 
@@ -38,6 +40,17 @@ def shard(n, rank, size):
     base, extra = divmod(n, size)
     lo = rank * base + min(rank, extra)
     return lo, lo + base + (1 if rank < extra else 0)
+
+
+def set_threads(comm):
+    """torch threads per rank: OMP_NUM_THREADS when set (job scripts set it from
+    --cpus-per-task), else this node's usable cores shared by the ranks on this node."""
+    import torch
+    if os.environ.get("OMP_NUM_THREADS"):
+        return
+    node = comm.Split_type(MPI.COMM_TYPE_SHARED)
+    torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // node.Get_size()))
+    node.Free()
 
 
 def say(comm, text):

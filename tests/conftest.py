@@ -96,3 +96,36 @@ def mpi_batch_problem(comm, batch=8):
                         dtype=torch.float64)
     t = torch.tensor([0.0, 0.4, 1.0], dtype=torch.float64)
     return counts, lo, lo + counts[rank], y_all, t
+
+
+def state_arrays(path):
+    """Every dataset of a training-state file except the RNG states, as numpy arrays."""
+    import h5py
+    out = {}
+    with h5py.File(path) as f:
+        f.visititems(lambda name, obj: out.__setitem__(name, obj[()])
+                     if hasattr(obj, "dtype") and not name.startswith("rng") else None)
+    return out
+
+
+def assert_same_state(path_a, path_b):
+    """Model and optimizer datasets of two training states are equal bit for bit."""
+    a, b = state_arrays(path_a), state_arrays(path_b)
+    assert a.keys() == b.keys() and any(k.startswith("model/") for k in a)
+    for name in a:
+        assert a[name].tobytes() == b[name].tobytes(), name
+
+
+# A classifier run short enough for tests that stop and resume it (32 iterations).
+RESUME_ARGS = ("--epochs", "2", "--limit", "512", "--batch-size", "32", "--no-progress",
+               "--save-every", "1")
+
+
+@pytest.fixture(scope="session")
+def classify_reference(tmp_path_factory):
+    """Final training state of an uninterrupted classify.py RESUME_ARGS run on 2 ranks."""
+    import json
+    out = tmp_path_factory.mktemp("classify-reference")
+    proc = run_mpi(2, ROOT / "apps" / "classify.py", *RESUME_ARGS, "--out", out, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return json.loads((out / "metrics.json").read_text())["training_state"]

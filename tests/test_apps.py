@@ -1,7 +1,19 @@
-"""The main job's --quick mode under mpiexec -n 2 trains, evaluates and writes its metrics."""
+"""The apps under mpiexec -n 2: --quick modes train, evaluate and write their metrics and
+plots; a killed or signalled run resumes to the uninterrupted run's state, bit for bit."""
 import json
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
-from conftest import ROOT, run_mpi
+import pytest
+
+from conftest import RESUME_ARGS, ROOT, assert_same_state, run_mpi
+from pnode_dist import training_state
 
 
 def test_classify_quick_two_ranks(tmp_path):
@@ -64,55 +76,80 @@ def test_classify_with_disk_checkpoints_trains_identically(tmp_path):
     assert inspect.returncode == 0 and "method rk4" in inspect.stdout, inspect.stderr
 
 
-def _final_arrays(path):
-    """Every dataset of a training-state file except the RNG states, as numpy arrays."""
-    import h5py
-    out = {}
-    with h5py.File(path) as f:
-        f.visititems(lambda name, obj: out.__setitem__(name, obj[()])
-                     if hasattr(obj, "dtype") and not name.startswith("rng") else None)
-    return out
+def _start_classify(out):
+    """classify.py with RESUME_ARGS under mpiexec -n 2, in its own process group."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    return subprocess.Popen(["mpiexec", "-n", "2", sys.executable,
+                             str(ROOT / "apps" / "classify.py"), *RESUME_ARGS, "--out", str(out)],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
 
 
-def test_classify_killed_and_resumed_ends_bitwise_equal(tmp_path):
+def _wait_for_state(out, iteration, proc, timeout=240):
+    path = out / "state" / f"state-{iteration:010d}.h5"
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, "no state file appeared"
+        time.sleep(0.005)
+
+
+def test_classify_killed_and_resumed_ends_bitwise_equal(tmp_path, classify_reference):
     """SIGKILL in the middle of training, damage the newest state file, resume with 'auto':
     the run falls back to the previous good state and ends with the parameters and optimizer
     state of an uninterrupted run, bit for bit."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-    args = ["--epochs", "2", "--limit", "512", "--batch-size", "32", "--no-progress",
-            "--save-every", "1"]
-    whole = run_mpi(2, ROOT / "apps" / "classify.py", *args, "--out", tmp_path / "whole",
-                    timeout=300)
-    assert whole.returncode == 0, whole.stdout + whole.stderr
-    reference = json.loads((tmp_path / "whole" / "metrics.json").read_text())["training_state"]
-
     out = tmp_path / "killed"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    proc = subprocess.Popen(["mpiexec", "-n", "2", sys.executable, str(ROOT / "apps" / "classify.py"),
-                             *args, "--out", str(out)], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    deadline = time.monotonic() + 240
-    while not (out / "state" / "state-0000000005.h5").exists():
-        assert proc.poll() is None and time.monotonic() < deadline, "no state file appeared"
-        time.sleep(0.005)
+    proc = _start_classify(out)
+    _wait_for_state(out, 5, proc)
     os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    proc.communicate()
     assert not (out / "metrics.json").exists(), "the run finished before it was killed"
-    states = sorted((out / "state").glob("state-*.h5"))
-    newest = states[-1]
+    newest = sorted((out / "state").glob("state-*.h5"))[-1]
     newest.write_bytes(newest.read_bytes()[:2000])            # truncated, e.g. a full disk
 
-    resumed = run_mpi(2, ROOT / "apps" / "classify.py", *args, "--out", out, "--resume", "auto",
-                      timeout=300)
+    resumed = run_mpi(2, ROOT / "apps" / "classify.py", *RESUME_ARGS, "--out", out,
+                      "--resume", "auto", timeout=300)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert f"skipping {newest}" in resumed.stdout and "resumed from" in resumed.stdout
-    final = json.loads((out / "metrics.json").read_text())["training_state"]
-    a, b = _final_arrays(reference), _final_arrays(final)
-    assert a.keys() == b.keys() and any(k.startswith("model/") for k in a)
-    for name in a:
-        assert a[name].tobytes() == b[name].tobytes(), name
+    assert_same_state(classify_reference,
+                      json.loads((out / "metrics.json").read_text())["training_state"])
+
+
+@pytest.mark.parametrize("name", ["SIGTERM", "SIGUSR1"])
+def test_stop_signal_saves_state_and_resume_ends_bitwise_equal(tmp_path, classify_reference,
+                                                               name):
+    """SIGTERM/SIGUSR1 to mpiexec (forwarded to every rank): the app saves its state at the next
+    iteration, says so, exits without metrics; --resume auto then ends as the uninterrupted run."""
+    out = tmp_path / "stopped"
+    proc = _start_classify(out)
+    _wait_for_state(out, 3, proc)
+    os.kill(proc.pid, getattr(signal, name))
+    log, _ = proc.communicate(timeout=120)
+    match = re.search(r"stop signal \((\w+)\): state saved to (\S+) at iteration (\d+)", log)
+    assert match and match.group(1) == name, log
+    assert not (out / "metrics.json").exists()
+    assert Path(match.group(2)).name == f"state-{int(match.group(3)):010d}.h5"
+    assert training_state.verify(match.group(2)) is None
+
+    resumed = run_mpi(2, ROOT / "apps" / "classify.py", *RESUME_ARGS, "--out", out,
+                      "--resume", "auto", timeout=300)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert f"resumed from {match.group(2)}" in resumed.stdout
+    assert_same_state(classify_reference,
+                      json.loads((out / "metrics.json").read_text())["training_state"])
+
+
+@pytest.mark.parametrize("data,trace", [("8gaussians", "exact"), ("breast-cancer", "hutchinson")])
+def test_cnf_quick_two_ranks(tmp_path, data, trace):
+    proc = run_mpi(2, ROOT / "apps" / "cnf.py", "--quick", "--no-progress", "--data", data,
+                   "--out", tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["ranks"] == 2 and metrics["trace"] == trace
+    history = metrics["history"]
+    assert len(history) == 2 and history[-1]["test_nll"] < history[0]["test_nll"]
+    dim = metrics["dim"]
+    assert metrics["test_bits_per_dim"] == pytest.approx(
+        metrics["test_nll_nats"] / (dim * math.log(2)))
+    assert (tmp_path / "curves.png").stat().st_size > 1000
+    assert (tmp_path / "density.png").exists() == (dim == 2)
+    assert training_state.verify(metrics["training_state"]) is None

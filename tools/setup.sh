@@ -11,9 +11,11 @@ PINS=$ROOT/requirements.txt
 pin() { grep -E "^$1==" "$PINS" | head -1; }
 say() { echo "[setup] $*"; }
 
-# 1. Debian packages: MPICH, LAPACK/BLAS, patchelf (PETSc's wheel install uses it), and the
-#    Fashion-MNIST data set (IDX files under /usr/share/datasets/fashion-mnist) for the apps.
-DEB_PKGS="mpich libmpich-dev liblapack-dev libblas-dev patchelf dataset-fashion-mnist"
+# 1. Debian packages: MPICH, LAPACK/BLAS, patchelf (PETSc's wheel install uses it), the
+#    Fashion-MNIST data set (IDX files under /usr/share/datasets/fashion-mnist) for the apps, and
+#    SLURM + munge for the job-script tests (they start their own daemons; none is enabled here).
+DEB_PKGS="mpich libmpich-dev liblapack-dev libblas-dev patchelf dataset-fashion-mnist
+          slurmctld slurmd slurm-client munge"
 missing=""
 for p in $DEB_PKGS; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
 if [ -n "$missing" ]; then

@@ -1,0 +1,74 @@
+"""Data for the continuous normalizing flow, all available offline.
+
+2-D toy densities (sampled on the fly from torch's generator, so each rank draws its own batch
+and the training state's RNG states make a resumed run draw the same points):
+  8gaussians    eight Gaussians of std 0.2 centred on a circle of radius 2
+  checkerboard  uniform on the black squares of a 4x4 board over [-2, 2]^2
+  moons         two interleaved half circles with Gaussian noise
+  pinwheel      five curved arms (a radial Gaussian bent by an angle growing with the radius)
+
+Tabular stand-in for FFJORD's tables (POWER, GAS, HEPMASS, MINIBOONE, BSDS300 need downloads):
+  breast-cancer scikit-learn's bundled Wisconsin diagnostic breast-cancer table: 569 rows of 30
+                continuous measurements, the largest real-valued table that ships with
+                scikit-learn. Log-transformed (the measurements are positive and skewed), then
+                standardised with the training split's mean and std, as FFJORD preprocesses its
+                tables; 80/20 train/test split.
+"""
+import math
+
+import numpy as np
+import torch
+
+TOY = ("8gaussians", "checkerboard", "moons", "pinwheel")
+TABULAR = ("breast-cancer",)
+NAMES = TOY + TABULAR
+
+
+def sample_toy(name, n, generator=None, dtype=torch.float64):
+    """n points [n, 2] from the 2-D density `name`."""
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator, dtype=dtype)
+
+    def rand(*shape):
+        return torch.rand(*shape, generator=generator, dtype=dtype)
+
+    if name == "8gaussians":
+        angle = torch.randint(0, 8, (n,), generator=generator).to(dtype) * (math.pi / 4)
+        centres = 2.0 * torch.stack([torch.cos(angle), torch.sin(angle)], dim=1)
+        return centres + 0.2 * randn(n, 2)
+    if name == "checkerboard":
+        x1 = 4.0 * rand(n) - 2.0
+        column = torch.floor(x1 + 2.0)                        # 0..3
+        row = 2.0 * torch.randint(0, 2, (n,), generator=generator).to(dtype)
+        x2 = rand(n) + row + (column % 2) - 2.0                # black squares only
+        return torch.stack([x1, x2], dim=1)
+    if name == "moons":
+        upper = torch.randint(0, 2, (n,), generator=generator).to(dtype)
+        angle = math.pi * rand(n)
+        x = torch.where(upper > 0, torch.cos(angle), 1.0 - torch.cos(angle))
+        y = torch.where(upper > 0, torch.sin(angle), 0.5 - torch.sin(angle))
+        pts = torch.stack([x - 0.5, y - 0.25], dim=1) * 1.6
+        return pts + 0.08 * randn(n, 2)
+    if name == "pinwheel":
+        arms, radial_std, tangential_std, rate = 5, 0.3, 0.1, 0.25
+        arm = torch.randint(0, arms, (n,), generator=generator).to(dtype)
+        r = randn(n) * radial_std + 1.0
+        tangential = randn(n) * tangential_std
+        angle = arm * (2 * math.pi / arms) + rate * torch.exp(r)
+        c, s = torch.cos(angle), torch.sin(angle)
+        return 2.0 * torch.stack([c * r - s * tangential, s * r + c * tangential], dim=1)
+    raise ValueError(f"unknown 2-D density {name!r}: choose one of {', '.join(TOY)}")
+
+
+def load_tabular(name, seed=0, dtype=torch.float64):
+    """(train [N, D], test [M, D]) of the table `name`, preprocessed as described above."""
+    if name != "breast-cancer":
+        raise ValueError(f"unknown table {name!r}: choose one of {', '.join(TABULAR)}")
+    from sklearn.datasets import load_breast_cancer
+    x = np.log(load_breast_cancer().data + 1e-3)
+    perm = np.random.default_rng(seed).permutation(len(x))
+    n_test = int(round(0.2 * len(x)))
+    train, test = x[perm[n_test:]], x[perm[:n_test]]
+    mean, std = train.mean(0), train.std(0)
+    return (torch.as_tensor((train - mean) / std, dtype=dtype),
+            torch.as_tensor((test - mean) / std, dtype=dtype))

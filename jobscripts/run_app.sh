@@ -1,0 +1,61 @@
+#!/bin/bash
+# Launch one pnode_dist app inside a SLURM job; the *.sbatch scripts call it:
+#     jobscripts/run_app.sh APP [app arguments...]
+# - Output, training states and plots go to $PNODE_RUNS/APP-<job id> (PNODE_RUNS defaults to
+#   runs/ in the submit directory). A requeued job keeps its id, so it finds its own states.
+# - Launcher: PNODE_LAUNCHER=srun (default; one task per MPI rank, PMI2) or mpiexec (MPICH's
+#   Hydra, which starts its proxies through SLURM inside the allocation).
+# - Environment: the virtual environment $PNODE_VENV (default .venv in the submit directory).
+# - Stopping early: SIGUSR1 (from `#SBATCH --signal=B:USR1@<seconds>`) or SIGTERM (the time
+#   limit) reaching this script is forwarded to the app, which saves its training state at the
+#   next iteration and exits with status 75. The job then requeues itself (`scontrol requeue`,
+#   needs `#SBATCH --requeue`) and the next start continues with --resume auto.
+set -uo pipefail
+app=${1:?usage: run_app.sh APP [app arguments]}
+shift
+cd "${SLURM_SUBMIT_DIR:?run this inside a SLURM job (sbatch jobscripts/$app.sbatch)}"
+venv=${PNODE_VENV:-$PWD/.venv}
+if [ ! -x "$venv/bin/python" ]; then
+  echo "no Python environment at $venv: run 'make setup' in $PWD or set PNODE_VENV" >&2
+  exit 2
+fi
+source "$venv/bin/activate"
+out=${PNODE_RUNS:-runs}/$app-$SLURM_JOB_ID
+mkdir -p "$out"
+export OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-1}
+case ${PNODE_LAUNCHER:-srun} in
+  srun)    launch=(srun --mpi=pmi2 --kill-on-bad-exit=1) ;;
+  mpiexec) launch=(mpiexec -n "$SLURM_NTASKS") ;;
+  *)       echo "PNODE_LAUNCHER must be srun or mpiexec, not '$PNODE_LAUNCHER'" >&2; exit 2 ;;
+esac
+echo "job $SLURM_JOB_ID (start $(( ${SLURM_RESTART_COUNT:-0} + 1 ))) on $SLURM_JOB_NODELIST:" \
+     "$app with $SLURM_NTASKS ranks via ${launch[0]}, output in $out"
+
+stop_signal=""
+forward_stop() {                 # the app saves its state and exits with status 75
+  stop_signal=$1
+  echo "received SIG$1: asking $app to save its state and stop"
+  kill -USR1 "$app_pid" 2>/dev/null
+}
+trap 'forward_stop USR1' USR1
+trap 'forward_stop TERM' TERM
+
+"${launch[@]}" python "apps/$app.py" --out "$out" --no-progress --resume auto "$@" &
+app_pid=$!
+while :; do                      # `wait` returns early whenever a trapped signal arrives
+  wait "$app_pid"
+  status=$?
+  kill -0 "$app_pid" 2>/dev/null || break
+done
+
+if [ -f "$out/metrics.json" ] && [ "$status" -eq 0 ]; then
+  echo "$app finished: $out/metrics.json"
+  exit 0
+fi
+if [ "$status" -eq 75 ] || [ -n "$stop_signal" ]; then
+  echo "$app stopped before the end (status $status): requeueing job $SLURM_JOB_ID"
+  scontrol requeue "$SLURM_JOB_ID" && exit 0
+  echo "could not requeue (was the job submitted with --requeue?); resubmit with" \
+       "PNODE_RUNS=... and --resume auto to continue from $out/state" >&2
+fi
+exit "$status"
