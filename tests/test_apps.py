@@ -153,3 +153,23 @@ def test_cnf_quick_two_ranks(tmp_path, data, trace):
     assert (tmp_path / "curves.png").stat().st_size > 1000
     assert (tmp_path / "density.png").exists() == (dim == 2)
     assert training_state.verify(metrics["training_state"]) is None
+
+
+def test_classify_two_blocks_take_their_own_method_and_options(tmp_path):
+    """--blocks 2: block 1 fixed-step rk4, block 2 adaptive dopri5; a PETSc option with block
+    2's prefix (a maximum step of 0.05) changes block 2's solve only."""
+    args = ["--quick", "--no-progress", "--epochs", "1", "--blocks", "2", "--method", "rk4",
+            "dopri5", "--steps", "4", "0", "--verbose"]
+    steps = {}
+    for name, extra in (("free", []), ("limited", ["-ode2_ts_adapt_dt_max", "0.05"])):
+        proc = run_mpi(2, ROOT / "apps" / "classify.py", *args, "--out", tmp_path / name, *extra,
+                       timeout=300)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        steps[name] = [int(n) for n in re.findall(r"ODE block \d: steps=(\d+) ", proc.stdout)]
+    assert steps["free"][0] == steps["limited"][0] == 4
+    assert steps["free"][1] < 20 <= steps["limited"][1]
+    metrics = json.loads((tmp_path / "free" / "metrics.json").read_text())
+    assert metrics["method"] == ["rk4", "dopri5"] and metrics["steps"] == [4, 0]
+    bad = run_mpi(1, ROOT / "apps" / "classify.py", "--blocks", "2", "--steps", "1", "2", "3",
+                  timeout=60)
+    assert bad.returncode == 2 and "one per block" in bad.stderr
