@@ -225,12 +225,13 @@ def main(argv=None):
         resumed = run.resume()
     except FileFormatError as exc:
         return run.fail(exc)
-    start, history = 1, []
+    start, history, window = 1, [], []       # window: training losses since the last evaluation
     if resumed is not None:
-        start, history = resumed["iteration"] + 1, resumed["progress"]["history"]
+        start = resumed["iteration"] + 1
+        history, window = resumed["progress"]["history"], resumed["progress"]["window"]
     sample = Sampler(args, train)
     lo, hi = workflow.shard(args.batch_size, rank, size)
-    t_start, t_eval, window = time.perf_counter(), time.perf_counter(), []
+    t_start, t_eval = time.perf_counter(), time.perf_counter()
     with run:
         try:
             for it in run.bar(range(start, args.iterations + 1), "training",
@@ -257,10 +258,10 @@ def main(argv=None):
                     run.plot(history, [("negative log-likelihood (nats)",
                                         ["train_nll", "test_nll"], False)], x="iteration")
                     t_eval, window = time.perf_counter(), []
-                run.after_iteration(it, 1, {"history": history})
+                run.after_iteration(it, 1, {"history": history, "window": window})
         except workflow.Stopped as stop:
             return stop.exit_code
-    final_state = run.save(args.iterations, 1, {"history": history})
+    final_state = run.save(args.iterations, 1, {"history": history, "window": window})
     nll = history[-1]["test_nll"] if history else test_nll(model, test, comm)
     if dim == 2:
         plot_density(model, test, run.out / "density.png", comm)

@@ -173,3 +173,39 @@ def test_classify_two_blocks_take_their_own_method_and_options(tmp_path):
     bad = run_mpi(1, ROOT / "apps" / "classify.py", "--blocks", "2", "--steps", "1", "2", "3",
                   timeout=60)
     assert bad.returncode == 2 and "one per block" in bad.stderr
+
+
+def test_cnf_stopped_and_resumed_ends_bitwise_equal(tmp_path):
+    """The CNF draws its batches and Hutchinson noise on each rank from that rank's generator:
+    a run stopped by SIGUSR1 and resumed restores every rank's RNG and ends bit-identical."""
+    args = ["--quick", "--no-progress", "--data", "pinwheel", "--trace", "hutchinson",
+            "--save-every", "1"]
+    whole = run_mpi(2, ROOT / "apps" / "cnf.py", *args, "--out", tmp_path / "whole", timeout=300)
+    assert whole.returncode == 0, whole.stdout + whole.stderr
+    out = tmp_path / "stopped"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen(["mpiexec", "-n", "2", sys.executable, str(ROOT / "apps" / "cnf.py"),
+                             *args, "--out", str(out)], cwd=ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    _wait_for_state(out, 8, proc)
+    os.kill(proc.pid, signal.SIGUSR1)
+    log, _ = proc.communicate(timeout=120)
+    assert "stop signal (SIGUSR1)" in log and not (out / "metrics.json").exists(), log
+    resumed = run_mpi(2, ROOT / "apps" / "cnf.py", *args, "--out", out, "--resume", "auto",
+                      timeout=300)
+    assert resumed.returncode == 0 and "resumed from" in resumed.stdout, resumed.stderr
+    final = [json.loads((d / "metrics.json").read_text()) for d in (tmp_path / "whole", out)]
+    assert_same_state(final[0]["training_state"], final[1]["training_state"])
+    assert final[0]["history"] == [{**h, "seconds": final[0]["history"][i]["seconds"]}
+                                   for i, h in enumerate(final[1]["history"])]
+
+
+@pytest.mark.parametrize("dataset", ["fashion-mnist", "mnist5k"])
+def test_classify_real_datasets_quick(tmp_path, dataset):
+    proc = run_mpi(2, ROOT / "apps" / "classify.py", "--quick", "--no-progress", "--dataset",
+                   dataset, "--epochs", "1", "--out", tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["dataset"] == dataset and 0.0 <= metrics["final_test_accuracy"] <= 1.0
+    assert "train=256" in proc.stdout and ("test=10000" in proc.stdout) == (dataset == "fashion-mnist")
