@@ -6,10 +6,11 @@
 from .api import IMEX, ODEBlock, odeint
 from .checkpointing import Checkpointing
 from .errors import InputError, PnodeError, SolverError
+from .grid import Grid
 from .methods import METHODS
 from .parallel import allreduce_gradients, broadcast_parameters
 
 __version__ = "0.1.0"
-__all__ = ["odeint", "ODEBlock", "IMEX", "Checkpointing", "METHODS", "PnodeError", "InputError",
+__all__ = ["odeint", "ODEBlock", "IMEX", "Checkpointing", "Grid", "METHODS", "PnodeError", "InputError",
            "SolverError",
            "allreduce_gradients", "broadcast_parameters", "__version__"]

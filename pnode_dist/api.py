@@ -1,5 +1,6 @@
 """Public API: odeint (torchdiffeq's signature) and ODEBlock, with argument checking whose
 errors say what to do. Every check is collective: a bad argument on one rank raises on all."""
+import atexit
 import collections
 import math
 from types import SimpleNamespace
@@ -10,6 +11,7 @@ from torch import nn
 from .adjoint import OdeintFunction
 from .checkpointing import Checkpointing
 from .errors import InputError
+from .grid import Grid, GridLayout
 from .layout import BatchLayout
 from .methods import ARKIMEX_ORDERS, EXPLICIT, IMEX as IMEX_KIND, IMPLICIT, get_method
 from .options import freeze
@@ -38,6 +40,16 @@ _CACHE_SIZE = 32
 # an id cannot be reused by another object while its entry lives; the bound keeps PETSc objects
 # of models that are gone from piling up.
 _solvers = collections.OrderedDict()
+
+
+@atexit.register
+def _close_grid_solvers():
+    """Solvers on a DMDA are freed before PETSc finalizes (registered after petsc4py's exit
+    handler, so this runs first), or MPICH reports the halo scatters' datatypes as leaked."""
+    for key, solver in list(_solvers.items()):
+        if isinstance(solver.layout, GridLayout):
+            solver.close()
+            del _solvers[key]
 
 
 def _times(t):
@@ -174,7 +186,8 @@ def _policy(checkpointing):
 
 
 def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, comm=None,
-           prefix=None, petsc_options=None, store_graphs=False, checkpointing=None, stats=None):
+           prefix=None, petsc_options=None, store_graphs=False, checkpointing=None, stats=None,
+           grid=None):
     """Solve dy/dt = func(t, y) from y(t[0]) = y0; returns y at every time of t,
     shape [len(t), *y0.shape]. Same signature and meaning as torchdiffeq.odeint, plus:
 
@@ -193,13 +206,21 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, comm
     checkpointing: a pnode_dist.Checkpointing policy bounding the memory the forward states
                    take (schedule, slots, byte budgets per tier, disk directory); by default
                    every step is kept in memory.
+    grid:          a pnode_dist.Grid: y0 is this rank's patch of a field on a DMDA-distributed
+                   grid (instead of a batch shard), func is written for whole fields and
+                   evaluated on patches with halos (see pnode_dist.grid).
     stats:         a dict that receives this rank's counts: steps, newton_iterations,
                    linear_iterations, f_evaluations, jvps, vjps... of the forward solve,
                    adjoint_* counts once the backward pass ran, and with checkpointing the
                    schedule, recomputed_steps, bytes per tier, disk read/write seconds.
     The solver state is float64; a float32 func is evaluated in float32.
     """
-    comm = resolve_comm(comm)
+    if grid is not None:             # the same on every rank: raised directly
+        if not isinstance(grid, Grid):
+            raise InputError(f"grid must be a pnode_dist.Grid; got {type(grid).__name__}")
+        if comm is not None:
+            raise InputError("pass either comm or grid (the grid has its communicator), not both")
+    comm = resolve_comm(comm) if grid is None else grid.comm
     error, signature, method_obj, control, t_out, frozen = None, None, None, None, None, ()
     setup = None
     try:
@@ -216,6 +237,8 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, comm
                              f"got {prefix!r}")
         params = _parameters(func, y0)
         policy = _policy(checkpointing)
+        if grid is not None:
+            _check_grid(grid, func, y0, method_obj, setup)
     except InputError as exc:
         error = str(exc)
     if error is None:
@@ -224,26 +247,45 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, comm
                      "checkpointing": (policy.schedule, policy.slots, policy.host_bytes,
                                        policy.device_bytes, policy.disk_bytes,
                                        policy.disk_dir is None),
-                     "the shape of y0 after its leading dimension": tuple(y0.shape[1:]),
+                     "the shape of y0 after its leading dimension": tuple(y0.shape[1:])
+                     if grid is None else grid.global_shape,
                      "the dtype of y0": str(y0.dtype)}
     shapes = raise_collectively(comm, error, InputError, same=signature,
                                 share=tuple(y0.shape) if error is None else None)
-    layout = BatchLayout(comm, y0.shape, shapes)
     adaptive = method_obj.adaptive and control.step_size is None
-    solver = _solver(func, layout, method_obj, adaptive, prefix, frozen, params, y0.dtype, setup)
+    if grid is None:
+        layout, solved_func, y_start = BatchLayout(comm, y0.shape, shapes), func, y0
+    else:
+        layout, solved_func, y_start = grid.layout, grid.wrap(func), grid.to_vec_order(y0)
+    solver = _solver(solved_func, layout, method_obj, adaptive, prefix, frozen, params, y0.dtype,
+                     setup)
     problem = SimpleNamespace(params=params, t_out=t_out, control=control, stats=stats,
                               new_run=lambda: new_run(solver, policy, t_out, control))
     needs_grad = torch.is_grad_enabled() and (y0.requires_grad or any(p.requires_grad for p in params))
     if needs_grad:
-        return OdeintFunction.apply(problem, y0, *params)
-    integrator = solver.acquire(adjoint=False)
-    try:
-        outputs, _ = integrator.forward(y0.detach(), t_out, control)
-    finally:
-        solver.release(integrator)
-        if stats is not None:
-            stats.update(integrator.stats)
-    return outputs.to(y0.dtype)
+        outputs = OdeintFunction.apply(problem, y_start, *params)
+    else:
+        integrator = solver.acquire(adjoint=False)
+        try:
+            outputs, _ = integrator.forward(y_start.detach(), t_out, control)
+        finally:
+            solver.release(integrator)
+            if stats is not None:
+                stats.update(integrator.stats)
+        outputs = outputs.to(y0.dtype)
+    return outputs if grid is None else grid.from_vec_order(outputs)
+
+
+def _check_grid(grid, func, y0, method, setup):
+    """A grid solve's extra conditions (InputError on the rank where one fails)."""
+    if tuple(y0.shape) != grid.local_shape:
+        raise InputError(f"with a grid, y0 is this rank's patch of shape {grid.local_shape} (of "
+                         f"the field {grid.global_shape}); got {tuple(y0.shape)}: use "
+                         "grid.scatter(field)")
+    if method.kind == IMEX_KIND or setup.linear_solver == "exact" or setup.mass is not None:
+        raise InputError("on a grid, implicit methods use the matrix-free GMRES Newton "
+                         "(linear_solver='gmres', no mass matrix); arkimex is not supported yet")
+    grid.check_receptive_field(func, y0.dtype)
 
 
 class ODEBlock(nn.Module):
@@ -253,13 +295,13 @@ class ODEBlock(nn.Module):
 
     def __init__(self, func, t=(0.0, 1.0), *, method=None, rtol=1e-7, atol=1e-9, options=None,
                  comm=None, prefix=None, petsc_options=None, store_graphs=False,
-                 checkpointing=None, return_all=False):
+                 checkpointing=None, return_all=False, grid=None):
         super().__init__()
         self.func = func
         self.register_buffer("t", torch.as_tensor(t, dtype=torch.float64), persistent=False)
         self.kwargs = dict(method=method, rtol=rtol, atol=atol, options=options, comm=comm,
                            prefix=prefix, petsc_options=petsc_options, store_graphs=store_graphs,
-                           checkpointing=checkpointing)
+                           checkpointing=checkpointing, grid=grid)
         self.return_all = return_all
         self.stats = {}              # this rank's statistics of the last solve (see odeint)
 

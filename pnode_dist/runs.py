@@ -94,9 +94,8 @@ def make_store(solver, policy, state_bytes):
             name = (solver.prefix or "ode").rstrip("_") or "ode"
             path = h5format.checkpoint_file_name(policy.disk_dir, name, solver.file_tag(),
                                                  solver.solves, layout.rank, layout.nranks)
-            global_shape = (sum(s[0] for s in layout.all_local_shapes),) + layout.local_shape[1:]
             attrs = dict(rank=layout.rank, nranks=layout.nranks, method=solver.method.name,
-                         local_shape=layout.local_shape, global_shape=global_shape,
+                         local_shape=layout.local_shape, global_shape=layout.global_shape,
                          dtype=str(solver.dtype).replace("torch.", ""))
             tiers.append(DiskTier(path, capacity, attrs, solver.method.name, policy.prefetch,
                                   policy.keep_files))

@@ -456,13 +456,13 @@ class Integrator:
         """Free the TS now: it holds callbacks that refer back to this object, a cycle the
         garbage collector would otherwise free in an order PETSc does not survive.
 
-        A TS whose memory trajectory recorded re-run segments is kept alive instead: with
-        PETSc 3.26, destroying such a trajectory crashed (TSTHETA segments of adaptive step
-        sizes, seen in VecDestroy under TSTrajectoryDestroy) although every adjoint was
-        correct. It holds at most one segment's states."""
+        A TSTHETA whose memory trajectory recorded re-run segments is kept alive instead:
+        with PETSc 3.26, destroying such a trajectory crashed (segments of adaptive step sizes,
+        seen in VecDestroy under TSTrajectoryDestroy) although every adjoint was correct. It
+        holds at most one segment's states."""
         if self.ts is None:
             return
-        if self.adjoint and self.replayed:
+        if self.adjoint and self.replayed and self.method.name in _THETA_TYPES:
             _keep_forever(self)
             return
         for p in self.parts:

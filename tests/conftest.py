@@ -129,3 +129,34 @@ def classify_reference(tmp_path_factory):
     proc = run_mpi(2, ROOT / "apps" / "classify.py", *RESUME_ARGS, "--out", out, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return json.loads((out / "metrics.json").read_text())["training_state"]
+
+
+class ConvField(nn.Module):
+    """A field right-hand side dy/dt = conv(tanh(conv(y) + t)) on 1-D/2-D/3-D grids: 3-wide
+    kernels twice, so a receptive-field radius of 2; zero or circular padding."""
+
+    def __init__(self, ndim, channels, periodic, seed):
+        super().__init__()
+        torch.manual_seed(seed)
+        mode = "circular" if periodic else "zeros"
+        conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[ndim]
+        self.a = conv(channels, 4, 3, padding=1, padding_mode=mode, dtype=torch.float64)
+        self.b = conv(4, channels, 3, padding=1, padding_mode=mode, dtype=torch.float64)
+
+    def forward(self, t, y):
+        return self.b(torch.tanh(self.a(y) + t))
+
+
+class Extended(nn.Module):
+    """The one-rank meaning of a grid solve: func on the field extended by `halo` cells (zeros,
+    or the wrapped-around field when periodic), interior kept."""
+
+    def __init__(self, func, ndim, halo, periodic):
+        super().__init__()
+        self.func, self.ndim, self.halo, self.periodic = func, ndim, halo, periodic
+
+    def forward(self, t, y):
+        h = self.halo
+        padded = nn.functional.pad(y, (h, h) * self.ndim,
+                                   mode="circular" if self.periodic else "constant")
+        return self.func(t, padded)[(Ellipsis,) + (slice(h, -h),) * self.ndim]

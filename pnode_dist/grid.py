@@ -1,0 +1,270 @@
+"""A state that is a field on a structured 1-D/2-D/3-D grid, split over ranks by a PETSc DMDA.
+
+    grid = Grid((64, 64), channels=2, periodic=True, halo=2)      # collective
+    patch = grid.scatter(field)            # this rank's [C, h, w] part of a [C, 64, 64] field
+    ys = odeint(func, patch, t, grid=grid) # func written for whole fields, evaluated per patch
+
+Each rank evaluates `func` on its patch plus `halo` cells of its neighbours' data (a DMDA
+global-to-local scatter; zeros beyond a non-periodic boundary, the wrapped-around data across a
+periodic one) and keeps the interior of the result. This equals func on the whole field when
+every output cell depends on inputs at most `halo` cells away (its receptive field, checked on
+first use) and func treats the boundary by zero padding (non-periodic) or circular padding
+(periodic). The adjoint of the exchange is the reverse scatter with addition, so gradients
+with respect to the field and to func's (shared) parameters equal the one-rank gradients.
+
+Torch shapes: fields are [C, *spatial] or [B, C, *spatial] (the batch kept whole on every rank);
+spatial dimensions in torch order (z, y, x). The PETSc Vec stores a patch as (*spatial, B*C)
+with the B*C values of one cell contiguous (DMDA's interleaved degrees of freedom); the solver
+sees that "vec order", and odeint converts at entry and exit.
+"""
+import atexit
+import math
+import weakref
+
+import torch
+from torch import nn
+
+from .errors import InputError
+from .layout import Layout
+from .parallel import MPI, PETSc, resolve_comm
+
+
+class Grid:
+    """A DMDA over `shape` (torch order, 1 to 3 dimensions) with `channels` values per cell
+    (times `batch` if given), `halo` ghost cells per side (box stencil), periodic or not per
+    dimension. `proc_sizes` (torch order) fixes the process grid; by default PETSc picks one."""
+
+    def __init__(self, shape, channels, *, batch=None, periodic=False, halo=1, comm=None,
+                 proc_sizes=None):
+        self.comm = resolve_comm(comm)
+        shape = tuple(int(n) for n in shape)
+        if not 1 <= len(shape) <= 3 or min(shape) < 1:
+            raise InputError(f"grid shape must have 1 to 3 positive sizes; got {shape}")
+        if not isinstance(halo, int) or halo < 0:
+            raise InputError(f"halo must be a non-negative integer (cells per side); got {halo!r}")
+        periodic = (periodic,) * len(shape) if isinstance(periodic, bool) else tuple(periodic)
+        if len(periodic) != len(shape):
+            raise InputError(f"periodic needs one flag per grid dimension ({len(shape)}); got "
+                             f"{periodic}")
+        self.shape, self.channels, self.batch = shape, int(channels), batch
+        self.halo, self.periodic, self.ndim = halo, periodic, len(shape)
+        self.dof = self.channels * (batch or 1)
+        bt = [PETSc.DM.BoundaryType.PERIODIC if p else PETSc.DM.BoundaryType.GHOSTED
+              for p in periodic]
+        self.proc_sizes = self._split(proc_sizes)
+        self.da = PETSc.DMDA().create(dim=self.ndim, dof=self.dof, sizes=shape[::-1],
+                                      boundary_type=tuple(bt[::-1]),
+                                      stencil_type=PETSc.DMDA.StencilType.BOX,
+                                      stencil_width=halo, proc_sizes=self.proc_sizes[::-1],
+                                      comm=self.comm, setup=True)
+        starts, sizes = self.da.getCorners()
+        self.local_start = tuple(starts[::-1])[:self.ndim]
+        self.local_spatial = tuple(sizes[::-1])[:self.ndim]
+        self.ghost_spatial = tuple(n + 2 * halo for n in self.local_spatial)
+        lead = (self.channels,) if batch is None else (batch, self.channels)
+        self.local_shape = lead + self.local_spatial           # torch shape of this rank's patch
+        self.global_shape = lead + self.shape
+        self.vec_shape = self.local_spatial + (self.dof,)      # the solver's view of the patch
+        self.layout = GridLayout(self)
+        self._gvec = self.da.createGlobalVec()
+        self._lvec = self.da.createLocalVec()
+        self._wrapped = {}
+        self._checked = set()
+        _live.add(self)
+
+    def _split(self, proc_sizes):
+        """Ranks per grid dimension (torch order): given, or the most even factorisation with
+        the most parts along the longest dimensions. Every patch must be at least `halo` cells
+        wide (a halo must not reach past the nearest neighbour)."""
+        nranks = self.comm.getSize()
+        if proc_sizes is None:
+            factors = sorted(MPI.Compute_dims(nranks, self.ndim), reverse=True)
+            order = sorted(range(self.ndim), key=lambda d: -self.shape[d])
+            proc_sizes = [1] * self.ndim
+            for d, f in zip(order, factors):
+                proc_sizes[d] = f
+        proc_sizes = tuple(int(p) for p in proc_sizes)
+        if len(proc_sizes) != self.ndim or math.prod(proc_sizes) != nranks:
+            raise InputError(f"proc_sizes {proc_sizes} must have one entry per grid dimension "
+                             f"and multiply to the {nranks} ranks")
+        for n, p in zip(self.shape, proc_sizes):
+            if n // p < max(self.halo, 1):
+                raise InputError(f"splitting {n} cells over {p} ranks gives patches of "
+                                 f"{n // p} cells, narrower than halo={self.halo}: use fewer "
+                                 "ranks, other proc_sizes or a larger grid")
+        return proc_sizes
+
+    def destroy(self):
+        """Free the DMDA and its work Vecs (also done for every live Grid at exit, before
+        PETSc finalizes)."""
+        for obj in (self._gvec, self._lvec, self.da):
+            obj.destroy()
+        _live.discard(self)
+
+    # -------------------------------------------------------------- fields <-> patches
+    def patch_slices(self):
+        """This rank's index ranges into a global field (torch order, spatial dims only)."""
+        return tuple(slice(s, s + n) for s, n in zip(self.local_start, self.local_spatial))
+
+    def scatter(self, field):
+        """This rank's patch of a whole field every rank holds (a view)."""
+        if tuple(field.shape) != self.global_shape:
+            raise InputError(f"field must have the grid's global shape {self.global_shape}; got "
+                             f"{tuple(field.shape)}")
+        lead = (slice(None),) * (field.dim() - self.ndim)
+        return field[lead + self.patch_slices()]
+
+    def gather(self, patch, root=0):
+        """The whole field on `root` (None elsewhere); collective."""
+        mpi = self.comm.tompi4py()
+        parts = mpi.gather((self.patch_slices(), patch.detach().cpu()), root=root)
+        if mpi.Get_rank() != root:
+            return None
+        field = torch.empty(patch.shape[:patch.dim() - self.ndim] + self.shape, dtype=patch.dtype)
+        lead = (slice(None),) * (patch.dim() - self.ndim)
+        for slices, part in parts:
+            field[lead + slices] = part
+        return field
+
+    def to_vec_order(self, field):
+        """[B?, C, *local] -> (*local, B*C), differentiable (a permuted copy)."""
+        lead = field.dim() - self.ndim
+        perm = tuple(range(lead, field.dim())) + tuple(range(lead))
+        return field.permute(perm).reshape(self.vec_shape_of(field.shape[lead:]))
+
+    def vec_shape_of(self, spatial):
+        return tuple(spatial) + (self.dof,)
+
+    def from_vec_order(self, v, spatial=None):
+        """(..., *spatial, B*C) -> (..., [B,] C, *spatial): the inverse of to_vec_order, with any
+        leading dimensions (such as output times) kept in front."""
+        spatial = tuple(spatial or self.local_spatial)
+        front = v.dim() - self.ndim - 1
+        lead = (self.channels,) if self.batch is None else (self.batch, self.channels)
+        v = v.reshape(v.shape[:front] + spatial + lead)
+        k = len(lead)
+        perm = (tuple(range(front)) + tuple(range(front + self.ndim, front + self.ndim + k))
+                + tuple(range(front, front + self.ndim)))
+        return v.permute(perm)
+
+    # -------------------------------------------------------------- func on patches
+    def wrap(self, func):
+        """The module the solver evaluates: func on patch + halo, interior kept (cached)."""
+        entry = self._wrapped.get(id(func))
+        if entry is None:
+            entry = PatchFunc(func, self)
+            self._wrapped[id(func)] = entry
+        return entry
+
+    def check_receptive_field(self, func, dtype):
+        """InputError (the same on every rank: purely local) if func's output at a cell depends
+        on inputs more than `halo` cells away, probed by the gradient of one output cell."""
+        if id(func) in self._checked:
+            return
+        reach = self.halo + 2
+        n = 2 * reach + 1
+        lead = (self.channels,) if self.batch is None else (1, self.channels)
+        gen = torch.Generator().manual_seed(0)
+        x = (0.5 * torch.randn(lead + (n,) * self.ndim, generator=gen, dtype=torch.float64))
+        x = x.to(dtype).requires_grad_(True)
+        with torch.enable_grad():
+            out = func(torch.zeros((), dtype=dtype), x)
+            if not isinstance(out, torch.Tensor) or out.shape != x.shape:
+                return            # the solver reports a wrongly shaped output itself
+            centre = (Ellipsis,) + (reach,) * self.ndim
+            (grad,) = torch.autograd.grad(out[centre].sum(), x, allow_unused=True)
+        if grad is not None:
+            support = grad.abs().sum(dim=tuple(range(len(lead)))).nonzero()
+            radius = int((support - reach).abs().max()) if len(support) else 0
+            if radius > self.halo:
+                more = "or more " if radius >= reach else ""
+                raise InputError(f"func reads cells {radius} {more}cells away but the grid's "
+                                 f"halo is {self.halo}: create the Grid with halo={radius} "
+                                 "(the receptive-field radius of func)")
+        self._checked.add(id(func))
+
+
+_live = weakref.WeakSet()
+
+
+@atexit.register
+def _destroy_live_grids():
+    """Registered after petsc4py's own exit handler, so it runs first."""
+    for grid in list(_live):
+        grid.destroy()
+
+
+class PatchFunc(nn.Module):
+    """f on a patch in vec order: halo exchange, func on the padded field, interior kept."""
+
+    def __init__(self, func, grid):
+        super().__init__()
+        self.func, self.grid = func, grid
+
+    def forward(self, t, y):
+        g = self.grid
+        padded = HaloExchange.apply(g, y)
+        out = self.func(t, g.from_vec_order(padded, g.ghost_spatial))
+        expected = g.local_shape[:-g.ndim] + g.ghost_spatial
+        if not isinstance(out, torch.Tensor) or tuple(out.shape) != expected:
+            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise InputError(f"func(t, y) returned {got} for a field of shape {expected}: the "
+                             "right-hand side must return a tensor shaped like y")
+        h = g.halo
+        interior = (Ellipsis,) + tuple(slice(h, h + n) for n in g.local_spatial)
+        return g.to_vec_order(out[interior])
+
+
+def _array(vec, shape):
+    return torch.from_numpy(vec.getArray()).view(shape)
+
+
+class HaloExchange(torch.autograd.Function):
+    """(*local, dof) -> (*local + 2 halo, dof): owned values plus neighbours' halo cells."""
+
+    @staticmethod
+    def forward(ctx, grid, y):
+        ctx.grid = grid
+        _array(grid._gvec, grid.vec_shape).copy_(y.detach())
+        grid._lvec.zeroEntries()
+        grid.da.globalToLocal(grid._gvec, grid._lvec)
+        return _array(grid._lvec, grid.ghost_spatial + (grid.dof,)).to(y.dtype, copy=True)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None, HaloAdd.apply(ctx.grid, grad)
+
+
+class HaloAdd(torch.autograd.Function):
+    """The adjoint of HaloExchange: each halo value is added back to the rank that owns it."""
+
+    @staticmethod
+    def forward(ctx, grid, padded):
+        ctx.grid = grid
+        _array(grid._lvec, grid.ghost_spatial + (grid.dof,)).copy_(padded.detach())
+        grid._gvec.zeroEntries()
+        grid.da.localToGlobal(grid._lvec, grid._gvec, addv=PETSc.InsertMode.ADD_VALUES)
+        return _array(grid._gvec, grid.vec_shape).to(padded.dtype, copy=True)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None, HaloExchange.apply(ctx.grid, grad)
+
+
+class GridLayout(Layout):
+    """The Layout of a DMDA-distributed field: the DMDA's global Vec, patches in vec order."""
+
+    def __init__(self, grid):
+        super().__init__(grid.comm, grid.vec_shape)
+        self.grid = grid
+        self.global_size = math.prod(grid.shape) * grid.dof
+        self.global_shape = grid.global_shape
+        self.all_local_shapes = tuple(tuple(s) for s in
+                                      self.comm.tompi4py().allgather(self.local_shape))
+
+    @property
+    def key(self):
+        return ("grid", id(self.grid))
+
+    def create_state_vec(self):
+        return self.grid.da.createGlobalVec()
