@@ -209,3 +209,14 @@ def test_classify_real_datasets_quick(tmp_path, dataset):
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["dataset"] == dataset and 0.0 <= metrics["final_test_accuracy"] <= 1.0
     assert "train=256" in proc.stdout and ("test=10000" in proc.stdout) == (dataset == "fashion-mnist")
+
+
+def test_resume_from_a_damaged_file_is_a_clear_error(tmp_path):
+    damaged = tmp_path / "state-0000000003.h5"
+    damaged.write_bytes(b"\x89HDF\r\n\x1a\n" + b"\0" * 100)
+    for path, why in ((damaged, "truncated"), (tmp_path / "missing.h5", "no such file")):
+        proc = run_mpi(2, ROOT / "apps" / "stiff.py", "--quick", "--out", tmp_path,
+                       "--resume", path, timeout=120)
+        assert proc.returncode == 2 and f"{path}: " in proc.stderr and why in proc.stderr, \
+            proc.stderr
+        assert proc.stderr.count("error:") == 1            # reported once, by rank 0
