@@ -220,3 +220,30 @@ def test_resume_from_a_damaged_file_is_a_clear_error(tmp_path):
         assert proc.returncode == 2 and f"{path}: " in proc.stderr and why in proc.stderr, \
             proc.stderr
         assert proc.stderr.count("error:") == 1            # reported once, by rank 0
+
+
+def test_pde_quick_two_ranks(tmp_path):
+    proc = run_mpi(2, ROOT / "apps" / "pde.py", "--quick", "--no-progress", "--out", tmp_path,
+                   timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["ranks"] == 2 and metrics["local_shape"] == [2, 32, 64]
+    history = metrics["history"]
+    assert history[-1]["train_mse"] < history[0]["train_mse"]
+    assert history[-1]["held_out_relative_error"] < history[0]["held_out_relative_error"]
+    assert (tmp_path / "fields.png").exists() and (tmp_path / "curves.png").exists()
+
+
+def test_pde_field_over_one_ranks_budget_runs_on_two(tmp_path):
+    """A 128^2 field (256 KiB per state) against a 200 kB per-rank budget: refused on one rank
+    with an error that says what to do, trained on two (128 KiB patches)."""
+    args = ["--grid", "128", "--host-bytes", "200000", "--quick", "--iterations", "2",
+            "--window", "1", "--snapshots", "5", "--no-progress"]
+    one = run_mpi(1, ROOT / "apps" / "pde.py", *args, "--out", tmp_path / "one", timeout=120)
+    assert one.returncode == 2 and "needs more ranks for this budget" in one.stderr, one.stderr
+    two = run_mpi(2, ROOT / "apps" / "pde.py", *args, "--out", tmp_path / "two", "--verbose",
+                  timeout=300)
+    assert two.returncode == 0, two.stdout + two.stderr
+    metrics = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert metrics["state_bytes_per_rank"] == 131072 < 200000
+    assert "checkpoint_schedule=binomial  checkpoint_slots=1" in two.stdout, two.stdout
