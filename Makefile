@@ -24,6 +24,7 @@ bench: setup
 	$(PY) benchmarks/overhead.py
 	$(PY) benchmarks/stiff.py
 	$(PY) benchmarks/memory.py
+	$(PY) benchmarks/grid_scaling.py
 
 clean:
 	rm -rf .venv runs *.egg-info

@@ -19,6 +19,7 @@ sees that "vec order", and odeint converts at entry and exit.
 """
 import atexit
 import math
+import time
 import weakref
 
 import torch
@@ -70,6 +71,9 @@ class Grid:
         self._lvec = self.da.createLocalVec()
         self._wrapped = {}
         self._checked = set()
+        # halo traffic of this rank: exchanges (forward scatters), adds (their adjoints), and
+        # the seconds spent in both
+        self.stats = dict.fromkeys(("exchanges", "adds", "halo_seconds"), 0)
         _live.add(self)
 
     def _split(self, proc_sizes):
@@ -225,10 +229,14 @@ class HaloExchange(torch.autograd.Function):
     @staticmethod
     def forward(ctx, grid, y):
         ctx.grid = grid
+        t0 = time.perf_counter()
         _array(grid._gvec, grid.vec_shape).copy_(y.detach())
         grid._lvec.zeroEntries()
         grid.da.globalToLocal(grid._gvec, grid._lvec)
-        return _array(grid._lvec, grid.ghost_spatial + (grid.dof,)).to(y.dtype, copy=True)
+        out = _array(grid._lvec, grid.ghost_spatial + (grid.dof,)).to(y.dtype, copy=True)
+        grid.stats["exchanges"] += 1
+        grid.stats["halo_seconds"] += time.perf_counter() - t0
+        return out
 
     @staticmethod
     def backward(ctx, grad):
@@ -241,10 +249,14 @@ class HaloAdd(torch.autograd.Function):
     @staticmethod
     def forward(ctx, grid, padded):
         ctx.grid = grid
+        t0 = time.perf_counter()
         _array(grid._lvec, grid.ghost_spatial + (grid.dof,)).copy_(padded.detach())
         grid._gvec.zeroEntries()
         grid.da.localToGlobal(grid._lvec, grid._gvec, addv=PETSc.InsertMode.ADD_VALUES)
-        return _array(grid._gvec, grid.vec_shape).to(padded.dtype, copy=True)
+        out = _array(grid._gvec, grid.vec_shape).to(padded.dtype, copy=True)
+        grid.stats["adds"] += 1
+        grid.stats["halo_seconds"] += time.perf_counter() - t0
+        return out
 
     @staticmethod
     def backward(ctx, grad):

@@ -9,6 +9,7 @@ graph's destruction) returns them.
 """
 import ctypes
 import math
+import time
 import uuid
 from dataclasses import dataclass, field
 from typing import List
@@ -438,7 +439,9 @@ class Integrator:
             grad_params = torch.from_numpy(self.mu.getArray().copy())
             mpi = self.layout.comm.tompi4py()
             if mpi.Get_size() > 1:
+                t0 = time.perf_counter()
                 mpi.Allreduce(MPI.IN_PLACE, grad_params.numpy(), op=MPI.SUM)
+                self.stats["gradient_allreduce_seconds"] = time.perf_counter() - t0
         return grad_y0, grad_params
 
     def backward(self, record: ForwardRecord, grad_outputs):
