@@ -144,8 +144,11 @@ def main(argv=None):
     y0s = torch.zeros(args.trajectories, 3, dtype=torch.float64)
     y0s[:, 0] = 1.0 - 0.5 * torch.rand(args.trajectories, generator=gen, dtype=torch.float64)
     y0s[:, 2] = 1.0 - y0s[:, 0]
+    if args.trajectories < size:
+        return workflow.fail(comm, f"--trajectories {args.trajectories} is smaller than the "
+                                   f"{size} ranks: every rank needs one")
     lo, hi = workflow.shard(args.trajectories, rank, size)
-    data = reference_data(y0s[lo:hi], times.numpy()) if hi > lo else None
+    data = reference_data(y0s[lo:hi], times.numpy())
     z_data = data / SCALE
     taus = torch.log(times)
     model = LogTimeMLP(args.hidden).double()
@@ -204,8 +207,8 @@ def main(argv=None):
               "training_state": final_state}
     if rank == 0:
         report["stiffness"] = compare_with_explicit(times, args.method, args.linear_solver)
-        print(f"fit: loss {report['first_loss']:.3e} -> {report['final_loss']:.3e}, max |error| in scaled species "
-              f"{err:.3e}", flush=True)
+        print(f"fit: loss {report['first_loss']:.3e} -> {report['final_loss']:.3e}, max |error| "
+              f"in scaled species {err:.3e}", flush=True)
         cmp = report["stiffness"]
         imp, exp = cmp[args.method], cmp["dopri5"]
         print(f"true Robertson on [0, {cmp['t_end']:g}]: {args.method} {imp['steps']} steps "

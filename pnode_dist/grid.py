@@ -33,11 +33,15 @@ from .parallel import MPI, PETSc, resolve_comm
 class Grid:
     """A DMDA over `shape` (torch order, 1 to 3 dimensions) with `channels` values per cell
     (times `batch` if given), `halo` ghost cells per side (box stencil), periodic or not per
-    dimension. `proc_sizes` (torch order) fixes the process grid; by default PETSc picks one."""
+    dimension, on the ranks of `comm`. `proc_sizes` (torch order) fixes the process grid (by
+    default the most even split). To split the batch too, make one Grid per group of ranks
+    (comm = the group, batch = the group's share) and pass gradient_comm = all the groups'
+    ranks: parameter gradients are then summed over every rank, still in one allreduce."""
 
     def __init__(self, shape, channels, *, batch=None, periodic=False, halo=1, comm=None,
-                 proc_sizes=None):
+                 proc_sizes=None, gradient_comm=None):
         self.comm = resolve_comm(comm)
+        self.gradient_comm = resolve_comm(gradient_comm) if gradient_comm is not None else None
         shape = tuple(int(n) for n in shape)
         if not 1 <= len(shape) <= 3 or min(shape) < 1:
             raise InputError(f"grid shape must have 1 to 3 positive sizes; got {shape}")
@@ -267,7 +271,7 @@ class GridLayout(Layout):
     """The Layout of a DMDA-distributed field: the DMDA's global Vec, patches in vec order."""
 
     def __init__(self, grid):
-        super().__init__(grid.comm, grid.vec_shape)
+        super().__init__(grid.comm, grid.vec_shape, grid.gradient_comm)
         self.grid = grid
         self.global_size = math.prod(grid.shape) * grid.dof
         self.global_shape = grid.global_shape

@@ -11,10 +11,12 @@ from .parallel import PETSc
 
 class Layout:
     """What the solver needs of a layout: local and global sizes, a state Vec, the parameter
-    Vec (every rank its own copy) and the sizes of the Jacobian Mats."""
+    Vec (every rank its own copy), the sizes of the Jacobian Mats, and the communicator over
+    which parameter gradients are summed (the solve's own by default)."""
 
-    def __init__(self, comm, local_shape):
+    def __init__(self, comm, local_shape, gradient_comm=None):
         self.comm = comm
+        self.gradient_comm = gradient_comm or comm
         self.local_shape = tuple(local_shape)
         self.local_size = math.prod(self.local_shape)
         self.rank, self.nranks = comm.getRank(), comm.getSize()

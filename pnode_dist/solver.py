@@ -437,7 +437,7 @@ class Integrator:
         grad_params = None
         if self.mu is not None:
             grad_params = torch.from_numpy(self.mu.getArray().copy())
-            mpi = self.layout.comm.tompi4py()
+            mpi = self.layout.gradient_comm.tompi4py()
             if mpi.Get_size() > 1:
                 t0 = time.perf_counter()
                 mpi.Allreduce(MPI.IN_PLACE, grad_params.numpy(), op=MPI.SUM)
