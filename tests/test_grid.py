@@ -63,3 +63,17 @@ def test_clear_errors():
     with pytest.raises(InputError, match="multiply to"):
         Grid((8, 8), channels=1, comm="self", proc_sizes=(2, 1))
 
+
+
+def test_odeblock_takes_a_grid():
+    from pnode_dist import ODEBlock
+    grid = Grid((8, 6), channels=2, batch=3, periodic=True, halo=2, comm="self")
+    f = ConvField(2, 2, True, seed=1)
+    block = ODEBlock(f, method="rk4", options={"step_size": 0.5}, grid=grid)
+    field = torch.randn(3, 2, 8, 6, dtype=torch.float64)
+    out = block(grid.scatter(field))
+    ref = odeint(Extended(f, 2, 2, True), field, torch.tensor([0.0, 1.0], dtype=torch.float64),
+                 method="rk4", options={"step_size": 0.5}, comm="self")[-1]
+    assert out.shape == field.shape and torch.allclose(out, ref, rtol=1e-13, atol=1e-14)
+    assert block.stats["steps"] == 2 and grid.stats["exchanges"] > 0
+    grid.destroy()
