@@ -2,14 +2,16 @@
 PY      := .venv/bin/python
 NP      ?= 2
 RUN_ARGS ?=
-STAMP   := .venv/.pnode-setup-stamp
+GPU     ?= 0
+STAMP   := .venv/.pnode-setup-stamp-gpu$(GPU)
 
-.PHONY: setup run test bench clean
+.PHONY: setup run test bench clean gpu-bundle
 
 # The set-up script is idempotent; the stamp only saves its few seconds of checks when nothing
 # it depends on changed.
-$(STAMP): tools/setup.sh requirements.txt setup.cfg
-	bash tools/setup.sh
+# GPU=1 builds PETSc with CUDA (needs nvcc; see tools/cuda_petsc.sh).
+$(STAMP): tools/setup.sh tools/cuda_petsc.sh requirements.txt setup.cfg
+	GPU=$(GPU) bash tools/setup.sh
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -25,6 +27,10 @@ bench: setup
 	$(PY) benchmarks/stiff.py
 	$(PY) benchmarks/memory.py
 	$(PY) benchmarks/grid_scaling.py
+
+# A relocatable CUDA PETSc + petsc4py for GPU nodes, built here without a GPU (tools/gpu_bundle.sh).
+gpu-bundle:
+	bash tools/gpu_bundle.sh
 
 clean:
 	rm -rf .venv runs *.egg-info

@@ -138,6 +138,7 @@ def main(argv=None):
     args = parse_args(argv)
     comm = MPI.COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()
+    workflow.set_threads(comm)
     torch.manual_seed(args.seed)
     times = torch.logspace(-5, 5, args.points, dtype=torch.float64)
     gen = torch.Generator().manual_seed(args.seed)

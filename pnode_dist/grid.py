@@ -6,11 +6,14 @@
 
 Each rank evaluates `func` on its patch plus `halo` cells of its neighbours' data (a DMDA
 global-to-local scatter; zeros beyond a non-periodic boundary, the wrapped-around data across a
-periodic one) and keeps the interior of the result. This equals func on the whole field when
-every output cell depends on inputs at most `halo` cells away (its receptive field, checked on
-first use) and func treats the boundary by zero padding (non-periodic) or circular padding
-(periodic). The adjoint of the exchange is the reverse scatter with addition, so gradients
-with respect to the field and to func's (shared) parameters equal the one-rank gradients.
+periodic one) and keeps the interior of the result. When every output cell depends on inputs
+at most `halo` cells away (func's receptive field, checked on first use), this is on any number
+of ranks what it is on one: func on the field extended by `halo` cells (zeros, or wrapped-around
+values), interior kept. For a periodic grid and a func with circular padding that is func on the
+field itself; for a non-periodic grid it equals func with zero padding only when func pads once
+(one stencil layer): deeper funcs see their own hidden values beyond the edge, not zeros. The
+adjoint of the exchange is the reverse scatter with addition, so gradients with respect to the
+field and to func's (shared) parameters equal the one-rank gradients.
 
 Torch shapes: fields are [C, *spatial] or [B, C, *spatial] (the batch kept whole on every rank);
 spatial dimensions in torch order (z, y, x). The PETSc Vec stores a patch as (*spatial, B*C)

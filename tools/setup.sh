@@ -49,12 +49,27 @@ if ! have "$(pin mpi4py)"; then
 fi
 
 # 4. PETSc (about 6 min on 2 cores), then petsc4py against that same PETSc (about 4 min).
-if ! have "$(pin petsc)"; then
-  say "building $(pin petsc) (several minutes)"
-  PETSC_CONFIGURE_OPTIONS="--with-fc=0 --with-x=0 --with-cuda=0 --with-debugging=0" \
-    pipi --no-build-isolation --no-cache-dir "$(pin petsc)"
+#    GPU=1: with CUDA (nvcc needed; CUDA_ARCH, default 90), the CUDA math libraries from PyPI.
+petsc_dir() { "$PY" -c "import petsc; print(petsc.get_petsc_dir())" 2>/dev/null; }
+petsc_ok() {
+  have "$(pin petsc)" || return 1
+  local has_cuda=0
+  grep -qE '^#define PETSC_HAVE_CUDA 1$' "$(petsc_dir)/include/petscconf.h" 2>/dev/null \
+    && has_cuda=1
+  [ "$has_cuda" = "${GPU:-0}" ]
+}
+if ! petsc_ok; then
+  options="--with-fc=0 --with-x=0 --with-debugging=0 --with-cuda=0"
+  if [ "${GPU:-0}" = 1 ]; then
+    source "$ROOT/tools/cuda_petsc.sh"
+    options="--with-fc=0 --with-x=0 --with-debugging=0 $(cuda_petsc_options "$PY")"
+  fi
+  say "building $(pin petsc) (several minutes; GPU=${GPU:-0})"
+  PETSC_CONFIGURE_OPTIONS="$options" \
+    pipi --no-build-isolation --no-cache-dir --force-reinstall --no-deps "$(pin petsc)"
+  rebuilt_petsc=1
 fi
-PETSC_DIR=$("$PY" -c "import petsc; print(petsc.get_petsc_dir())")
+PETSC_DIR=$(petsc_dir)
 petsc4py_ok() {
   have "$(pin petsc4py)" || return 1
   local so
@@ -63,7 +78,7 @@ petsc4py_ok() {
   # The extension must link this venv's PETSc, not one from a cached wheel of another venv.
   readelf -d "$so" | grep -E "RUNPATH|RPATH" | grep -q "$PETSC_DIR" || return 1
 }
-if ! petsc4py_ok; then
+if [ -n "${rebuilt_petsc:-}" ] || ! petsc4py_ok; then
   say "building $(pin petsc4py) against $PETSC_DIR (several minutes)"
   PETSC_DIR=$PETSC_DIR PETSC_ARCH="" \
     pipi --no-build-isolation --no-cache-dir --force-reinstall --no-deps "$(pin petsc4py)"
