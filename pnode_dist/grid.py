@@ -230,20 +230,27 @@ def _array(vec, shape):
     return torch.from_numpy(vec.getArray()).view(shape)
 
 
+def _transfer(grid, data, src, src_shape, dst, dst_shape, move, counter):
+    """Copy `data` into Vec src, zero Vec dst, move(src, dst) (a DMDA scatter), return a copy of
+    dst's values in data's dtype; counted in grid.stats."""
+    t0 = time.perf_counter()
+    _array(src, src_shape).copy_(data.detach())
+    dst.zeroEntries()
+    move(src, dst)
+    out = _array(dst, dst_shape).to(data.dtype, copy=True)
+    grid.stats[counter] += 1
+    grid.stats["halo_seconds"] += time.perf_counter() - t0
+    return out
+
+
 class HaloExchange(torch.autograd.Function):
     """(*local, dof) -> (*local + 2 halo, dof): owned values plus neighbours' halo cells."""
 
     @staticmethod
     def forward(ctx, grid, y):
         ctx.grid = grid
-        t0 = time.perf_counter()
-        _array(grid._gvec, grid.vec_shape).copy_(y.detach())
-        grid._lvec.zeroEntries()
-        grid.da.globalToLocal(grid._gvec, grid._lvec)
-        out = _array(grid._lvec, grid.ghost_spatial + (grid.dof,)).to(y.dtype, copy=True)
-        grid.stats["exchanges"] += 1
-        grid.stats["halo_seconds"] += time.perf_counter() - t0
-        return out
+        return _transfer(grid, y, grid._gvec, grid.vec_shape, grid._lvec,
+                         grid.ghost_spatial + (grid.dof,), grid.da.globalToLocal, "exchanges")
 
     @staticmethod
     def backward(ctx, grad):
@@ -256,14 +263,11 @@ class HaloAdd(torch.autograd.Function):
     @staticmethod
     def forward(ctx, grid, padded):
         ctx.grid = grid
-        t0 = time.perf_counter()
-        _array(grid._lvec, grid.ghost_spatial + (grid.dof,)).copy_(padded.detach())
-        grid._gvec.zeroEntries()
-        grid.da.localToGlobal(grid._lvec, grid._gvec, addv=PETSc.InsertMode.ADD_VALUES)
-        out = _array(grid._gvec, grid.vec_shape).to(padded.dtype, copy=True)
-        grid.stats["adds"] += 1
-        grid.stats["halo_seconds"] += time.perf_counter() - t0
-        return out
+
+        def add(local, glob):
+            grid.da.localToGlobal(local, glob, addv=PETSc.InsertMode.ADD_VALUES)
+        return _transfer(grid, padded, grid._lvec, grid.ghost_spatial + (grid.dof,), grid._gvec,
+                         grid.vec_shape, add, "adds")
 
     @staticmethod
     def backward(ctx, grad):
