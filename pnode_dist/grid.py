@@ -30,7 +30,7 @@ from torch import nn
 
 from .errors import InputError
 from .layout import Layout
-from .parallel import MPI, PETSc, resolve_comm
+from .parallel import MPI, PETSc, raise_collectively, resolve_comm
 
 
 class Grid:
@@ -45,21 +45,29 @@ class Grid:
                  proc_sizes=None, gradient_comm=None):
         self.comm = resolve_comm(comm)
         self.gradient_comm = resolve_comm(gradient_comm) if gradient_comm is not None else None
-        shape = tuple(int(n) for n in shape)
-        if not 1 <= len(shape) <= 3 or min(shape) < 1:
-            raise InputError(f"grid shape must have 1 to 3 positive sizes; got {shape}")
-        if not isinstance(halo, int) or halo < 0:
-            raise InputError(f"halo must be a non-negative integer (cells per side); got {halo!r}")
-        periodic = (periodic,) * len(shape) if isinstance(periodic, bool) else tuple(periodic)
-        if len(periodic) != len(shape):
-            raise InputError(f"periodic needs one flag per grid dimension ({len(shape)}); got "
-                             f"{periodic}")
-        self.shape, self.channels, self.batch = shape, int(channels), batch
-        self.halo, self.periodic, self.ndim = halo, periodic, len(shape)
+        error = None
+        try:                         # checked on every rank, then agreed on (no hang in DMDA)
+            shape = tuple(int(n) for n in shape)
+            if not 1 <= len(shape) <= 3 or min(shape) < 1:
+                raise InputError(f"grid shape must have 1 to 3 positive sizes; got {shape}")
+            if not isinstance(halo, int) or halo < 0:
+                raise InputError(f"halo must be a non-negative integer (cells per side); got "
+                                 f"{halo!r}")
+            periodic = (periodic,) * len(shape) if isinstance(periodic, bool) else tuple(periodic)
+            if len(periodic) != len(shape):
+                raise InputError(f"periodic needs one flag per grid dimension ({len(shape)}); "
+                                 f"got {periodic}")
+            self.shape, self.channels, self.batch = shape, int(channels), batch
+            self.halo, self.periodic, self.ndim = halo, periodic, len(shape)
+            self.proc_sizes = self._split(proc_sizes)
+        except (InputError, TypeError, ValueError) as exc:
+            error = str(exc)
+        raise_collectively(self.comm, error, InputError,
+                           same={"the grid (shape, channels, batch, periodic, halo, proc_sizes)":
+                                 repr((shape, channels, batch, periodic, halo, proc_sizes))})
         self.dof = self.channels * (batch or 1)
         bt = [PETSc.DM.BoundaryType.PERIODIC if p else PETSc.DM.BoundaryType.GHOSTED
               for p in periodic]
-        self.proc_sizes = self._split(proc_sizes)
         self.da = PETSc.DMDA().create(dim=self.ndim, dof=self.dof, sizes=shape[::-1],
                                       boundary_type=tuple(bt[::-1]),
                                       stencil_type=PETSc.DMDA.StencilType.BOX,

@@ -134,6 +134,11 @@ if size > 1:                        # patches narrower than the halo: the same e
         sys.exit("a patch narrower than the halo was accepted")
     except InputError as exc:
         assert "narrower than halo=3" in str(exc), exc
+    try:                            # a halo that differs on one rank: an error everywhere
+        Grid((12, 12), channels=1, halo=1 + (comm.Get_rank() == size - 1))
+        sys.exit("grids that differ between ranks were accepted")
+    except InputError as exc:
+        assert "differs between ranks" in str(exc), exc
 if comm.Get_rank() == 0:
     print(f"worst relative mismatch {worst:.2e} on {size} ranks", flush=True)
 sys.exit(0 if worst <= 1e-12 else 1)
