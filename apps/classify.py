@@ -209,15 +209,11 @@ def main(argv=None):
                                    ("test accuracy", ["test_accuracy"], False)])
         except workflow.Stopped as stop:
             return stop.exit_code
-    final_state = run.save(iteration, args.epochs + 1, {"batch": 0, "total_loss": 0.0,
-                                                        "history": history})
-    metrics = {"dataset": args.dataset, "ranks": size, "method": args.method,
-               "steps": args.steps, "epochs": args.epochs,
-               "final_test_accuracy": history[-1]["test_accuracy"],
-               "final_test_loss": history[-1]["test_loss"],
-               "total_seconds": time.perf_counter() - t_start, "history": history,
-               "training_state": final_state}
-    path = run.write_metrics(metrics)
+    metrics, path = run.finish(
+        iteration, args.epochs + 1, {"batch": 0, "total_loss": 0.0, "history": history},
+        {"dataset": args.dataset, "ranks": size, "method": args.method, "steps": args.steps,
+         "epochs": args.epochs, "final_test_accuracy": history[-1]["test_accuracy"],
+         "final_test_loss": history[-1]["test_loss"], "history": history}, started=t_start)
     run.say(f"final test accuracy {100 * metrics['final_test_accuracy']:.2f}% "
             f"in {metrics['total_seconds']:.1f}s; metrics in {path}")
     return 0

@@ -261,15 +261,13 @@ def main(argv=None):
                 run.after_iteration(it, 1, {"history": history, "window": window})
         except workflow.Stopped as stop:
             return stop.exit_code
-    final_state = run.save(args.iterations, 1, {"history": history, "window": window})
     nll = history[-1]["test_nll"] if history else test_nll(model, test, comm)
     if dim == 2:
         plot_density(model, test, run.out / "density.png", comm)
-    metrics = {"data": args.data, "dim": dim, "trace": trace, "ranks": size,
-               "test_nll_nats": nll, "test_bits_per_dim": nll / (dim * math.log(2)),
-               "total_seconds": time.perf_counter() - t_start, "history": history,
-               "training_state": final_state}
-    path = run.write_metrics(metrics)
+    metrics, path = run.finish(
+        args.iterations, 1, {"history": history, "window": window},
+        {"data": args.data, "dim": dim, "trace": trace, "ranks": size, "test_nll_nats": nll,
+         "test_bits_per_dim": nll / (dim * math.log(2)), "history": history}, started=t_start)
     run.say(f"held-out NLL {nll:.4f} nats ({metrics['test_bits_per_dim']:.4f} bits/dim) in "
             f"{metrics['total_seconds']:.1f}s; metrics in {path}")
     return 0

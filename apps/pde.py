@@ -229,7 +229,6 @@ def main(argv=None):
                 run.after_iteration(it, 1, {"history": history, "window": window_losses})
         except workflow.Stopped as stop:
             return stop.exit_code
-    final_state = run.save(args.iterations, 1, {"history": history, "window": window_losses})
     err, pred = held_out_error()
     plot_fields(grid, data[-1], pred[-1], run.out / "fields.png")
     dx = 2 * EXTENT / args.grid
@@ -238,9 +237,9 @@ def main(argv=None):
                "local_shape": list(grid.local_shape), "state_bytes_per_rank": state_bytes,
                "held_out_relative_error": err, "history": history,
                "learned_stencil_u": stencil[0, 0].tolist(),
-               "true_stencil_u": (LAPLACIAN * DIFFUSION / dx ** 2).tolist(),
-               "total_seconds": time.perf_counter() - t0, "training_state": final_state}
-    path = run.write_metrics(metrics)
+               "true_stencil_u": (LAPLACIAN * DIFFUSION / dx ** 2).tolist()}
+    metrics, path = run.finish(args.iterations, 1, {"history": history, "window": window_losses},
+                               metrics, started=t0)
     run.say(f"held-out relative L2 error {err:.3e} after {args.iterations} iterations in "
             f"{metrics['total_seconds']:.1f}s; metrics in {path}")
     return 0

@@ -5,6 +5,7 @@ SIGTERM/SIGUSR1 (state saved, exit status 75 so that a job script requeues itsel
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 from pnode_dist import training_state
@@ -127,6 +128,13 @@ class TrainingRun:
             path.write_text(json.dumps({**metrics, "args": vars(self.args)}, indent=2,
                                        default=str))
         return path
+
+    def finish(self, iteration, epoch, progress, metrics, started):
+        """End of a run (collective): save the final training state, then write metrics.json
+        with its path and the seconds since `started` added. Returns (metrics, json path)."""
+        metrics = dict(metrics, training_state=self.save(iteration, epoch, progress),
+                       total_seconds=time.perf_counter() - started)
+        return metrics, self.write_metrics(metrics)
 
     # -- training state -------------------------------------------------------------------
     def resume(self):
