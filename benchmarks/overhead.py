@@ -25,8 +25,9 @@ class MLP(nn.Module):
         return self.net(y)
 
 
-def replay_limit(func, y0, h, steps, tableau):
-    """Forward with stored stages (no graph), then the discrete RK adjoint by hand."""
+def replay_limit(func, y0, h, steps, tableau, grad_out=None):
+    """Forward with stored stages (no graph), then the discrete RK adjoint by hand, started from
+    grad_out = dL/dy(T) (ones: L = sum(y(T)))."""
     params = list(func.parameters())
     s = tableau.stages
     stages = []
@@ -45,7 +46,7 @@ def replay_limit(func, y0, h, steps, tableau):
             stages.append(Y)
             y = y + sum((h * b) * ki for b, ki in zip(tableau.b, k) if b)
     y_final = y
-    lam = torch.ones_like(y0)               # d(sum(y_T))/dy_T
+    lam = torch.ones_like(y0) if grad_out is None else grad_out.clone()
     mu = [torch.zeros_like(p) for p in params]
     for n in reversed(range(steps)):
         t = n * h

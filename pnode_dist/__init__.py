@@ -5,6 +5,7 @@
 """
 from .api import IMEX, ODEBlock, odeint
 from .checkpointing import Checkpointing
+from .device import rank_device
 from .errors import InputError, PnodeError, SolverError
 from .grid import Grid
 from .methods import METHODS
@@ -13,4 +14,4 @@ from .parallel import allreduce_gradients, broadcast_parameters
 __version__ = "0.1.0"
 __all__ = ["odeint", "ODEBlock", "IMEX", "Checkpointing", "Grid", "METHODS", "PnodeError", "InputError",
            "SolverError",
-           "allreduce_gradients", "broadcast_parameters", "__version__"]
+           "rank_device", "allreduce_gradients", "broadcast_parameters", "__version__"]

@@ -3,6 +3,8 @@ solver). Gradients reach y0 (this rank's shard) and every parameter of func (sum
 How the forward states are kept for the adjoint is the run's business (runs.py)."""
 import torch
 
+from .device import SOLVER_DTYPE
+
 
 class OdeintFunction(torch.autograd.Function):
     """apply(problem, y0, *params) -> outputs [len(t), *y0.shape]; problem.new_run() gives the
@@ -30,7 +32,7 @@ class OdeintFunction(torch.autograd.Function):
             raise RuntimeError("odeint's backward cannot run twice on one forward solve (the "
                                "discrete adjoint consumed its trajectory): run the forward again")
         ctx.run = None
-        grad_outputs = grad_outputs.to(torch.float64)
+        grad_outputs = grad_outputs.to(SOLVER_DTYPE)
         try:
             grad_y0, grad_params = run.backward(ctx.record, grad_outputs, problem.control)
         finally:

@@ -10,6 +10,7 @@ from torch import nn
 
 from .adjoint import OdeintFunction
 from .checkpointing import Checkpointing
+from .device import check_device
 from .errors import InputError
 from .grid import Grid, GridLayout
 from .layout import BatchLayout
@@ -139,9 +140,7 @@ def _parameters(func, y0):
         if p.dtype != y0.dtype:
             raise InputError(f"y0 is {y0.dtype} but func has {p.dtype} parameters: use "
                              f"y0.to({p.dtype}) or func.to({y0.dtype})")
-        if p.device.type != "cpu":
-            raise InputError("func's parameters are on a GPU; this build keeps the state in host "
-                             "memory: move func and y0 to the CPU")
+    check_device(y0, params)
     return params
 
 
@@ -150,9 +149,7 @@ def _check_y0(y0):
         raise InputError(f"y0 must be a torch.Tensor; got {type(y0).__name__}")
     if y0.dtype not in (torch.float32, torch.float64):
         raise InputError(f"y0 must be float32 or float64; got {y0.dtype}")
-    if y0.device.type != "cpu":
-        raise InputError("y0 is on a GPU; this build keeps the state in host memory: move func "
-                         "and y0 to the CPU")
+    check_device(y0, [])
     if y0.dim() == 0:
         raise InputError("y0 must have at least one dimension (the leading one is the batch "
                          "that is split over ranks); use y0.reshape(1)")
@@ -213,7 +210,10 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, comm
                    linear_iterations, f_evaluations, jvps, vjps... of the forward solve,
                    adjoint_* counts once the backward pass ran, and with checkpointing the
                    schedule, recomputed_steps, bytes per tier, disk read/write seconds.
-    The solver state is float64; a float32 func is evaluated in float32.
+    The solver state has PETSc's precision (float64, or float32 with PNODE_PRECISION=single)
+    and lives where y0 does: on this rank's GPU (pnode_dist.rank_device()) the Vecs are CUDA
+    Vecs.
+    func is evaluated in its own dtype (a cast per call if it differs from the solver's).
     """
     if grid is not None:             # the same on every rank: raised directly
         if not isinstance(grid, Grid):
@@ -249,12 +249,13 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, comm
                                        policy.disk_dir is None),
                      "the shape of y0 after its leading dimension": tuple(y0.shape[1:])
                      if grid is None else grid.global_shape,
-                     "the dtype of y0": str(y0.dtype)}
+                     "the dtype of y0": str(y0.dtype), "the device type of y0": y0.device.type}
     shapes = raise_collectively(comm, error, InputError, same=signature,
                                 share=tuple(y0.shape) if error is None else None)
     adaptive = method_obj.adaptive and control.step_size is None
     if grid is None:
-        layout, solved_func, y_start = BatchLayout(comm, y0.shape, shapes), func, y0
+        layout = BatchLayout(comm, y0.shape, shapes, device=y0.device)
+        solved_func, y_start = func, y0
     else:
         layout, solved_func, y_start = grid.layout, grid.wrap(func), grid.to_vec_order(y0)
     solver = _solver(solved_func, layout, method_obj, adaptive, prefix, frozen, params, y0.dtype,
@@ -278,6 +279,9 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, comm
 
 def _check_grid(grid, func, y0, method, setup):
     """A grid solve's extra conditions (InputError on the rank where one fails)."""
+    if y0.device.type != "cpu":
+        raise InputError("grids keep their fields in host memory in this version: move func and "
+                         "the patch to the CPU")
     if tuple(y0.shape) != grid.local_shape:
         raise InputError(f"with a grid, y0 is this rank's patch of shape {grid.local_shape} (of "
                          f"the field {grid.global_shape}); got {tuple(y0.shape)}: use "

@@ -9,22 +9,52 @@ filled with NaN) instead of unwinding through PETSc on one rank only; the solver
 an error on every rank after the solve.
 
 Callbacks run once per stage and step: they reuse cached tensor views of the TS's Vecs (a TS
-keeps its work Vecs for its whole life, and one TorchRHS serves one TS only).
+keeps its work Vecs for its whole life, and one TorchRHS serves one TS only). A view of a CUDA
+Vec is a torch tensor on the GPU over the Vec's device memory; `touch` tells PETSc, at each use,
+which copy (device or host) is read or written, so that its own operations see our writes.
 """
 import warnings
 
 import torch
 
+from .device import SOLVER_ITEMSIZE
 from .errors import InputError
 
 # Inputs PETSc hands to callbacks are locked read-only; their views are only ever read.
 warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
 
+_TYPESTR = {4: "<f4", 8: "<f8"}
 
-def vec_view(vec, shape, readonly=False):
-    """A torch tensor sharing the memory of `vec`'s local part (no copy), shaped `shape`.
-    With readonly=True (for Vecs PETSc has locked), the tensor must not be written."""
-    return torch.from_numpy(vec.getArray(readonly=readonly)).view(shape)
+
+class _DeviceArray:
+    """A CUDA Vec's device memory as a __cuda_array_interface__ (torch wraps it, no copy)."""
+
+    def __init__(self, pointer, size, itemsize):
+        self.__cuda_array_interface__ = {"shape": (size,), "typestr": _TYPESTR[itemsize],
+                                         "data": (pointer, False), "version": 3}
+
+
+def is_cuda_vec(vec):
+    return vec.getType().endswith("cuda")
+
+
+def touch(vec, mode):
+    """Before torch reads ('r') or writes ('w', 'rw') a CUDA Vec's device memory through a view:
+    bring the device copy up to date, or mark it as the valid one. A no-op for host Vecs."""
+    if is_cuda_vec(vec):
+        vec.restoreCUDAHandle(vec.getCUDAHandle(mode), mode)
+
+
+def vec_view(vec, shape, mode="rw"):
+    """A torch tensor sharing the memory of `vec`'s local part (no copy), shaped `shape`: host
+    memory, or device memory for a CUDA Vec. With mode 'r' (for Vecs PETSc has locked), the
+    tensor must not be written."""
+    if is_cuda_vec(vec):
+        pointer = vec.getCUDAHandle(mode)
+        vec.restoreCUDAHandle(pointer, mode)
+        array = _DeviceArray(pointer, vec.getLocalSize(), SOLVER_ITEMSIZE)
+        return torch.as_tensor(array, device="cuda").view(shape)
+    return torch.from_numpy(vec.getArray(readonly=mode == "r")).view(shape)
 
 
 class GraphStore:
@@ -64,8 +94,10 @@ class GraphStore:
 class TorchRHS:
     """f(t, y) from a torch module on the local shard of the state, for one TS."""
 
-    def __init__(self, func, params, local_shape, module_dtype):
+    def __init__(self, func, params, local_shape, module_dtype, device):
         self.func = func
+        self.device = device
+        self.on_gpu = device.type == "cuda"
         self.params = list(params)
         self.shape = tuple(local_shape)
         self.dtype = module_dtype
@@ -78,20 +110,22 @@ class TorchRHS:
         self.counts = dict.fromkeys(("rhs", "linearize", "reused", "vjp"), 0)
 
     # ---------------------------------------------------------------- helpers
-    def view(self, vec, numel=None):
-        """Cached zero-copy view of one of this TS's Vecs (state-shaped unless numel given)."""
+    def view(self, vec, numel=None, mode="r"):
+        """Cached zero-copy view of one of this TS's Vecs (state-shaped unless numel given),
+        about to be read ('r') or written ('w')."""
         v = self._views.get(vec.handle)
         if v is None:
-            arr = vec.getArray(readonly=True)
-            v = torch.from_numpy(arr).view(self.shape if numel is None else (numel,))
+            v = vec_view(vec, self.shape if numel is None else (numel,), mode)
             self._views[vec.handle] = v
+        elif self.on_gpu:
+            touch(vec, mode)
         return v
 
     def forget_views(self):
         self._views.clear()
 
     def _time(self, t):
-        return torch.scalar_tensor(t, dtype=self.dtype)
+        return torch.full((), t, dtype=self.dtype, device=self.device)
 
     def _record(self, exc, where):
         if self.error is None:
@@ -108,7 +142,7 @@ class TorchRHS:
     # ---------------------------------------------------------------- TS callbacks
     def rhs(self, ts, t, X, F):
         """RHSFunction: F = f(t, X); with a GraphStore, f's graph is kept for the adjoint."""
-        out_view = self.view(F)
+        out_view = self.view(F, mode="w")
         self.counts["rhs"] += 1
         try:
             if self.store is not None:
@@ -164,7 +198,7 @@ class TorchRHS:
     def vjp_state(self, x, y):
         """y = (df/dy)^T x; the parameter part of the same product is kept for vjp_params."""
         grads = self._vjp(x, with_state=True)
-        out = self.view(y)
+        out = self.view(y, mode="w")
         if grads is None:
             out.fill_(float("nan"))
         elif grads[0] is None:
@@ -181,11 +215,11 @@ class TorchRHS:
             grads = cached[1]
         else:
             grads = self._vjp(x, with_state=False)
-        out = self.view(y, self.nparams)
+        out = self.view(y, self.nparams, mode="w")
         if grads is None:
             out.fill_(float("nan"))
         else:
-            flat = [g.reshape(-1) if g is not None else torch.zeros(p.numel(), dtype=p.dtype)
+            flat = [g.reshape(-1) if g is not None else p.new_zeros(p.numel())
                     for g, p in zip(grads, self.params)]
             if out.dtype == self.dtype:
                 torch.cat(flat, out=out)

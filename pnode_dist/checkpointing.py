@@ -24,11 +24,15 @@ class Checkpointing:
                              re-run once, recorded, and its adjoint applied
                   'binomial' revolve (Griewank-Walther): the fewest re-run steps for `slots`
                   'auto'     'all' when it fits host_bytes (or no budget is given), else
-                             'binomial' (or 'binomial' whenever slots is given)
+                             'binomial' (or 'binomial' whenever slots is given); for a state
+                             on a GPU, whose 'all' trajectory is in GPU memory, device_bytes
+                             takes host_bytes' place in this choice
     slots:        checkpoint states kept at once (y0's included); by default as many as the
                   byte budgets hold
-    host_bytes, device_bytes, disk_bytes: budget of each tier (None: unlimited; device memory
-                  serves states that live on a GPU and is also bounded by its free memory)
+    host_bytes, device_bytes, disk_bytes: budget of each tier (None: unlimited). The device
+                  tier serves states on a GPU when device_bytes is given, and is also bounded
+                  by the free GPU memory; host memory is then page-locked, with copies that
+                  overlap the solve
     disk_dir:     directory of the HDF5 tier (one file per rank and solve); None: no disk tier
     keep_files:   keep the HDF5 files after the backward pass (for pnode-inspect)
     prefetch:     checkpoints read ahead from disk while the adjoint runs
@@ -73,7 +77,8 @@ class Checkpointing:
 
     def capacities(self, on_device):
         """Byte budget of each tier in use, fastest first: [(name, bytes or None)]."""
-        tiers = [("device", self.device_bytes)] if on_device else []
+        tiers = [("device", self.device_bytes)] if on_device and self.device_bytes is not None \
+            else []
         tiers.append(("host", self.host_bytes))
         if self.disk_dir is not None:
             tiers.append(("disk", self.disk_bytes))
@@ -83,14 +88,14 @@ class Checkpointing:
         """(schedule, slots) for one solve: the schedule 'auto' stands for, and the slot count
         the budgets allow. Raises InputError if the budgets cannot hold what is asked."""
         caps = self.capacities(on_device)
-        host_cap = self.host_bytes
+        all_cap = self.device_bytes if on_device else self.host_bytes    # where 'all' keeps it
         schedule = self.schedule
         if schedule == "auto":
             if self.slots is not None:
                 schedule = "binomial"
-            elif host_cap is None:
+            elif all_cap is None:
                 schedule = "all"
-            elif expected_steps and expected_steps * states_per_step * state_bytes <= host_cap:
+            elif expected_steps and expected_steps * states_per_step * state_bytes <= all_cap:
                 schedule = "all"
             else:
                 schedule = "binomial"

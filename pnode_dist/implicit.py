@@ -20,8 +20,8 @@ from .bridge import TorchRHS
 class TorchIFunction(TorchRHS):
     """F(t, y, ydot) = M ydot - f(t, y) and its Jacobians, for one TS."""
 
-    def __init__(self, func, params, local_shape, module_dtype, mass=None):
-        super().__init__(func, params, local_shape, module_dtype)
+    def __init__(self, func, params, local_shape, module_dtype, device, mass=None):
+        super().__init__(func, params, local_shape, module_dtype, device)
         self.mass = mass             # [d, d] per sample (state [batch, d]) or None
         self.shift = 0.0
         self._point = None           # (t, y copy) of the last IJacobian call
@@ -33,7 +33,7 @@ class TorchIFunction(TorchRHS):
     def _apply_mass(self, x, transpose=False):
         if self.mass is None:
             return x
-        m = self.mass.to(x.dtype)
+        m = self.mass.to(x)
         return x @ m if transpose else x @ m.T
 
     def _set_point(self, t, X):
@@ -54,7 +54,7 @@ class TorchIFunction(TorchRHS):
     # ---------------------------------------------------------------- TS callbacks
     def ifunction(self, ts, t, X, Xdot, F):
         """IFunction: F = M Xdot - f(t, X)."""
-        out = self.view(F)
+        out = self.view(F, mode="w")
         self.counts["rhs"] += 1
         try:
             with torch.no_grad():
@@ -114,7 +114,7 @@ class TorchIFunction(TorchRHS):
 
     def mult(self, x, out_vec):
         """out = (shift*M - J) x."""
-        out = self.view(out_vec)
+        out = self.view(out_vec, mode="w")
         try:
             v = self.view(x).to(self.dtype)
             out.copy_(self.jvp(v)).neg_().add_(self._apply_mass(v), alpha=self.shift)
@@ -125,7 +125,7 @@ class TorchIFunction(TorchRHS):
 
     def mult_transpose(self, x, out_vec):
         """out = (shift*M - J)^T x; the parameter part -(df/dtheta)^T x is kept for Jp."""
-        out = self.view(out_vec)
+        out = self.view(out_vec, mode="w")
         lin = None
         try:
             lin = self._ensure_graph()
@@ -148,7 +148,7 @@ class TorchIFunction(TorchRHS):
         except Exception as exc:  # noqa: BLE001
             self._record(exc, "a Jacobian evaluation")
         super().vjp_params(x, y)
-        self.view(y, self.nparams).neg_()
+        self.view(y, self.nparams, mode="rw").neg_()
 
     def sample_blocks(self):
         """Each sample's Jacobian block of f at the recorded point: [batch, d, d] with d the
@@ -157,7 +157,7 @@ class TorchIFunction(TorchRHS):
         t, y = self._point
         batch, d = y.shape[0], y[0].numel()
         time = self._time(t)
-        basis = torch.eye(d, dtype=y.dtype).reshape((d, 1) + y.shape[1:]).expand((d,) + y.shape)
+        basis = torch.eye(d, dtype=y.dtype, device=y.device).reshape((d, 1) + y.shape[1:]).expand((d,) + y.shape)
 
         def column(v):
             return torch.func.jvp(lambda z: self.func(time, z), (y,), (v,))[1]
@@ -174,6 +174,7 @@ class TorchIFunction(TorchRHS):
         couples samples (batch norm, attention over the batch...) and the exact Newton is wrong."""
         t, y = self._point
         v = torch.randn(y.shape, dtype=y.dtype, generator=torch.Generator().manual_seed(0))
+        v = v.to(y.device)
         full = self.jvp(v).reshape(y.shape[0], -1).to(torch.float64)
         by_blocks = (blocks @ v.reshape(y.shape[0], -1, 1).to(torch.float64)).squeeze(-1)
         scale = full.abs().max().item() + by_blocks.abs().max().item() + 1e-300
@@ -229,7 +230,8 @@ class BlockJacobianPC:
                 self._checked = True
             blocks = -jac
             d = blocks.shape[-1]
-            mass = torch.eye(d, dtype=torch.float64) if ifun.mass is None else ifun.mass.double()
+            mass = (torch.eye(d, dtype=jac.dtype, device=jac.device) if ifun.mass is None
+                    else ifun.mass.to(jac))
             blocks += ifun.shift * mass
             self._lu = torch.linalg.lu_factor(blocks)
             self._point_id = key
@@ -237,10 +239,10 @@ class BlockJacobianPC:
 
     def _solve(self, x, y, adjoint):
         ifun = self.ifun
-        out = ifun.view(y)
+        out = ifun.view(y, mode="w")
         try:
             lu, piv = self._factors()
-            rhs = ifun.view(x).reshape(lu.shape[0], -1, 1)
+            rhs = ifun.view(x).reshape(lu.shape[0], -1, 1).to(lu.dtype)
             sol = torch.linalg.lu_solve(lu, piv, rhs, adjoint=adjoint)
             out.copy_(sol.reshape(out.shape))
         except Exception as exc:  # noqa: BLE001

@@ -1,11 +1,60 @@
 """PETSc/MPI initialisation, communicators and collective error handling.
 
 petsc4py must be initialised with the command line *before* PETSc is imported, or `-ts_*`
-options are silently ignored; every pnode_dist module gets PETSc from here.
+options are silently ignored; every pnode_dist module gets PETSc from here. Two choices are
+made before that, once per process:
+
+- Precision: PNODE_PRECISION=single selects the single-precision PETSc + petsc4py that
+  `make setup` installs in <venv>/petsc-single (or the folder PNODE_PETSC_SINGLE names; float32
+  state); the default is double.
+- GPU: when torch sees GPUs, each rank takes GPU (node-local rank) % (visible GPUs), for torch
+  (torch.cuda.set_device) and PETSc (-device_select_cuda) alike; `-device_select_cuda N` on the
+  command line overrides it. PETSc's own default would be the *global* rank modulo the GPUs.
 """
+import os
 import sys
 
-import petsc4py
+from mpi4py import MPI
+
+from .errors import InputError
+
+PRECISIONS = ("double", "single")
+
+
+def _select_precision():
+    """Put the single-precision petsc4py first on sys.path if PNODE_PRECISION asks for it."""
+    precision = os.environ.get("PNODE_PRECISION", "double") or "double"
+    if precision not in PRECISIONS:
+        raise InputError(f"PNODE_PRECISION={precision!r}: choose 'double' or 'single'")
+    if precision == "double":
+        return precision
+    path = os.environ.get("PNODE_PETSC_SINGLE") or os.path.join(sys.prefix, "petsc-single")
+    if "petsc4py" in sys.modules and not sys.modules["petsc4py"].__file__.startswith(path):
+        raise InputError("PNODE_PRECISION=single, but the double-precision petsc4py was imported "
+                         "before pnode_dist: import pnode_dist first")
+    if not os.path.isdir(os.path.join(path, "petsc4py")):
+        raise InputError(f"PNODE_PRECISION=single needs the single-precision PETSc that `make "
+                         f"setup` installs in {path}; run `make setup` (or unset "
+                         "PNODE_PRECISION)")
+    if path not in sys.path:
+        sys.path.insert(0, path)
+    return precision
+
+
+def _gpu_options(argv):
+    """['-device_select_cuda', N] choosing this rank's GPU (none without GPUs or if given)."""
+    import torch
+    if "-device_select_cuda" in argv or not torch.cuda.is_available():
+        return []
+    node = MPI.COMM_WORLD.Split_type(MPI.COMM_TYPE_SHARED)
+    gpu = node.Get_rank() % torch.cuda.device_count()
+    node.Free()
+    torch.cuda.set_device(gpu)
+    return ["-device_select_cuda", str(gpu)]
+
+
+PRECISION = _select_precision()
+import petsc4py  # noqa: E402
 
 
 
@@ -39,14 +88,16 @@ if "petsc4py.PETSc" not in sys.modules:
     # Under pytest the command line holds pytest's own flags, not PETSc options.
     _under_pytest = "pytest" in sys.argv[0].replace("\\", "/").split("/")[-2:][0] or \
         sys.argv[0].endswith("pytest")
-    petsc4py.init(["python"] if _under_pytest else petsc_argv(sys.argv))
+    _argv = ["python"] if _under_pytest else petsc_argv(sys.argv)
+    petsc4py.init(_argv + _gpu_options(_argv))
 from petsc4py import PETSc  # noqa: E402
-from mpi4py import MPI  # noqa: E402
 
-from .errors import InputError  # noqa: E402
+if (PETSc.RealType().itemsize == 4) != (PRECISION == "single"):
+    raise InputError(f"PNODE_PRECISION={PRECISION} but petsc4py was built with "
+                     f"{8 * PETSc.RealType().itemsize}-bit reals: rerun `make setup`")
 
-__all__ = ["PETSc", "MPI", "resolve_comm", "raise_collectively", "allreduce_gradients",
-           "broadcast_parameters", "world"]
+__all__ = ["PETSc", "MPI", "PRECISION", "resolve_comm", "raise_collectively",
+           "allreduce_gradients", "broadcast_parameters", "world", "allreduce_sum"]
 
 
 def world():
@@ -112,6 +163,37 @@ def _mpi(comm):
     return resolve_comm(comm).tompi4py()
 
 
+def gpu_aware_mpi():
+    """Whether MPI takes GPU buffers: PNODE_GPU_AWARE_MPI=1/0 if set, else what MPI reports
+    (MPIX_Query_cuda_support, where the MPI library has it)."""
+    forced = os.environ.get("PNODE_GPU_AWARE_MPI")
+    if forced in ("0", "1"):
+        return forced == "1"
+    query = getattr(MPI, "Query_cuda_support", None)
+    try:
+        return bool(query()) if query is not None else False
+    except MPI.Exception:
+        return False
+
+
+def allreduce_sum(tensor, mpi):
+    """Sum a contiguous tensor over the ranks of the mpi4py communicator `mpi`, in place. A GPU
+    tensor goes to MPI directly with GPU-aware MPI, else through one host copy."""
+    if mpi.Get_size() == 1:
+        return tensor
+    if tensor.device.type == "cpu":
+        mpi.Allreduce(MPI.IN_PLACE, tensor.numpy(), op=MPI.SUM)
+    elif gpu_aware_mpi():
+        import torch
+        torch.cuda.current_stream(tensor.device).synchronize()   # MPI reads the memory now
+        mpi.Allreduce(MPI.IN_PLACE, tensor, op=MPI.SUM)
+    else:
+        host = tensor.cpu()
+        mpi.Allreduce(MPI.IN_PLACE, host.numpy(), op=MPI.SUM)
+        tensor.copy_(host)
+    return tensor
+
+
 def allreduce_gradients(parameters, comm=None, average=False):
     """Sum (or average) the .grad of `parameters` over the ranks, in one allreduce.
 
@@ -124,8 +206,7 @@ def allreduce_gradients(parameters, comm=None, average=False):
     if mpi.Get_size() == 1 or not params:
         return
     flat = torch.cat([p.grad.detach().reshape(-1).to(torch.float64) for p in params])
-    buf = flat.numpy()
-    mpi.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
+    allreduce_sum(flat, mpi)
     if average:
         flat /= mpi.Get_size()
     offset = 0

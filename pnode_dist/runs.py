@@ -13,15 +13,14 @@ CheckpointedRun: the forward solve keeps only the states the schedule places in 
 import math
 import time
 
-import torch
-
 from . import h5format
+from .device import SOLVER_DTYPE, SOLVER_ITEMSIZE
 from .errors import SolverError
 from .methods import EXPLICIT, IMEX
 from .parallel import raise_collectively
 from .schedule import Placement, plan_advances, reversal_plan
-from .solver import fixed_step_count
-from .store import CheckpointStore, DeviceTier, DiskTier, MemoryTier
+from .solver import fixed_step_count, time_slack
+from .store import CheckpointStore, DeviceTier, DiskTier, MemoryTier, PinnedHostTier
 
 _PREFETCH_LOOKAHEAD = 4
 
@@ -76,17 +75,20 @@ def expected_steps(solver, t_out, control):
     adaptive ones (None before the first)."""
     if solver.adaptive:
         return solver.last_steps
-    return sum(fixed_step_count(b - a, control.step_size) for a, b in zip(t_out, t_out[1:]))
+    slack = time_slack(t_out)
+    return sum(fixed_step_count(b - a, control.step_size, slack) for a, b in zip(t_out, t_out[1:]))
 
 
 def make_store(solver, policy, state_bytes):
     """The tiers the policy asks for, fastest first."""
     tiers = []
     layout = solver.layout
-    # The state lives in host memory in this build, so the device tier is never asked for.
-    for name, capacity in policy.capacities(on_device=False):
+    on_device = layout.device.type == "cuda"
+    for name, capacity in policy.capacities(on_device):
         if name == "device":
-            tiers.append(DeviceTier("device", capacity, device="cuda"))
+            tiers.append(DeviceTier("device", capacity, device=layout.device))
+        elif name == "host" and on_device:
+            tiers.append(PinnedHostTier(capacity, layout.device, policy.prefetch))
         elif name == "host":
             tiers.append(MemoryTier("host", capacity))
         else:
@@ -139,7 +141,7 @@ class CheckpointedRun:
         solver = self.solver
         placement = Placement(self.schedule, self.slots, expected_steps(solver, t_out, control))
         self.keeper = _Keeper(self.store, placement)
-        self.store.put(0, y0.to(torch.float64), t_out[0], 0.0)
+        self.store.put(0, y0.to(SOLVER_DTYPE), t_out[0], 0.0)
         integrator = solver.acquire(adjoint=False)
         try:
             outputs, record = integrator.forward(y0, t_out, control, observer=self.keeper)
@@ -243,9 +245,10 @@ class CheckpointedRun:
 def new_run(solver, policy, t_out, control):
     """The run that `policy` asks for in this solve. The schedule depends only on values every
     rank shares (the largest shard's bytes, step counts), so all ranks take the same steps."""
-    state_bytes = 8 * max(math.prod(s) for s in solver.layout.all_local_shapes)
+    state_bytes = SOLVER_ITEMSIZE * max(math.prod(s) for s in solver.layout.all_local_shapes)
     schedule, slots = policy.resolve(state_bytes, expected_steps(solver, t_out, control),
-                                     states_per_step(solver.method))
+                                     states_per_step(solver.method),
+                                     on_device=solver.layout.device.type == "cuda")
     if schedule == "all":
         return StoredRun(solver, control)
     return CheckpointedRun(solver, policy, schedule, slots, state_bytes)

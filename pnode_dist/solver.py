@@ -16,16 +16,21 @@ from typing import List
 
 import torch
 
-from .bridge import GraphStore, ParamJacobianMat, StateJacobianMat, TorchRHS, vec_view
+from .bridge import GraphStore, ParamJacobianMat, StateJacobianMat, TorchRHS, touch, vec_view
+from .device import SOLVER_DTYPE
 from .errors import InputError, SolverError
 from .implicit import BlockJacobianPC, IJacobianMat, IJacobianPMat, TorchIFunction
 from .methods import EXPLICIT, IMPLICIT
 from .options import layered_options
-from .parallel import MPI, PETSc, raise_collectively
+from .parallel import PETSc, allreduce_sum, raise_collectively
 
-_REL_TIME_TOL = 1e-12
+# Times within this relative distance are the same time (PETSc's times have its precision).
+_REL_TIME_TOL = max(1e-12, 64 * torch.finfo(SOLVER_DTYPE).eps)
 _THETA_TYPES = {"beuler", "cn", "theta"}
 _MIN_CAPACITY = 1024                 # trajectory steps reserved by a replaying Integrator
+# Newton and Krylov tolerances within reach of the solver precision (PETSc options override).
+_NEWTON_TOLERANCES = {torch.float64: {"snes_rtol": 1e-10, "snes_atol": 1e-12, "ksp_rtol": 1e-10},
+                      torch.float32: {"snes_rtol": 1e-5, "snes_atol": 1e-6, "ksp_rtol": 1e-5}}
 
 
 def _keep_forever(obj):
@@ -34,11 +39,17 @@ def _keep_forever(obj):
     ctypes.pythonapi.Py_IncRef(ctypes.py_object(obj))
 
 
-def fixed_step_count(span, step_size):
-    """Equal steps, at most step_size long, that cover span (one without a step_size)."""
+def time_slack(t_out):
+    """How far apart two times of a solve over t_out may be and still be the same time."""
+    return _REL_TIME_TOL * max(1.0, abs(t_out[0]), abs(t_out[-1]))
+
+
+def fixed_step_count(span, step_size, slack=0.0):
+    """Equal steps, at most step_size long, that cover span (one without a step_size); a span
+    longer than a whole number of steps by at most `slack` is that number."""
     if step_size is None:
         return 1
-    return max(1, math.ceil(span / step_size * (1 - 1e-12)))
+    return max(1, math.ceil((span - slack) / step_size * (1 - 1e-12)))
 
 
 def _reason_name(enum, value):
@@ -95,12 +106,11 @@ class _Run:
         self.k = 1                                   # next output index
         self.record = ForwardRecord(times=[t_out[0]], output_steps=[0])
         self.done = False
-        scale = max(1.0, max(abs(t_out[0]), abs(t_out[-1])))
-        self.tol = _REL_TIME_TOL * scale
+        self.tol = time_slack(t_out)
 
     def fixed_steps(self, t):
         """Number of equal steps from t to the next output time (at most step_size each)."""
-        return fixed_step_count(self.t_out[self.k] - t, self.control.step_size)
+        return fixed_step_count(self.t_out[self.k] - t, self.control.step_size, self.tol)
 
     def first_dt(self):
         span = self.t_out[1] - self.t_out[0]
@@ -159,15 +169,15 @@ class Integrator:
                  adjoint, setup):
         self.layout, self.method = layout, method
         self.adaptive, self.adjoint = adaptive, adjoint
-        shape = layout.local_shape
+        shape, dev = layout.local_shape, layout.device
         self.rhs = self.ifun = None      # explicit part (RHS form) / implicit part (IFunction)
         if method.kind == EXPLICIT:
-            self.rhs = TorchRHS(func, params, shape, dtype)
+            self.rhs = TorchRHS(func, params, shape, dtype, dev)
         elif method.kind == IMPLICIT:
-            self.ifun = TorchIFunction(func, params, shape, dtype, setup.mass)
+            self.ifun = TorchIFunction(func, params, shape, dtype, dev, setup.mass)
         else:
-            self.ifun = TorchIFunction(func.implicit, params, shape, dtype)
-            self.rhs = TorchRHS(func.explicit, params, shape, dtype)
+            self.ifun = TorchIFunction(func.implicit, params, shape, dtype, dev)
+            self.rhs = TorchRHS(func.explicit, params, shape, dtype, dev)
         self.parts = [p for p in (self.rhs, self.ifun) if p is not None]
         nparams = self.parts[0].nparams
         comm = layout.comm
@@ -239,34 +249,34 @@ class Integrator:
         ts.solve(self.x)
         self.capacity = nsteps
 
+    def _python_mat(self, sizes, context):
+        """A matrix-free Mat whose products are torch callbacks (Vecs of the state's type)."""
+        mat = PETSc.Mat().createPython(sizes, context, comm=self.layout.comm)
+        mat.setVecType(self.x.getType())
+        mat.setUp()
+        return mat
+
     def _set_explicit_part(self, ts, nparams):
-        rhs, comm = self.rhs, self.layout.comm
+        rhs = self.rhs
         ts.setRHSFunction(rhs.rhs, self.x.duplicate())
         if not self.adjoint:
             return
-        J = PETSc.Mat().createPython(self.layout.state_mat_sizes(), StateJacobianMat(rhs),
-                                     comm=comm)
-        J.setUp()
+        J = self._python_mat(self.layout.state_mat_sizes(), StateJacobianMat(rhs))
         ts.setRHSJacobian(rhs.linearize, J, J)
         if nparams:
-            Jp = PETSc.Mat().createPython(self.layout.param_mat_sizes(nparams),
-                                          ParamJacobianMat(rhs), comm=comm)
-            Jp.setUp()
+            Jp = self._python_mat(self.layout.param_mat_sizes(nparams), ParamJacobianMat(rhs))
             ts.setRHSJacobianP(rhs.linearize_params, Jp)
 
     def _set_implicit_part(self, ts, nparams, linear_solver):
         """IFunction, IJacobian (and IJacobianP); returns the Newton/Krylov option defaults."""
-        ifun, comm = self.ifun, self.layout.comm
+        ifun = self.ifun
         ts.setIFunction(ifun.ifunction, self.x.duplicate())
-        A = PETSc.Mat().createPython(self.layout.state_mat_sizes(), IJacobianMat(ifun), comm=comm)
-        A.setUp()
+        A = self._python_mat(self.layout.state_mat_sizes(), IJacobianMat(ifun))
         ts.setIJacobian(ifun.ijacobian, A, A)
         if self.adjoint and nparams:
-            Jp = PETSc.Mat().createPython(self.layout.param_mat_sizes(nparams),
-                                          IJacobianPMat(ifun), comm=comm)
-            Jp.setUp()
+            Jp = self._python_mat(self.layout.param_mat_sizes(nparams), IJacobianPMat(ifun))
             ts.setIJacobianP(ifun.ijacobian_params, Jp)
-        defaults = {"snes_rtol": 1e-10, "snes_atol": 1e-12, "ksp_rtol": 1e-10}
+        defaults = dict(_NEWTON_TOLERANCES[SOLVER_DTYPE])
         pc = ts.getSNES().getKSP().getPC()
         if linear_solver == "exact":
             pc.setType(PETSc.PC.Type.PYTHON)
@@ -302,6 +312,7 @@ class Integrator:
     # ---------------------------------------------------------------- forward
     def _pre_step(self, ts):
         if self.observer is not None:
+            touch(self.x, "r")
             self.observer.starting(ts.getStepNumber(), self.x_view)
 
     def _post_step(self, ts):
@@ -309,18 +320,22 @@ class Integrator:
             return
         if self.rhs is not None and self.rhs.store is not None:
             self.rhs.store.accept_step()
+        touch(self.x, "r")
         self._run.post_step(self, ts)
 
     def forward(self, y0, t_out, control: StepControl, observer=None):
         """Solve from t_out[0] through every output time; returns (outputs, record).
-        outputs has shape [len(t_out), *local_shape] in float64 (the solver precision).
+        outputs has shape [len(t_out), *local_shape], in the solver precision, on the
+        layout's device.
         observer (checkpointing): observer.starting(step, state) before each step and
         observer.accepted(step, times, state) after each accepted one."""
         ts = self.ts
         self.reserve(control.max_num_steps)
         self.observer = observer
-        outputs = torch.empty((len(t_out),) + self.layout.local_shape, dtype=torch.float64)
+        outputs = torch.empty((len(t_out),) + self.layout.local_shape, dtype=SOLVER_DTYPE,
+                              device=self.layout.device)
         outputs[0].copy_(y0)
+        touch(self.x, "w")
         self.x_view.copy_(y0)
         self.x.stateIncrease()
         run = _Run(t_out, control, self.adaptive, outputs)
@@ -380,6 +395,7 @@ class Integrator:
         ts = self.ts
         self.reserve(len(times) - 1)
         self.replayed = True
+        touch(self.x, "w")
         self.x_view.copy_(y_start)
         self.x.stateIncrease()
         self._run = _Replay(times)
@@ -405,6 +421,7 @@ class Integrator:
         """lambda = dL/dy(t_N), mu = 0, before the adjoint steps."""
         self.reset_errors()
         self._adjoint_counts = self._counts()
+        touch(self.lam, "w")
         self.lam_view.copy_(grad_last)
         self.lam.stateIncrease()
         if self.mu is not None:
@@ -419,6 +436,7 @@ class Integrator:
         self.ts.adjointSolve()
 
     def add_to_lambda(self, grad):
+        touch(self.lam, "rw")
         self.lam_view.add_(grad)
         self.lam.stateIncrease()
 
@@ -430,17 +448,18 @@ class Integrator:
                            for k, v in self._counts_since(self._adjoint_counts).items()})
         if self.rhs is not None:
             self.rhs.store = None
+        touch(self.lam, "r")
         grad_y0 = self.lam_view + grad_first
         if error is None and not bool(torch.isfinite(grad_y0).all()):
             error = "the adjoint produced a non-finite gradient with respect to y0"
         raise_collectively(self.layout.comm, error, SolverError)
         grad_params = None
         if self.mu is not None:
-            grad_params = torch.from_numpy(self.mu.getArray().copy())
+            grad_params = vec_view(self.mu, (self.mu.getLocalSize(),), "r").clone()
             mpi = self.layout.gradient_comm.tompi4py()
             if mpi.Get_size() > 1:
                 t0 = time.perf_counter()
-                mpi.Allreduce(MPI.IN_PLACE, grad_params.numpy(), op=MPI.SUM)
+                allreduce_sum(grad_params, mpi)
                 self.stats["gradient_allreduce_seconds"] = time.perf_counter() - t0
         return grad_y0, grad_params
 

@@ -3,7 +3,9 @@
 A checkpoint goes to the fastest tier with room: device memory (a GPU-resident state), host
 memory, then an HDF5 file (h5format's layout). Each tier counts the bytes it holds against its
 budget. The disk tier writes behind the solve on a worker thread and, on the way back, reads the
-checkpoints the backward pass needs next while the adjoint of the current segment runs.
+checkpoints the backward pass needs next while the adjoint of the current segment runs. For a
+state on a GPU, host memory is page-locked and filled (and read back ahead of need) by copies
+on a side CUDA stream, so that the solve goes on meanwhile.
 """
 import collections
 import os
@@ -13,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from . import h5format
+from .device import SOLVER_DTYPE
 
 
 class MemoryTier:
@@ -61,6 +64,72 @@ class DeviceTier(MemoryTier):
     def has_room(self, nbytes):
         free, _ = torch.cuda.mem_get_info(self.device)
         return super().has_room(nbytes) and nbytes + self.RESERVE <= free
+
+
+class PinnedHostTier(MemoryTier):
+    """Page-locked host memory for checkpoints of a state on GPU `device`. put() snapshots the
+    state on the compute stream (the TS overwrites it in the next step) and copies the snapshot
+    to the host on a side stream; prefetch() copies upcoming checkpoints back to the GPU on that
+    stream while the adjoint runs; get() makes the compute stream wait for the copy it uses."""
+
+    def __init__(self, capacity, device, depth):
+        super().__init__("host", capacity)
+        self.gpu, self.depth = device, depth
+        self.stream = torch.cuda.Stream(device)
+        self.copied = {}             # pos -> event: the device-to-host copy is done
+        self.ahead = {}              # pos -> (GPU tensor, event) read back ahead of need
+        self.hits = self.misses = 0
+
+    def _on_side_stream(self, src, dst_device):
+        """Copy `src` to `dst_device` on the side stream, after the work queued so far on the
+        compute stream; returns (copy, event recorded after it)."""
+        self.stream.wait_stream(torch.cuda.current_stream(self.gpu))
+        with torch.cuda.stream(self.stream):
+            pinned = dst_device == "cpu"
+            out = torch.empty(src.shape, dtype=src.dtype, device=dst_device, pin_memory=pinned)
+            out.copy_(src, non_blocking=True)
+            if src.is_cuda:          # not to be reused before this copy has read it
+                src.record_stream(self.stream)
+            event = torch.cuda.Event()
+            event.record(self.stream)
+        return out, event
+
+    def put(self, pos, state, meta):
+        snapshot = state.clone()
+        self.data[pos], self.copied[pos] = self._on_side_stream(snapshot, "cpu")
+        self._count(state.nbytes)
+
+    def prefetch(self, pos):
+        if pos in self.data and pos not in self.ahead and len(self.ahead) < self.depth:
+            self.ahead[pos] = self._on_side_stream(self.data[pos], self.gpu)
+
+    def get(self, pos):
+        compute = torch.cuda.current_stream(self.gpu)
+        ahead = self.ahead.pop(pos, None)
+        if ahead is None:
+            self.misses += 1
+            compute.wait_event(self.copied[pos])
+            return self.data[pos].to(self.gpu, non_blocking=True)
+        self.hits += 1
+        tensor, event = ahead
+        compute.wait_event(event)
+        tensor.record_stream(compute)
+        return tensor
+
+    def drop(self, pos):
+        self.ahead.pop(pos, None)
+        self.copied.pop(pos)
+        super().drop(pos)
+
+    def stats(self):
+        return dict(super().stats(), host_prefetch_hits=self.hits,
+                    host_prefetch_misses=self.misses)
+
+    def close(self):
+        self.stream.synchronize()
+        self.ahead.clear()
+        self.copied.clear()
+        super().close()
 
 
 class DiskTier:
@@ -167,7 +236,7 @@ class DiskTier:
         except Exception as exc:  # noqa: BLE001
             self._failed(exc, "reading")
             shape = self.root_attributes["local_shape"]
-            return torch.full(tuple(shape), float("nan"), dtype=torch.float64)
+            return torch.full(tuple(shape), float("nan"), dtype=SOLVER_DTYPE)
 
     def drop(self, pos):
         write = self.writes.pop(pos, None)

@@ -29,6 +29,19 @@ class TimeMLP(nn.Module):
         return self.l2(torch.tanh(self.l1(y) + t * self.c))
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked gpu are skipped unless torch sees a GPU and PETSc is built with CUDA."""
+    import torch
+    from pnode_dist.device import petsc_has_cuda
+    if torch.cuda.is_available() and petsc_has_cuda():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU and a PETSc built with CUDA "
+                                   "(make setup GPU=1)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture
 def mlp():
     return TimeMLP()
@@ -39,11 +52,12 @@ def y0():
     return torch.randn(4, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
 
 
-def run_mpi(nranks, script, *args, timeout=240):
-    """Run `python script args` under `mpiexec -n nranks` in its own process group; a hang is
-    killed (whole group) and becomes a test failure instead of a stuck CI."""
+def run_mpi(nranks, script, *args, timeout=240, env=None):
+    """Run `python script args` under `mpiexec -n nranks` in its own process group (extra
+    environment variables in `env`); a hang is killed (whole group) and becomes a test failure
+    instead of a stuck CI."""
     cmd = ["mpiexec", "-n", str(nranks), sys.executable, str(script), *map(str, args)]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), **(env or {}))
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=env, cwd=ROOT, start_new_session=True)
     try:
@@ -65,7 +79,7 @@ def recorded_steps(func, y0, t, method, options=None, rtol=1e-7, atol=1e-9, **se
     options = dict(options or {})
     m = METHODS[method]
     adaptive = m.adaptive and "step_size" not in options
-    layout = BatchLayout(PETSc.COMM_SELF, y0.shape, [tuple(y0.shape)])
+    layout = BatchLayout(PETSc.COMM_SELF, y0.shape, [tuple(y0.shape)], device=y0.device)
     integ = Integrator(layout, m, func, list(func.parameters()), y0.dtype, None, (), adaptive,
                        adjoint=False, setup=SetupConfig(**setup))
     control = StepControl(step_size=options.get("step_size"), rtol=rtol, atol=atol)

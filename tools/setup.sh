@@ -58,12 +58,16 @@ petsc_ok() {
     && has_cuda=1
   [ "$has_cuda" = "${GPU:-0}" ]
 }
-if ! petsc_ok; then
-  options="--with-fc=0 --with-x=0 --with-debugging=0 --with-cuda=0"
+configure_options() {
   if [ "${GPU:-0}" = 1 ]; then
     source "$ROOT/tools/cuda_petsc.sh"
-    options="--with-fc=0 --with-x=0 --with-debugging=0 $(cuda_petsc_options "$PY")"
+    echo "--with-fc=0 --with-x=0 --with-debugging=0 $(cuda_petsc_options "$PY")"
+  else
+    echo "--with-fc=0 --with-x=0 --with-debugging=0 --with-cuda=0"
   fi
+}
+if ! petsc_ok; then
+  options=$(configure_options)
   say "building $(pin petsc) (several minutes; GPU=${GPU:-0})"
   PETSC_CONFIGURE_OPTIONS="$options" \
     pipi --no-build-isolation --no-cache-dir --force-reinstall --no-deps "$(pin petsc)"
@@ -83,6 +87,30 @@ if [ -n "${rebuilt_petsc:-}" ] || ! petsc4py_ok; then
   PETSC_DIR=$PETSC_DIR PETSC_ARCH="" \
     pipi --no-build-isolation --no-cache-dir --force-reinstall --no-deps "$(pin petsc4py)"
   petsc4py_ok || { echo "[setup] petsc4py does not link $PETSC_DIR" >&2; exit 1; }
+fi
+
+# 4b. The same PETSc + petsc4py in single precision, installed apart (.venv/petsc-single):
+#     PNODE_PRECISION=single selects it at run time, for float32 models without casts.
+SINGLE=$VENV/petsc-single
+petsc_version=$(pin petsc | cut -d= -f3)
+petsc4py_version=$(pin petsc4py | cut -d= -f3)
+single_ok() {
+  local conf=$SINGLE/petsc/include/petscconf.h so has_cuda=0
+  [ -d "$SINGLE/petsc-$petsc_version.dist-info" ] && [ -d "$SINGLE/petsc4py-$petsc4py_version.dist-info" ] \
+    && grep -qE '^#define PETSC_USE_REAL_SINGLE 1$' "$conf" 2>/dev/null || return 1
+  grep -qE '^#define PETSC_HAVE_CUDA 1$' "$conf" && has_cuda=1
+  [ "$has_cuda" = "${GPU:-0}" ] || return 1
+  so=$(ls "$SINGLE"/petsc4py/lib/PETSc*.so 2>/dev/null | head -1)
+  [ -n "$so" ] && readelf -d "$so" | grep -E "RUNPATH|RPATH" | grep -q "$SINGLE/petsc"
+}
+if ! single_ok; then
+  say "building single-precision $(pin petsc) + petsc4py in $SINGLE (several minutes)"
+  rm -rf "$SINGLE"
+  PETSC_CONFIGURE_OPTIONS="$(configure_options) --with-precision=single" \
+    pipi --no-build-isolation --no-cache-dir --no-deps --target "$SINGLE" "$(pin petsc)"
+  PETSC_DIR=$SINGLE/petsc PETSC_ARCH="" \
+    pipi --no-build-isolation --no-cache-dir --no-deps --target "$SINGLE" "$(pin petsc4py)"
+  single_ok || { echo "[setup] the single-precision petsc4py in $SINGLE is incomplete" >&2; exit 1; }
 fi
 
 # 5. torch (exact pin: a range could pull a multi-GB CUDA build) and the rest.
