@@ -6,7 +6,8 @@ made before that, once per process:
 
 - Precision: PNODE_PRECISION=single selects the single-precision PETSc + petsc4py that
   `make setup` installs in <venv>/petsc-single (or the folder PNODE_PETSC_SINGLE names; float32
-  state); the default is double.
+  state), else the importable petsc4py, which must then be single-precision (a GPU bundle's).
+  Without PNODE_PRECISION the importable petsc4py decides (`make setup`'s is double).
 - GPU: when torch sees GPUs, each rank takes GPU (node-local rank) % (visible GPUs), for torch
   (torch.cuda.set_device) and PETSc (-device_select_cuda) alike; `-device_select_cuda N` on the
   command line overrides it. PETSc's own default would be the *global* rank modulo the GPUs.
@@ -21,23 +22,19 @@ from .errors import InputError
 PRECISIONS = ("double", "single")
 
 
-def _select_precision():
-    """Put the single-precision petsc4py first on sys.path if PNODE_PRECISION asks for it."""
-    precision = os.environ.get("PNODE_PRECISION", "double") or "double"
-    if precision not in PRECISIONS:
+def _requested_precision():
+    """PNODE_PRECISION (None if unset); for 'single', the folder of the single-precision
+    petsc4py goes first on sys.path when there is one."""
+    precision = os.environ.get("PNODE_PRECISION") or None
+    if precision not in (None,) + PRECISIONS:
         raise InputError(f"PNODE_PRECISION={precision!r}: choose 'double' or 'single'")
-    if precision == "double":
-        return precision
     path = os.environ.get("PNODE_PETSC_SINGLE") or os.path.join(sys.prefix, "petsc-single")
-    if "petsc4py" in sys.modules and not sys.modules["petsc4py"].__file__.startswith(path):
-        raise InputError("PNODE_PRECISION=single, but the double-precision petsc4py was imported "
-                         "before pnode_dist: import pnode_dist first")
-    if not os.path.isdir(os.path.join(path, "petsc4py")):
-        raise InputError(f"PNODE_PRECISION=single needs the single-precision PETSc that `make "
-                         f"setup` installs in {path}; run `make setup` (or unset "
-                         "PNODE_PRECISION)")
-    if path not in sys.path:
-        sys.path.insert(0, path)
+    if precision == "single" and os.path.isdir(os.path.join(path, "petsc4py")):
+        if "petsc4py" in sys.modules and not sys.modules["petsc4py"].__file__.startswith(path):
+            raise InputError("PNODE_PRECISION=single, but another petsc4py was imported before "
+                             "pnode_dist: import pnode_dist first")
+        if path not in sys.path:
+            sys.path.insert(0, path)
     return precision
 
 
@@ -53,7 +50,7 @@ def _gpu_options(argv):
     return ["-device_select_cuda", str(gpu)]
 
 
-PRECISION = _select_precision()
+_REQUESTED = _requested_precision()
 import petsc4py  # noqa: E402
 
 
@@ -92,9 +89,11 @@ if "petsc4py.PETSc" not in sys.modules:
     petsc4py.init(_argv + _gpu_options(_argv))
 from petsc4py import PETSc  # noqa: E402
 
-if (PETSc.RealType().itemsize == 4) != (PRECISION == "single"):
-    raise InputError(f"PNODE_PRECISION={PRECISION} but petsc4py was built with "
-                     f"{8 * PETSc.RealType().itemsize}-bit reals: rerun `make setup`")
+PRECISION = "single" if PETSc.RealType().itemsize == 4 else "double"
+if _REQUESTED not in (None, PRECISION):
+    raise InputError(f"PNODE_PRECISION={_REQUESTED}, but the petsc4py found "
+                     f"({petsc4py.__file__}) is {PRECISION}-precision: run `make setup` (it "
+                     "builds both), or install a petsc4py of that precision")
 
 __all__ = ["PETSc", "MPI", "PRECISION", "resolve_comm", "raise_collectively",
            "allreduce_gradients", "broadcast_parameters", "world", "allreduce_sum"]

@@ -2,7 +2,9 @@
 # Build a relocatable CUDA-enabled PETSc + petsc4py on a machine WITHOUT a GPU (nvcc and cudart
 # are enough), for GPU nodes that lack build tools or time:
 #     make gpu-bundle [GPU_PYTHON=3.12] [GPU_PREFIX=/opt/pnode-gpu] [CUDA_ARCH=90] [GPU_MPI=none]
-# Output: dist/pnode-gpu-petsc<version>-cuda-py<python>.tar.gz, holding PREFIX (PETSc, stripped,
+#                     [GPU_PRECISION=double|single]
+# Output: dist/pnode-gpu-petsc<version>-cuda-<precision>-py<python>.tar.gz, holding PREFIX
+# (PETSc, stripped,
 # without its share/ folder), the petsc4py wheel for that Python, and env.sh. On the GPU node:
 #     tar xzf pnode-gpu-...tar.gz -C /          # PETSc must sit at the same PREFIX
 #     source PREFIX/env.sh                       # PETSC_DIR, LD_LIBRARY_PATH (torch's CUDA libs)
@@ -16,6 +18,8 @@ ROOT=$PWD
 PYVER=${GPU_PYTHON:-3.12}
 PREFIX=${GPU_PREFIX:-/opt/pnode-gpu}
 MPI=${GPU_MPI:-none}
+PRECISION=${GPU_PRECISION:-double}
+case $PRECISION in double|single) ;; *) echo "[gpu-bundle] GPU_PRECISION: double or single" >&2; exit 2;; esac
 WORK=$ROOT/build/gpu-bundle
 say() { echo "[gpu-bundle] $*"; }
 pin() { grep -E "^$1==" requirements.txt | head -1 | cut -d= -f3; }
@@ -37,17 +41,24 @@ OPTIONS=$(CUDA_LINKS=$WORK/cuda-links cuda_petsc_options "$VPY")
 
 # 2. PETSc from its source release, installed at PREFIX.
 VERSION=$(pin petsc)
-if [ ! -f "$PREFIX/include/petscconf.h" ] || ! grep -qE '^#define PETSC_HAVE_CUDA 1$' "$PREFIX/include/petscconf.h"; then
+built_as() {       # does PREFIX hold a CUDA PETSc of this precision?
+  local conf=$PREFIX/include/petscconf.h single=0
+  grep -qE '^#define PETSC_HAVE_CUDA 1$' "$conf" 2>/dev/null || return 1
+  grep -qE '^#define PETSC_USE_REAL_SINGLE 1$' "$conf" && single=1
+  [ "$single" = "$([ "$PRECISION" = single ] && echo 1 || echo 0)" ]
+}
+if ! built_as; then
   if [ ! -d "$WORK/petsc-$VERSION" ]; then
     say "fetching PETSc $VERSION's source"
     "$VPY" -m pip download -q --no-deps --no-binary :all: -d "$WORK" "petsc==$VERSION"
     tar xzf "$WORK/petsc-$VERSION.tar.gz" -C "$WORK"
   fi
   if [ "$MPI" = none ]; then mpi_opts="--with-mpi=0"; else mpi_opts="--with-mpi-dir=$MPI"; fi
-  say "configuring (CUDA arch ${CUDA_ARCH:-90}, MPI: $MPI, prefix $PREFIX)"
+  say "configuring ($PRECISION, CUDA arch ${CUDA_ARCH:-90}, MPI: $MPI, prefix $PREFIX)"
   # shellcheck disable=SC2086
   (cd "$WORK/petsc-$VERSION" && "$VPY" ./configure --prefix="$PREFIX" PETSC_ARCH=arch-gpu \
      --with-debugging=0 --with-fc=0 --with-x=0 --with-shared-libraries=1 $mpi_opts $OPTIONS \
+     --with-precision="$PRECISION" \
      COPTFLAGS=-O2 CXXOPTFLAGS=-O2 CUDAOPTFLAGS=-O2 > "$WORK/configure.log" 2>&1) \
     || { tail -30 "$WORK/petsc-$VERSION/configure.log" >&2; exit 1; }
   say "building PETSc (about 5 minutes on 2 cores)"
@@ -56,12 +67,14 @@ if [ ! -f "$PREFIX/include/petscconf.h" ] || ! grep -qE '^#define PETSC_HAVE_CUD
 fi
 
 # 3. petsc4py for the target Python, against that PETSc.
-WHEEL=$(ls "$WORK"/petsc4py-"$(pin petsc4py)"-*.whl 2>/dev/null | head -1 || true)
-if [ -z "$WHEEL" ]; then
+WHEELS=$WORK/wheels-$PRECISION
+WHEEL=$(ls "$WHEELS"/petsc4py-"$(pin petsc4py)"-*.whl 2>/dev/null | head -1 || true)
+if [ -z "$WHEEL" ] || [ "$WHEEL" -ot "$PREFIX/include/petscconf.h" ]; then
   say "building petsc4py $(pin petsc4py) for Python $PYVER (about 4 minutes)"
+  rm -rf "$WHEELS"
   PETSC_DIR=$PREFIX PETSC_ARCH="" "$VPY" -m pip wheel -q --no-build-isolation --no-deps \
-    --no-binary petsc4py -w "$WORK" "petsc4py==$(pin petsc4py)"
-  WHEEL=$(ls "$WORK"/petsc4py-*.whl | head -1)
+    --no-binary petsc4py -w "$WHEELS" "petsc4py==$(pin petsc4py)"
+  WHEEL=$(ls "$WHEELS"/petsc4py-*.whl | head -1)
 fi
 
 # 4. The bundle: stripped libraries, no share/, the wheel and an environment script.
@@ -74,6 +87,6 @@ export PETSC_DIR=$PREFIX PETSC_ARCH=
 nv=\$(python -c "import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], 'cu13', 'lib'))" 2>/dev/null)
 export LD_LIBRARY_PATH=$PREFIX/lib\${nv:+:\$nv}:\${CUDA_HOME:-/usr/local/cuda}/lib64\${LD_LIBRARY_PATH:+:\$LD_LIBRARY_PATH}
 ENV
-OUT=dist/pnode-gpu-petsc$VERSION-cuda-py$PYVER.tar.gz
+OUT=dist/pnode-gpu-petsc$VERSION-cuda-$PRECISION-py$PYVER.tar.gz
 tar czf "$OUT" -C / "${PREFIX#/}"
 say "wrote $OUT ($(du -h "$OUT" | cut -f1)); unpack with: tar xzf $(basename "$OUT") -C /"
