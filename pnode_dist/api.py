@@ -211,9 +211,8 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, comm
                    adjoint_* counts once the backward pass ran, and with checkpointing the
                    schedule, recomputed_steps, bytes per tier, disk read/write seconds.
     The solver state has PETSc's precision (float64, or float32 with PNODE_PRECISION=single)
-    and lives where y0 does: on this rank's GPU (pnode_dist.rank_device()) the Vecs are CUDA
-    Vecs.
-    func is evaluated in its own dtype (a cast per call if it differs from the solver's).
+    and lives where y0 does: on this rank's GPU (pnode_dist.rank_device()) in CUDA Vecs. func
+    is evaluated in its own dtype (a cast per call if it differs from the solver's).
     """
     if grid is not None:             # the same on every rank: raised directly
         if not isinstance(grid, Grid):

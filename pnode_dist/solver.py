@@ -17,7 +17,7 @@ from typing import List
 import torch
 
 from .bridge import GraphStore, ParamJacobianMat, StateJacobianMat, TorchRHS, touch, vec_view
-from .device import SOLVER_DTYPE
+from .device import SOLVER_DTYPE, vec_type
 from .errors import InputError, SolverError
 from .implicit import BlockJacobianPC, IJacobianMat, IJacobianPMat, TorchIFunction
 from .methods import EXPLICIT, IMPLICIT
@@ -252,7 +252,7 @@ class Integrator:
     def _python_mat(self, sizes, context):
         """A matrix-free Mat whose products are torch callbacks (Vecs of the state's type)."""
         mat = PETSc.Mat().createPython(sizes, context, comm=self.layout.comm)
-        mat.setVecType(self.x.getType())
+        mat.setVecType(vec_type(self.layout.device))
         mat.setUp()
         return mat
 
