@@ -157,7 +157,8 @@ class TorchIFunction(TorchRHS):
         t, y = self._point
         batch, d = y.shape[0], y[0].numel()
         time = self._time(t)
-        basis = torch.eye(d, dtype=y.dtype, device=y.device).reshape((d, 1) + y.shape[1:]).expand((d,) + y.shape)
+        basis = torch.eye(d, dtype=y.dtype, device=y.device).reshape((d, 1) + y.shape[1:])
+        basis = basis.expand((d,) + y.shape)
 
         def column(v):
             return torch.func.jvp(lambda z: self.func(time, z), (y,), (v,))[1]
