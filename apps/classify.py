@@ -143,6 +143,10 @@ def main(argv=None):
         policy = ode_cli.checkpoint_policy(args)
         model = ODENet(xtr.shape[-1], args.channels, int(ytr.max()) + 1,
                        block_kwargs(args, policy))
+        # This rank's GPU when there is one (and PETSc has CUDA), else the CPU.
+        device = pnode_dist.rank_device()
+        model.to(device)
+        xtr, ytr, xte, yte = (a.to(device) for a in (xtr, ytr, xte, yte))
     except (datasets.DatasetUnavailable, pnode_dist.InputError) as exc:
         return workflow.fail(comm, exc)
     if args.batch_size < size:
@@ -156,7 +160,8 @@ def main(argv=None):
     run = workflow.TrainingRun(args, comm, model, opt, schedule)
     blocks = ", ".join(f"{m}/{s or 'adaptive'}" for m, s in zip(args.method, args.steps))
     run.say(f"pnode_dist {pnode_dist.__version__}: {args.dataset} train={len(ytr)} "
-            f"test={len(yte)} ranks={size} ODE blocks (method/steps)={blocks}")
+            f"test={len(yte)} ranks={size} device={device} ({pnode_dist.parallel.PRECISION} "
+            f"solver) ODE blocks (method/steps)={blocks}")
     progress = {"batch": 0, "total_loss": 0.0, "history": []}
     start_epoch, iteration = 1, 0
     try:
@@ -179,7 +184,7 @@ def main(argv=None):
                                       generator=torch.Generator().manual_seed(args.seed + epoch))
                 model.train()
                 for b in run.bar(range(first_batch, nbatches), f"epoch {epoch}"):
-                    idx = perm[b * args.batch_size:(b + 1) * args.batch_size]
+                    idx = perm[b * args.batch_size:(b + 1) * args.batch_size].to(device)
                     lo, hi = workflow.shard(len(idx), rank, size)
                     xb, yb = xtr[idx[lo:hi]], ytr[idx[lo:hi]]
                     opt.zero_grad()
