@@ -27,6 +27,7 @@ bench: setup
 	$(PY) benchmarks/stiff.py
 	$(PY) benchmarks/memory.py
 	$(PY) benchmarks/grid_scaling.py
+	$(PY) benchmarks/precision.py
 
 # A relocatable CUDA PETSc + petsc4py for GPU nodes, built here without a GPU (tools/gpu_bundle.sh).
 gpu-bundle:
