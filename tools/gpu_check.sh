@@ -8,8 +8,9 @@
 # `build` needs PETSc's source tarball at build/gpu-bundle/petsc-<version>.tar.gz (make
 # gpu-bundle fetches it; petsc4py is built from the copy inside it). It builds both precisions at
 # once into build/gpu-check/<precision> (PETSc prefix + petsc4py), skipping what is there, and
-# with OUT packs each into OUT/gpu-<precision>.tar.gz (unpacked by `check` if build/gpu-check is
-# missing: carry those files back as build/gpu-check-packs/). Logs go to OUT when given.
+# with OUT packs each into OUT/gpu-<precision>.tar.gz.part-* (pieces under 15 MiB, for a
+# transfer limit), which `check` reassembles from build/gpu-check-packs/ if build/gpu-check is
+# missing. Build logs stay in build/gpu-check/logs; `check` writes its two logs to OUT.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -18,7 +19,7 @@ OUT=${2:-}
 PY=${PYTHON:-python3}
 VERSION=$(grep -E '^petsc==' requirements.txt | cut -d= -f3)
 WORK=$ROOT/build/gpu-check
-LOGS=${OUT:-$WORK}
+LOGS=$WORK/logs
 mkdir -p "$WORK" "$LOGS"
 say() { echo "[gpu-check $(date +%T)] $*"; }
 
@@ -41,7 +42,8 @@ build_one() {      # precision
   (cd "$src/src/binding/petsc4py" && PETSC_DIR=$dest/petsc PETSC_ARCH="" \
      "$PY" -m pip install -q --no-build-isolation --no-deps --no-index --target "$dest" . \
      > "$LOGS/petsc4py-$prec.log" 2>&1) || { tail -20 "$LOGS/petsc4py-$prec.log"; return 1; }
-  rm -rf "$src"
+  rm -rf "$src" "$dest/petsc/share"
+  strip --strip-unneeded "$dest"/petsc/lib/libpetsc.so.* "$dest"/petsc4py/lib/*.so 2>/dev/null || true
   say "$prec: built"
 }
 
@@ -53,19 +55,23 @@ MPI.Get_library_version().splitlines()[0], '| torch', torch.__version__, torch.c
   build_one single & b2=$!
   wait $b1 && wait $b2
   if [ -n "$OUT" ]; then
-    for prec in double single; do tar czf "$OUT/gpu-$prec.tar.gz" -C "$WORK" "$prec"; done
+    for prec in double single; do
+      tar czf - -C "$WORK" "$prec" | split -b 15m - "$OUT/gpu-$prec.tar.gz.part-"
+    done
+    ls -l "$OUT"
   fi
   exit 0
 fi
 
 # check
 for prec in double single; do
-  pack=$ROOT/build/gpu-check-packs/gpu-$prec.tar.gz
-  [ -d "$WORK/$prec" ] || [ ! -f "$pack" ] || tar xzf "$pack" -C "$WORK"
+  parts=$(ls "$ROOT"/build/gpu-check-packs/gpu-$prec.tar.gz.part-* 2>/dev/null || true)
+  [ -d "$WORK/$prec" ] || [ -z "$parts" ] || cat $parts | tar xzf - -C "$WORK"
 done
 export PYTHONPATH=$WORK/double:$ROOT PNODE_PETSC_SINGLE=$WORK/single OMP_NUM_THREADS=4
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 say "GPU tests (float64 PETSc)"
-"$PY" -m pytest -q -m gpu -p no:cacheprovider tests/test_device.py 2>&1 | tee "$LOGS/gpu-tests.log"
+REPORT=${OUT:-$WORK}
+"$PY" -m pytest -q -m gpu -p no:cacheprovider tests/test_device.py 2>&1 | tee "$REPORT/gpu-tests.log"
 say "GPU benchmark (float32 PETSc; targets in its output)"
-PNODE_PRECISION=single "$PY" benchmarks/gpu_odenet.py --reps 3 2>&1 | tee "$LOGS/gpu-bench.log"
+PNODE_PRECISION=single "$PY" benchmarks/gpu_odenet.py --reps 3 2>&1 | tee "$REPORT/gpu-bench.log"
