@@ -72,8 +72,9 @@ WHEEL=$(ls "$WHEELS"/petsc4py-"$(pin petsc4py)"-*.whl 2>/dev/null | head -1 || t
 if [ -z "$WHEEL" ] || [ "$WHEEL" -ot "$PREFIX/include/petscconf.h" ]; then
   say "building petsc4py $(pin petsc4py) for Python $PYVER (about 4 minutes)"
   rm -rf "$WHEELS"
+  # --no-cache-dir: pip would otherwise reuse a wheel it built against another PETSc.
   PETSC_DIR=$PREFIX PETSC_ARCH="" "$VPY" -m pip wheel -q --no-build-isolation --no-deps \
-    --no-binary petsc4py -w "$WHEELS" "petsc4py==$(pin petsc4py)"
+    --no-cache-dir --no-binary petsc4py -w "$WHEELS" "petsc4py==$(pin petsc4py)"
   WHEEL=$(ls "$WHEELS"/petsc4py-*.whl | head -1)
 fi
 

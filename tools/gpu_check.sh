@@ -40,7 +40,7 @@ build_one() {      # precision
   (cd "$src" && make PETSC_DIR="$src" PETSC_ARCH=arch-$prec MAKE_NP=8 all install \
      > "$LOGS/make-$prec.log" 2>&1) || { tail -20 "$LOGS/make-$prec.log"; return 1; }
   (cd "$src/src/binding/petsc4py" && PETSC_DIR=$dest/petsc PETSC_ARCH="" \
-     "$PY" -m pip install -q --no-build-isolation --no-deps --no-index --target "$dest" . \
+     "$PY" -m pip install -q --no-build-isolation --no-deps --no-index --no-cache-dir --target "$dest" . \
      > "$LOGS/petsc4py-$prec.log" 2>&1) || { tail -20 "$LOGS/petsc4py-$prec.log"; return 1; }
   rm -rf "$src" "$dest/petsc/share"
   strip --strip-unneeded "$dest"/petsc/lib/libpetsc.so.* "$dest"/petsc4py/lib/*.so 2>/dev/null || true
