@@ -60,8 +60,10 @@ petsc_ok() {
 }
 configure_options() {
   if [ "${GPU:-0}" = 1 ]; then
+    local cuda
     source "$ROOT/tools/cuda_petsc.sh"
-    echo "--with-fc=0 --with-x=0 --with-debugging=0 $(cuda_petsc_options "$PY")"
+    cuda=$(cuda_petsc_options "$PY") || return 1
+    echo "--with-fc=0 --with-x=0 --with-debugging=0 $cuda"
   else
     echo "--with-fc=0 --with-x=0 --with-debugging=0 --with-cuda=0"
   fi
@@ -106,7 +108,8 @@ single_ok() {
 if ! single_ok; then
   say "building single-precision $(pin petsc) + petsc4py in $SINGLE (several minutes)"
   rm -rf "$SINGLE"
-  PETSC_CONFIGURE_OPTIONS="$(configure_options) --with-precision=single" \
+  options=$(configure_options)
+  PETSC_CONFIGURE_OPTIONS="$options --with-precision=single" \
     pipi --no-build-isolation --no-cache-dir --no-deps --target "$SINGLE" "$(pin petsc)"
   PETSC_DIR=$SINGLE/petsc PETSC_ARCH="" \
     pipi --no-build-isolation --no-cache-dir --no-deps --target "$SINGLE" "$(pin petsc4py)"
