@@ -4,7 +4,8 @@ block, loss = <w, y(T)>): time and peak GPU memory of pnode_dist, torchdiffeq's 
 (backprop) and odeint_adjoint, and the pure-torch replay limit (exactly the f evaluations and
 vjps of the discrete adjoint, benchmarks/overhead.py). One run, cases interleaved; ratios of
 medians are printed with the targets (time <= 1.2 x the limit and <= 0.8 x odeint_adjoint, peak
-memory <= 0.3 x backprop at the most steps).
+memory <= 0.3 x backprop at the most steps). Peak memory counts torch's reserved memory and, by
+polling the device's free memory, PETSc's own CUDA allocations (its Vecs and trajectory).
 
     PNODE_PRECISION=single python benchmarks/gpu_odenet.py            # float32 on the GPU
     python benchmarks/gpu_odenet.py --quick                           # tiny, runs on a CPU
@@ -16,6 +17,7 @@ the replay limit before timing: the script fails if they differ.
 import argparse
 import statistics
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -55,19 +57,54 @@ class ODEFunc(nn.Module):
         return self.conv2(t, torch.relu(self.norm2(h)))
 
 
-def measure(fn, device):
-    """(seconds, peak bytes above the memory in use before) of one call."""
-    cuda = device.type == "cuda"
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
+class DeviceMemoryPeak:
+    """Peak GPU memory in use during a `with` block, above what was in use before it: torch's
+    reserved memory, and the device's free memory polled on a thread (PETSc allocates its CUDA
+    Vecs, trajectory included, outside torch's allocator)."""
+
+    def __init__(self, device, interval=5e-4):
+        self.device, self.interval = device, interval
+
+    def __enter__(self):
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self.reserved0 = torch.cuda.memory_reserved(self.device)
+        self.free0 = self.min_free = torch.cuda.mem_get_info(self.device)[0]
+        self.running = True
+        self.thread = threading.Thread(target=self._poll, daemon=True)
+        self.thread.start()
+        return self
+
+    def _poll(self):
+        while self.running:
+            self.min_free = min(self.min_free, torch.cuda.mem_get_info(self.device)[0])
+            time.sleep(self.interval)
+
+    def __exit__(self, *exc):
+        torch.cuda.synchronize(self.device)
+        self.running = False
+        self.thread.join()
+        self.min_free = min(self.min_free, torch.cuda.mem_get_info(self.device)[0])
+        self.peak = max(self.free0 - self.min_free,
+                        torch.cuda.max_memory_reserved(self.device) - self.reserved0)
+
+
+def seconds(fn, device):
+    """Wall time of one call (GPU work included)."""
     start = time.perf_counter()
     fn()
-    if cuda:
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
-    return seconds, (torch.cuda.max_memory_allocated() - base) if cuda else None
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def peak_memory(fn, device):
+    """Peak GPU bytes of one call above those in use before (a separate run: the polling thread
+    would disturb the timing)."""
+    with DeviceMemoryPeak(device) as memory:
+        fn()
+    return memory.peak
 
 
 def contenders(func, y0, w, method, steps):
@@ -162,9 +199,10 @@ def main():
             for _ in range(args.reps):
                 for name, fn in cases.items():
                     func.zero_grad()
-                    runs[name].append(measure(fn, device))
-            sec = {n: statistics.median(s for s, _ in r) for n, r in runs.items()}
-            mem = {n: max((m or 0) for _, m in r) for n, r in runs.items()}
+                    runs[name].append(seconds(fn, device))
+            sec = {n: statistics.median(r) for n, r in runs.items()}
+            mem = {n: peak_memory(fn, device) for n, fn in cases.items()} \
+                if device.type == "cuda" else {}
             for name in cases:
                 memory = f"{mem[name] / 2**20:9.1f} MiB" if device.type == "cuda" else ""
                 print(f"  {name:28s} {1e3 * sec[name]:9.1f} ms {memory}")
