@@ -49,6 +49,9 @@ def check_device(y0, params):
         raise InputError(f"y0 is on {dev} but this rank's GPU is cuda:"
                          f"{torch.cuda.current_device()} (node-local rank modulo the visible "
                          "GPUs): use y0.to(pnode_dist.rank_device())")
+    if torch.cuda.current_stream(dev) != torch.cuda.default_stream(dev):
+        raise InputError("odeint runs on the default CUDA stream, which PETSc's kernels share "
+                         "(ordering them with torch's): call it outside torch.cuda.stream(...)")
 
 
 def vec_type(dev):
