@@ -140,7 +140,9 @@ def _parameters(func, y0):
         if p.dtype != y0.dtype:
             raise InputError(f"y0 is {y0.dtype} but func has {p.dtype} parameters: use "
                              f"y0.to({p.dtype}) or func.to({y0.dtype})")
-    check_device(y0, params)
+        if p.device != y0.device:
+            raise InputError(f"y0 is on {y0.device} but func has parameters on {p.device}: move "
+                             "both to pnode_dist.rank_device()")
     return params
 
 
@@ -149,7 +151,7 @@ def _check_y0(y0):
         raise InputError(f"y0 must be a torch.Tensor; got {type(y0).__name__}")
     if y0.dtype not in (torch.float32, torch.float64):
         raise InputError(f"y0 must be float32 or float64; got {y0.dtype}")
-    check_device(y0, [])
+    check_device(y0)
     if y0.dim() == 0:
         raise InputError("y0 must have at least one dimension (the leading one is the batch "
                          "that is split over ranks); use y0.reshape(1)")
