@@ -56,6 +56,7 @@ def vec_type(dev):
 
 
 def new_vec(comm, local_size, global_size, dev):
+    """A Vec of the given sizes in the memory of torch device `dev`."""
     vec = PETSc.Vec().create(comm=comm)
     vec.setSizes((local_size, global_size))
     vec.setType(vec_type(dev))

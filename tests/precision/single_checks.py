@@ -1,5 +1,5 @@
 """Checks of the single-precision build, run with PNODE_PRECISION=single on 1 or more ranks
-(tests/test_precision.py). Every rank asserts; a failure exits non-zero."""
+(tests/test_device.py). Every rank asserts; a failure exits non-zero."""
 import sys
 import tempfile
 from pathlib import Path
