@@ -38,11 +38,18 @@ def is_cuda_vec(vec):
     return vec.getType().endswith("cuda")
 
 
+def _device_pointer(vec, mode):
+    """A CUDA Vec's device pointer, PETSc's offload state updated for access `mode`."""
+    pointer = vec.getCUDAHandle(mode)
+    vec.restoreCUDAHandle(pointer, mode)
+    return pointer
+
+
 def touch(vec, mode):
     """Before torch reads ('r') or writes ('w', 'rw') a CUDA Vec's device memory through a view:
     bring the device copy up to date, or mark it as the valid one. A no-op for host Vecs."""
     if is_cuda_vec(vec):
-        vec.restoreCUDAHandle(vec.getCUDAHandle(mode), mode)
+        _device_pointer(vec, mode)
 
 
 def vec_view(vec, shape, mode="rw"):
@@ -50,9 +57,7 @@ def vec_view(vec, shape, mode="rw"):
     memory, or device memory for a CUDA Vec. With mode 'r' (for Vecs PETSc has locked), the
     tensor must not be written."""
     if is_cuda_vec(vec):
-        pointer = vec.getCUDAHandle(mode)
-        vec.restoreCUDAHandle(pointer, mode)
-        array = _DeviceArray(pointer, vec.getLocalSize(), SOLVER_ITEMSIZE)
+        array = _DeviceArray(_device_pointer(vec, mode), vec.getLocalSize(), SOLVER_ITEMSIZE)
         return torch.as_tensor(array, device="cuda").view(shape)
     return torch.from_numpy(vec.getArray(readonly=mode == "r")).view(shape)
 

@@ -170,6 +170,7 @@ class Integrator:
         self.layout, self.method = layout, method
         self.adaptive, self.adjoint = adaptive, adjoint
         shape, dev = layout.local_shape, layout.device
+        self.on_gpu = dev.type == "cuda"
         self.rhs = self.ifun = None      # explicit part (RHS form) / implicit part (IFunction)
         if method.kind == EXPLICIT:
             self.rhs = TorchRHS(func, params, shape, dtype, dev)
@@ -312,7 +313,8 @@ class Integrator:
     # ---------------------------------------------------------------- forward
     def _pre_step(self, ts):
         if self.observer is not None:
-            touch(self.x, "r")
+            if self.on_gpu:
+                touch(self.x, "r")
             self.observer.starting(ts.getStepNumber(), self.x_view)
 
     def _post_step(self, ts):
@@ -320,7 +322,8 @@ class Integrator:
             return
         if self.rhs is not None and self.rhs.store is not None:
             self.rhs.store.accept_step()
-        touch(self.x, "r")
+        if self.on_gpu:              # the state is read (outputs, checkpoints) every step
+            touch(self.x, "r")
         self._run.post_step(self, ts)
 
     def forward(self, y0, t_out, control: StepControl, observer=None):
