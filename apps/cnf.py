@@ -97,28 +97,35 @@ class CNF(nn.Module):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = workflow.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--data", choices=densities.NAMES, default="8gaussians")
-    p.add_argument("--iterations", type=int, default=600)
-    p.add_argument("--batch-size", type=int, default=512, help="global batch, split over ranks")
-    p.add_argument("--lr", type=float, default=5e-3)
-    p.add_argument("--hidden", type=int, default=64)
-    p.add_argument("--layers", type=int, default=3, help="hidden layers of the MLP")
+    p.add_argument("--iterations", type=workflow.positive_int, default=600)
+    p.add_argument("--batch-size", type=workflow.positive_int, default=512,
+                   help="global batch, split over ranks (at least one per rank)")
+    p.add_argument("--lr", type=workflow.positive_float, default=5e-3)
+    p.add_argument("--hidden", type=workflow.positive_int, default=64)
+    p.add_argument("--layers", type=workflow.nonnegative_int, default=3,
+                   help="hidden layers of the MLP")
     p.add_argument("--trace", choices=["auto", "exact", "hutchinson"], default="auto",
                    help="divergence in training: exact, Hutchinson's estimator, or auto (exact "
                         "up to 4 dimensions); evaluation always uses the exact trace")
-    p.add_argument("--eval-every", type=int, default=50, help="iterations between evaluations")
-    p.add_argument("--test-size", type=int, default=2000, help="held-out 2-D samples")
+    p.add_argument("--eval-every", type=workflow.positive_int, default=50,
+                   help="iterations between evaluations")
+    p.add_argument("--test-size", type=workflow.positive_int, default=2000,
+                   help="held-out 2-D samples")
     g = p.add_argument_group("ODE solve (PETSc options prefix 'cnf_')")
-    g.add_argument("--method", default="rk4",
-                   help=f"one of {', '.join(sorted(pnode_dist.METHODS))}")
-    g.add_argument("--steps", type=int, default=8,
+    g.add_argument("--method", default="rk4", choices=ode_cli.APP_METHODS, metavar="METHOD",
+                   help=f"one of {', '.join(ode_cli.APP_METHODS)}")
+    g.add_argument("--steps", type=workflow.nonnegative_int, default=8,
                    help="fixed steps over t in [0, 1]; 0 = adaptive (the method must be adaptive)")
-    g.add_argument("--rtol", type=float, default=1e-5)
-    g.add_argument("--atol", type=float, default=1e-5)
+    g.add_argument("--rtol", type=workflow.positive_float, default=1e-5)
+    g.add_argument("--atol", type=workflow.positive_float, default=1e-5)
     ode_cli.add_checkpoint_arguments(p)
     workflow.add_run_arguments(p, out="runs/cnf")
     args = workflow.parse_with_petsc_options(p, argv)
+    ode_cli.check_steps(p, args.method, args.steps)
+    ode_cli.check_checkpoint_arguments(p, args)
+    workflow.at_least_ranks(p, args, "batch_size")
     if args.quick:
         args.iterations = min(args.iterations, 30)
         args.eval_every = min(args.eval_every, 15)
@@ -193,13 +200,12 @@ class Sampler:
         return self.train[torch.randint(0, len(self.train), (n,))]
 
 
+@workflow.reports_run_errors
 def main(argv=None):
     args = parse_args(argv)
     comm = MPI.COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()
     workflow.set_threads(comm)
-    if args.batch_size < size:
-        return workflow.fail(comm, f"--batch-size {args.batch_size} is smaller than the {size} ranks")
     if args.data in densities.TOY:
         train = None
         test = densities.sample_toy(args.data, args.test_size,

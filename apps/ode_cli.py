@@ -1,6 +1,19 @@
 """Command-line options the apps share for their ODE blocks: the checkpointing policy and the
 verbose report of what the last backward pass did."""
 import pnode_dist
+from pnode_dist.methods import IMEX, METHODS
+from workflow import directory, nonnegative_int, positive_int
+
+# Methods the apps can use: all but IMEX ones (those need a pnode_dist.IMEX pair as func).
+APP_METHODS = sorted(name for name, m in METHODS.items() if m.kind != IMEX)
+ADAPTIVE_METHODS = sorted(name for name, m in METHODS.items() if m.adaptive and m.kind != IMEX)
+
+
+def check_steps(parser, method, steps, option="--steps"):
+    """parser.error unless `steps` fits `method`: 0 (adaptive) needs an adaptive method."""
+    if steps == 0 and not METHODS[method].adaptive:
+        parser.error(f"{option} 0 means adaptive steps, but {method} is not adaptive (adaptive "
+                     f"methods: {', '.join(ADAPTIVE_METHODS)}); give a number of steps >= 1")
 
 
 def add_checkpoint_arguments(parser):
@@ -9,15 +22,33 @@ def add_checkpoint_arguments(parser):
                    help="'all' keeps every step in memory; 'binomial' re-runs the fewest steps "
                         "for --slots; 'uniform' spreads --slots checkpoints evenly; 'auto' "
                         "keeps all unless --host-bytes is too small (default)")
-    g.add_argument("--slots", type=int, default=None,
+    g.add_argument("--slots", type=positive_int, default=None,
                    help="checkpoints kept at once (y0 included); default: what the budgets hold")
-    g.add_argument("--host-bytes", type=int, default=None, help="host-memory budget per rank")
-    g.add_argument("--disk-dir", default=None,
+    g.add_argument("--host-bytes", type=nonnegative_int, default=None,
+                   help="host-memory budget per rank")
+    g.add_argument("--disk-dir", type=directory, default=None,
                    help="directory for the HDF5 tier (checkpoints beyond the host budget)")
     g.add_argument("--keep-checkpoints", action="store_true",
                    help="keep the HDF5 checkpoint files for pnode-inspect")
     g.add_argument("--verbose", action="store_true",
                    help="print the solver statistics of the last batch after each epoch")
+
+
+def check_checkpoint_arguments(parser, args):
+    """parser.error (one line, every rank alike) for checkpoint options that do not combine."""
+    if args.checkpoint == "all" and args.slots is not None:
+        parser.error("--slots applies to --checkpoint uniform or binomial ('all' keeps every "
+                     "step)")
+    if args.checkpoint in ("uniform", "binomial") and args.slots is None \
+            and (args.host_bytes is None or args.disk_dir is not None):
+        parser.error(f"--checkpoint {args.checkpoint} needs --slots, or --host-bytes without "
+                     "--disk-dir (an unbounded disk tier gives no slot count)")
+    if args.keep_checkpoints and args.disk_dir is None:
+        parser.error("--keep-checkpoints keeps the HDF5 files of --disk-dir: give --disk-dir")
+    try:
+        checkpoint_policy(args)
+    except pnode_dist.InputError as exc:
+        parser.error(str(exc))
 
 
 def checkpoint_policy(args):

@@ -88,26 +88,40 @@ def initial_spiral(n):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--grid", type=int, default=64, help="cells per side of the square grid")
-    p.add_argument("--iterations", type=int, default=300)
-    p.add_argument("--lr", type=float, default=5e-3)
-    p.add_argument("--hidden", type=int, default=32, help="width of the reaction MLP")
-    p.add_argument("--window", type=int, default=4, help="snapshots predicted per training window")
-    p.add_argument("--snapshots", type=int, default=21, help="data times 0, 0.5, ...")
-    p.add_argument("--steps-per-snapshot", type=int, default=5,
+    p = workflow.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--grid", type=workflow.int_range(2), default=64,
+                   help="cells per side of the square grid")
+    p.add_argument("--iterations", type=workflow.positive_int, default=300)
+    p.add_argument("--lr", type=workflow.positive_float, default=5e-3)
+    p.add_argument("--hidden", type=workflow.positive_int, default=32,
+                   help="width of the reaction MLP")
+    p.add_argument("--window", type=workflow.positive_int, default=4,
+                   help="snapshots predicted per training window")
+    p.add_argument("--snapshots", type=workflow.int_range(3), default=21,
+                   help="data times 0, 0.5, ... (at least --window + 2: training windows and "
+                        "a held-out rollout)")
+    p.add_argument("--steps-per-snapshot", type=workflow.positive_int, default=5,
                    help="rk4 steps of the model between snapshots (0.5 time units)")
-    p.add_argument("--eval-every", type=int, default=50)
+    p.add_argument("--eval-every", type=workflow.positive_int, default=50)
     g = p.add_argument_group("grid and solver (PETSc options prefix 'pde_')")
-    g.add_argument("--method", default="rk4", help=f"one of {', '.join(sorted(pnode_dist.METHODS))}")
-    g.add_argument("--proc-sizes", type=int, nargs=2, default=None, metavar=("PY", "PX"),
-                   help="ranks along y and x (default: the most even split)")
+    g.add_argument("--method", default="rk4", choices=ode_cli.APP_METHODS, metavar="METHOD",
+                   help=f"one of {', '.join(ode_cli.APP_METHODS)}")
+    g.add_argument("--proc-sizes", type=workflow.positive_int, nargs=2, default=None,
+                   metavar=("PY", "PX"), help="ranks along y and x (default: the most even split)")
     ode_cli.add_checkpoint_arguments(p)
     workflow.add_run_arguments(p, out="runs/pde")
     args = workflow.parse_with_petsc_options(p, argv)
+    ode_cli.check_checkpoint_arguments(p, args)
+    if args.proc_sizes is not None and math.prod(args.proc_sizes) != MPI.COMM_WORLD.Get_size():
+        p.error(f"--proc-sizes {args.proc_sizes[0]} {args.proc_sizes[1]} must multiply to the "
+                f"{MPI.COMM_WORLD.Get_size()} ranks")
     if args.quick:
         args.iterations, args.eval_every = min(args.iterations, 20), min(args.eval_every, 10)
         args.snapshots = min(args.snapshots, 9)
+    if args.snapshots < args.window + 2:
+        p.error(f"--snapshots {args.snapshots}{' (--quick: at most 9)' if args.quick else ''} "
+                f"must be at least --window + 2 = {args.window + 2}: the training windows and "
+                "a held-out rollout need them")
     return args
 
 
@@ -146,6 +160,7 @@ def plot_fields(grid, truth, pred, path):
     plt.close(fig)
 
 
+@workflow.reports_run_errors
 def main(argv=None):
     args = parse_args(argv)
     comm = MPI.COMM_WORLD

@@ -87,20 +87,25 @@ class LogTimeMLP(nn.Module):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = workflow.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--method", choices=["cn", "beuler"], default="cn")
     p.add_argument("--linear-solver", choices=["exact", "gmres"], default="exact")
-    p.add_argument("--trajectories", type=int, default=8)
-    p.add_argument("--points", type=int, default=41, help="log-time grid points 1e-5..1e5")
-    p.add_argument("--substeps", type=int, default=2, help="steps per grid interval")
-    p.add_argument("--iterations", type=int, default=120)
-    p.add_argument("--lr", type=float, default=1e-2)
-    p.add_argument("--hidden", type=int, default=32, help="width of the MLP")
+    p.add_argument("--trajectories", type=workflow.positive_int, default=8,
+                   help="initial states, split over ranks (at least one per rank)")
+    p.add_argument("--points", type=workflow.int_range(2), default=41,
+                   help="log-time grid points 1e-5..1e5 (at least 2)")
+    p.add_argument("--substeps", type=workflow.positive_int, default=2,
+                   help="steps per grid interval")
+    p.add_argument("--iterations", type=workflow.positive_int, default=120)
+    p.add_argument("--lr", type=workflow.positive_float, default=1e-2)
+    p.add_argument("--hidden", type=workflow.positive_int, default=32, help="width of the MLP")
     ode_cli.add_checkpoint_arguments(p)
     workflow.add_run_arguments(p, out="runs/stiff")
     args = workflow.parse_with_petsc_options(p, argv)
+    ode_cli.check_checkpoint_arguments(p, args)
     if args.quick:
         args.iterations, args.trajectories = 20, 4
+    workflow.at_least_ranks(p, args, "trajectories")
     return args
 
 
@@ -134,6 +139,7 @@ def compare_with_explicit(times, implicit_method, linear_solver, t_end=10.0):
     return result
 
 
+@workflow.reports_run_errors
 def main(argv=None):
     args = parse_args(argv)
     comm = MPI.COMM_WORLD
@@ -145,9 +151,6 @@ def main(argv=None):
     y0s = torch.zeros(args.trajectories, 3, dtype=torch.float64)
     y0s[:, 0] = 1.0 - 0.5 * torch.rand(args.trajectories, generator=gen, dtype=torch.float64)
     y0s[:, 2] = 1.0 - y0s[:, 0]
-    if args.trajectories < size:
-        return workflow.fail(comm, f"--trajectories {args.trajectories} is smaller than the "
-                                   f"{size} ranks: every rank needs one")
     lo, hi = workflow.shard(args.trajectories, rank, size)
     data = reference_data(y0s[lo:hi], times.numpy())
     z_data = data / SCALE
@@ -217,7 +220,8 @@ def main(argv=None):
               f"{exp['steps']} steps {exp['seconds']:.3f}s (max scaled error "
               f"{exp['max_scaled_error']:.1e}): {exp['steps'] / imp['steps']:.0f}x the steps, "
               f"{exp['seconds'] / imp['seconds']:.0f}x the time", flush=True)
-        run.write_metrics(report)
+    run.write_metrics(report)                    # collective (rank 0 writes rank 0's report)
+    if rank == 0:
         _plot(run.out / "fit.png", times, data, z * SCALE)
     return 0
 

@@ -11,37 +11,56 @@
 #   next iteration and exits with status 75. The job then requeues itself (`scontrol requeue`,
 #   needs `#SBATCH --requeue`) and the next start continues with --resume auto.
 set -uo pipefail
-app=${1:?usage: run_app.sh APP [app arguments]}
+# Without set -e: every step that can fail checks its own status (exit 2: the job's setup).
+[ $# -ge 1 ] || { echo "usage: run_app.sh APP [app arguments]" >&2; exit 2; }
+app=$1
 shift
-cd "${SLURM_SUBMIT_DIR:?run this inside a SLURM job (sbatch jobscripts/$app.sbatch)}"
+stop_signal=""
+app_pid=""
+forward_stop() {                 # the app saves its state and exits with status 75
+  stop_signal=$1
+  echo "received SIG$1: asking $app to save its state and stop"
+  [ -z "$app_pid" ] || kill -USR1 "$app_pid" 2>/dev/null
+}
+trap 'forward_stop USR1' USR1
+trap 'forward_stop TERM' TERM     # (set first: a stop during the setup is kept)
+if [ -z "${SLURM_SUBMIT_DIR:-}" ] || [ -z "${SLURM_JOB_ID:-}" ]; then
+  echo "run this inside a SLURM job (sbatch jobscripts/$app.sbatch)" >&2
+  exit 2
+fi
+cd "$SLURM_SUBMIT_DIR" \
+  || { echo "cannot enter the submit directory $SLURM_SUBMIT_DIR" >&2; exit 2; }
+case $app in
+  ''|*[!A-Za-z0-9_-]*) echo "APP must be the name of an app in apps/ (got '$app')" >&2; exit 2 ;;
+esac
+if [ ! -f "apps/$app.py" ]; then
+  echo "no app apps/$app.py in $PWD (submit from the repository root)" >&2
+  exit 2
+fi
 venv=${PNODE_VENV:-$PWD/.venv}
 if [ ! -x "$venv/bin/python" ]; then
   echo "no Python environment at $venv: run 'make setup' in $PWD or set PNODE_VENV" >&2
   exit 2
 fi
-source "$venv/bin/activate"
+# shellcheck disable=SC1091
+source "$venv/bin/activate" || { echo "cannot activate $venv" >&2; exit 2; }
 out=${PNODE_RUNS:-runs}/$app-$SLURM_JOB_ID
-mkdir -p "$out"
+mkdir -p "$out" || { echo "cannot create the output directory $out" >&2; exit 2; }
 export OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-1}
 case ${PNODE_LAUNCHER:-srun} in
   srun)    launch=(srun --mpi=pmi2 --kill-on-bad-exit=1) ;;
-  mpiexec) launch=(mpiexec -n "$SLURM_NTASKS") ;;
+  mpiexec) [ -n "${SLURM_NTASKS:-}" ] \
+             || { echo "PNODE_LAUNCHER=mpiexec needs SLURM_NTASKS (sbatch --ntasks)" >&2; exit 2; }
+           launch=(mpiexec -n "$SLURM_NTASKS") ;;
   *)       echo "PNODE_LAUNCHER must be srun or mpiexec, not '$PNODE_LAUNCHER'" >&2; exit 2 ;;
 esac
-echo "job $SLURM_JOB_ID (start $(( ${SLURM_RESTART_COUNT:-0} + 1 ))) on $SLURM_JOB_NODELIST:" \
-     "$app with $SLURM_NTASKS ranks via ${launch[0]}, output in $out"
-
-stop_signal=""
-forward_stop() {                 # the app saves its state and exits with status 75
-  stop_signal=$1
-  echo "received SIG$1: asking $app to save its state and stop"
-  kill -USR1 "$app_pid" 2>/dev/null
-}
-trap 'forward_stop USR1' USR1
-trap 'forward_stop TERM' TERM
+echo "job $SLURM_JOB_ID (start $(( ${SLURM_RESTART_COUNT:-0} + 1 ))) on ${SLURM_JOB_NODELIST:-?}:" \
+     "$app with ${SLURM_NTASKS:-?} ranks via ${launch[0]}, output in $out"
 
 "${launch[@]}" python "apps/$app.py" --out "$out" --no-progress --resume auto "$@" &
 app_pid=$!
+# A signal that came before the launch was only recorded: pass it on now.
+[ -z "$stop_signal" ] || kill -USR1 "$app_pid" 2>/dev/null
 while :; do                      # `wait` returns early whenever a trapped signal arrives
   wait "$app_pid"
   status=$?

@@ -4,6 +4,7 @@ How the forward states are kept for the adjoint is the run's business (runs.py).
 import torch
 
 from .device import SOLVER_DTYPE
+from .parallel import check_phase
 
 
 class OdeintFunction(torch.autograd.Function):
@@ -32,6 +33,12 @@ class OdeintFunction(torch.autograd.Function):
             raise RuntimeError("odeint's backward cannot run twice on one forward solve (the "
                                "discrete adjoint consumed its trajectory): run the forward again")
         ctx.run = None
+        try:
+            # Before any other collective: every rank must be in this same backward pass.
+            check_phase(problem.comm, f"backward of odeint call {problem.call}")
+        except BaseException:
+            run.close()
+            raise
         grad_outputs = grad_outputs.to(SOLVER_DTYPE)
         try:
             grad_y0, grad_params = run.backward(ctx.record, grad_outputs, problem.control)

@@ -16,7 +16,7 @@ from .grid import Grid, GridLayout
 from .layout import BatchLayout
 from .methods import ARKIMEX_ORDERS, EXPLICIT, IMEX as IMEX_KIND, IMPLICIT, get_method
 from .options import freeze
-from .parallel import raise_collectively, resolve_comm
+from .parallel import next_call, raise_collectively, resolve_comm
 from .runs import new_run
 from .solver import SetupConfig, Solver, StepControl
 
@@ -223,7 +223,7 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, comm
             raise InputError("pass either comm or grid (the grid has its communicator), not both")
     comm = resolve_comm(comm) if grid is None else grid.comm
     error, signature, method_obj, control, t_out, frozen = None, None, None, None, None, ()
-    setup = None
+    setup, needs_grad = None, False
     try:
         if not callable(func):
             raise InputError("func must be callable as func(t, y), typically an nn.Module")
@@ -237,13 +237,18 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, comm
             raise InputError(f"prefix must be letters, digits and underscores such as 'block1_'; "
                              f"got {prefix!r}")
         params = _parameters(func, y0)
+        needs_grad = torch.is_grad_enabled() and (y0.requires_grad or
+                                                  any(p.requires_grad for p in params))
         policy = _policy(checkpointing)
         if grid is not None:
             _check_grid(grid, func, y0, method_obj, setup)
     except InputError as exc:
         error = str(exc)
+    call = next_call(comm)
     if error is None:
-        signature = {"t": t_out, "method": method_obj.name, "options": (control, setup.key),
+        signature = {"phase": f"odeint call {call} "
+                              f"({'with' if needs_grad else 'without'} gradient)",
+                     "t": t_out, "method": method_obj.name, "options": (control, setup.key),
                      "prefix": prefix, "petsc_options": frozen,
                      "checkpointing": (policy.schedule, policy.slots, policy.host_bytes,
                                        policy.device_bytes, policy.disk_bytes,
@@ -262,8 +267,8 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, comm
     solver = _solver(solved_func, layout, method_obj, adaptive, prefix, frozen, params, y0.dtype,
                      setup)
     problem = SimpleNamespace(params=params, t_out=t_out, control=control, stats=stats,
-                              new_run=lambda: new_run(solver, policy, t_out, control))
-    needs_grad = torch.is_grad_enabled() and (y0.requires_grad or any(p.requires_grad for p in params))
+                              new_run=lambda: new_run(solver, policy, t_out, control),
+                              comm=comm, call=call)
     if needs_grad:
         outputs = OdeintFunction.apply(problem, y_start, *params)
     else:

@@ -5,8 +5,9 @@ discrete adjoint needs, as Python-type PETSc Mats:
   J  = df/dy      (multTranspose = vjp with respect to the state)
   Jp = df/dtheta  (multTranspose = vjp with respect to the parameters)
 Exceptions raised by the user's module inside a callback are caught and recorded (the output is
-filled with NaN) instead of unwinding through PETSc on one rank only; the solver turns them into
-an error on every rank after the solve.
+filled with zeros, or NaN in the adjoint products) instead of unwinding through PETSc on one
+rank only; the solver turns them into an error on every rank after the solve. On the CPU a
+non-finite f is recorded the same way.
 
 Callbacks run once per stage and step: they reuse cached tensor views of the TS's Vecs (a TS
 keeps its work Vecs for its whole life, and one TorchRHS serves one TS only). A view of a CUDA
@@ -159,9 +160,20 @@ class TorchRHS:
             else:
                 with torch.no_grad():
                     out_view.copy_(self._evaluate(t, self.view(X).to(self.dtype)))
+            # One reduction per evaluation on the CPU (on a GPU it would be a synchronisation):
+            # NaN/Inf is reported where f first returned it, and kept out of the state.
+            if not self.on_gpu and not bool(torch.isfinite(out_view.sum())):
+                if self.error is None:
+                    self.error = (f"func returned a non-finite value (NaN or Inf) in the "
+                                  f"forward solve at t={t:g}: check the model and its inputs, "
+                                  "or use smaller steps if the dynamics blow up")
+                out_view.zero_()
         except Exception as exc:  # noqa: BLE001 - reported collectively after the solve
             self._record(exc, f"the forward solve at t={t:g}")
-            out_view.fill_(float("nan"))
+            # Zeros, not NaN: a NaN would make an adaptive method's error norm fail inside
+            # PETSc (whose error path leaks the TS's work Vecs); the solve runs on to its end
+            # and the error is raised on every rank there.
+            out_view.zero_()
         F.stateIncrease()
 
     def linearize(self, ts, t, X, J, P):

@@ -12,8 +12,11 @@ made before that, once per process:
   (torch.cuda.set_device) and PETSc (-device_select_cuda) alike; `-device_select_cuda N` on the
   command line overrides it. PETSc's own default would be the *global* rank modulo the GPUs.
 """
+import atexit
 import os
 import sys
+import time
+import traceback
 
 from mpi4py import MPI
 
@@ -96,7 +99,8 @@ if _REQUESTED not in (None, PRECISION):
                      "builds both), or install a petsc4py of that precision")
 
 __all__ = ["PETSc", "MPI", "PRECISION", "resolve_comm", "raise_collectively",
-           "allreduce_gradients", "broadcast_parameters", "world", "allreduce_sum"]
+           "allreduce_gradients", "broadcast_parameters", "world", "allreduce_sum",
+           "check_phase", "next_call", "CAUSE", "SYMPTOM", "CONSEQUENCE"]
 
 
 def world():
@@ -118,19 +122,28 @@ def resolve_comm(comm):
                      f"got {type(comm).__name__}")
 
 
-def raise_collectively(comm, error, exc_type=InputError, same=None, share=None):
-    """Collective: if `error` (a message or None) is set on any rank, raise on every rank.
+# Kinds of failure, most fundamental first: a collective error names the root cause first
+# (an exception in func on rank 1 comes before the Newton failure it causes on rank 0).
+CAUSE, SYMPTOM, CONSEQUENCE = 0, 1, 2
 
+
+def raise_collectively(comm, error, exc_type=InputError, same=None, share=None):
+    """Collective: if `error` is set on any rank, raise on every rank.
+
+    `error`: None, a message, or (severity, message) with severity CAUSE (an exception in the
+    user's code), SYMPTOM (non-finite values, a damaged file) or CONSEQUENCE (a solver failure
+    that follows from another); a plain message counts as CAUSE.
     `same`: a dict of named values (output times, method...) that must be equal on every rank;
     a difference is an error too. `share`: a value gathered from every rank and returned (a list
     in rank order).
-    One allgather in all; none on a single rank. The message names the failing ranks, so that no
-    rank goes on into a collective PETSc call while another has stopped (a hang).
+    One allgather in all; none on a single rank. The message holds every failing rank's own
+    message, the root cause first, so that no rank goes on into a collective PETSc call while
+    another has stopped (a hang) and no rank's reason is lost.
     """
     mpi = comm.tompi4py()
     if mpi.Get_size() == 1:
         if error is not None:
-            raise exc_type(error)
+            raise _collective(exc_type(_text(error)))
         return [share]
     gathered = mpi.allgather((error, same, share))
     errors = [e for e, _, _ in gathered]
@@ -139,14 +152,52 @@ def raise_collectively(comm, error, exc_type=InputError, same=None, share=None):
     bad = [r for r, e in enumerate(errors) if e is not None]
     if not bad:
         return [s for _, _, s in gathered]
-    where = "this rank" if bad == [mpi.Get_rank()] else f"rank(s) {bad}"
-    raise exc_type(f"{errors[bad[0]]} (raised on {where})")
+    raise _collective(exc_type(_combined(errors, bad)))
+
+
+def _severity(error):
+    return error[0] if isinstance(error, tuple) else CAUSE
+
+
+def _text(error):
+    return error[1] if isinstance(error, tuple) else error
+
+
+def _combined(errors, bad):
+    """One message from the failing ranks': root cause first, each distinct one once."""
+    order = sorted(bad, key=lambda r: (_severity(errors[r]), r))
+    texts = {}
+    for r in order:
+        texts.setdefault(_text(errors[r]), []).append(r)
+
+    def where(ranks):
+        return f"rank{'s' if len(ranks) > 1 else ''} " + ", ".join(map(str, ranks))
+    parts = [f"{text} (raised on {where(ranks)})" for text, ranks in texts.items()]
+    if len(parts) == 1:
+        return parts[0]
+    return parts[0] + "; also: " + "; ".join(parts[1:])
+
+
+def _collective(exc):
+    """Mark an exception as raised on every rank alike (see abort_on_uncaught)."""
+    exc.collective = True
+    return exc
 
 
 def _disagreements(sames):
     """Per rank: a message if its `same` dict differs from rank 0's, else None."""
     errors = [None] * len(sames)
+    keys = []
+    for same in sames:
+        keys += [k for k in (same or {}) if k not in keys]
     for r, same in enumerate(sames):
+        if "phase" in keys and (same or {}).get("phase") != (sames[0] or {}).get("phase"):
+            phases = "; ".join(f"rank {q}: {(s or {}).get('phase', 'elsewhere')}"
+                               for q, s in enumerate(sames))
+            errors[r] = (f"the ranks are at different points of the program ({phases}): every "
+                         "rank must make the same odeint calls and backward passes, in the same "
+                         "order and the same grad mode (torch.no_grad() on every rank or none)")
+            continue
         for key, value in (same or {}).items():
             ref = (sames[0] or {}).get(key)
             if value != ref:
@@ -156,6 +207,73 @@ def _disagreements(sames):
                              "(batch) dimension")
                 break
     return errors
+
+
+_phase_counts = {}
+
+
+def next_call(comm):
+    """The number of this odeint call on `comm` (1, 2, ...): every rank counts its calls, and
+    the forward and backward passes compare their phase (see check_phase)."""
+    key = comm.tompi4py().py2f()
+    _phase_counts[key] = _phase_counts.get(key, 0) + 1
+    return _phase_counts[key]
+
+
+def check_phase(comm, phase, exc_type=InputError):
+    """Collective: raise on every rank unless all ranks are at the same `phase` (a string such
+    as 'backward of odeint call 3'). One allgather; none on a single rank."""
+    raise_collectively(comm, None, exc_type, same={"phase": phase})
+
+
+def abort_on_uncaught(exc_type, exc, tb):
+    """sys.excepthook under mpiexec (more than one rank): print the traceback, then end the
+    whole job with MPI_Abort. A rank that dies alone would otherwise hang at exit (PETSc's
+    finalisation is collective) while the others wait in their next collective for ever.
+    Errors pnode_dist raised on every rank alike end the ranks normally."""
+    if getattr(exc, "collective", False):
+        _previous_excepthook(exc_type, exc, tb)
+        return
+    rank, size = MPI.COMM_WORLD.Get_rank(), MPI.COMM_WORLD.Get_size()
+    _abort(f"{''.join(traceback.format_exception(exc_type, exc, tb))}"
+           f"pnode_dist: uncaught {exc_type.__name__} on rank {rank} of {size} ({exc}); "
+           "aborting the MPI job so that the other ranks do not wait for ever "
+           "(PNODE_ABORT_ON_ERROR=0 turns this off)\n")
+
+
+def _abort(message):
+    """Write `message` to stderr in one piece, give the launcher a moment to pass it on (it
+    stops forwarding output once it tears the job down), then MPI_Abort."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # noqa: BLE001 - a closed stream must not stop the abort
+            pass
+    try:
+        os.write(2, message.encode(errors="replace"))
+    except OSError:
+        pass
+    time.sleep(0.5)
+    MPI.COMM_WORLD.Abort(1)
+
+
+def _exit_check():
+    """At interpreter exit, before PETSc finalizes: a rank that leaves while another still
+    waits in an odeint call or backward pass ends the job with the reason, instead of both
+    waiting for ever."""
+    if MPI.Is_finalized() or MPI.COMM_WORLD.Get_size() == 1:
+        return
+    try:
+        check_phase(PETSc.COMM_WORLD, "exiting")
+    except InputError as exc:
+        _abort(f"pnode_dist: rank {MPI.COMM_WORLD.Get_rank()} is exiting while another rank "
+               f"is not: {exc}\n")
+
+
+_previous_excepthook = sys.excepthook
+if MPI.COMM_WORLD.Get_size() > 1 and os.environ.get("PNODE_ABORT_ON_ERROR", "1") != "0":
+    sys.excepthook = abort_on_uncaught
+    atexit.register(_exit_check)
 
 
 def _mpi(comm):

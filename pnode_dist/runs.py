@@ -161,7 +161,10 @@ class CheckpointedRun:
         if pos == work_pos:
             return work
         if pos in self.store:
-            return self.store.get(pos)
+            state = self.store.get(pos)
+            if self.store.fallible:
+                raise_collectively(self.solver.layout.comm, self.store.error, SolverError)
+            return state
         if pos == self.keeper.tail_pos:
             return self.keeper.tail
         raise RuntimeError(f"checkpoint schedule error: no state for step {pos}")
@@ -225,13 +228,16 @@ class CheckpointedRun:
                 rec.add_to_lambda(grad_outputs[out_index[lo]])
 
     def _finish(self, rec, adv, ok):
-        """Return the Integrators (a failed one may hold a partial trajectory: destroy it)."""
-        if ok:
-            self.solver.release(rec)
-        else:
-            rec.destroy()
-        if adv is not None:
-            self.solver.release(adv)
+        """Return the Integrators; after a failure (raised on every rank) destroy both: they
+        may hold a partial trajectory or a failed TS, and every rank must drop the same ones
+        (creating an Integrator is collective)."""
+        for integrator in (rec, adv):
+            if integrator is None:
+                continue
+            if ok:
+                self.solver.release(integrator)
+            else:
+                integrator.destroy()
 
     def close(self):
         if self.store is not None:

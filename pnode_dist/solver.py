@@ -22,7 +22,7 @@ from .errors import InputError, SolverError
 from .implicit import BlockJacobianPC, IJacobianMat, IJacobianPMat, TorchIFunction
 from .methods import EXPLICIT, IMPLICIT
 from .options import layered_options
-from .parallel import PETSc, allreduce_sum, raise_collectively
+from .parallel import CAUSE, CONSEQUENCE, SYMPTOM, PETSc, allreduce_sum, raise_collectively
 
 # Times within this relative distance are the same time (PETSc's times have its precision).
 _REL_TIME_TOL = max(1e-12, 64 * torch.finfo(SOLVER_DTYPE).eps)
@@ -228,6 +228,12 @@ class Integrator:
         self.stats = {}
         self.capacity = None         # steps the trajectory can hold (set on first use)
         self.replayed = False        # has re-run recorded segments (see destroy)
+        # False from the start of a solve or adjoint until it completes on every rank: a TS
+        # left in a failed state (PETSc error 73 on its next use) is destroyed, never pooled
+        # again. The same on every rank: pools must stay alike, since creating an Integrator
+        # is collective.
+        self.healthy = True
+        self.failure = None          # (CONSEQUENCE, why) a solve, re-run or adjoint failed
 
     def reserve(self, nsteps):
         """Size the memory trajectory for solves of up to `nsteps` steps. PETSc sizes its stack
@@ -304,18 +310,32 @@ class Integrator:
     @property
     def error(self):
         """The first error recorded by a callback since the last reset."""
-        return next((p.error for p in self.parts if p.error is not None), None)
+        """The first error since the last reset, as (severity, message): an exception in a
+        callback (the cause) before a failure of PETSc's solve (often its consequence)."""
+        cause = next((p.error for p in self.parts if p.error is not None), None)
+        return (CAUSE, cause) if cause is not None else self.failure
 
     def reset_errors(self):
         for p in self.parts:
             p.error = None
+        self.failure = None
 
     # ---------------------------------------------------------------- forward
+    def _guarded(self, where, action, *args):
+        """Run a step callback of ours; an exception is recorded (and raised on every rank
+        after the solve) instead of unwinding through PETSc on this rank only."""
+        try:
+            action(*args)
+        except Exception as exc:  # noqa: BLE001 - reported collectively after the solve
+            if self.parts[0].error is None:
+                self.parts[0].error = f"{type(exc).__name__} in {where}: {exc}"
+
     def _pre_step(self, ts):
         if self.observer is not None:
             if self.on_gpu:
                 touch(self.x, "r")
-            self.observer.starting(ts.getStepNumber(), self.x_view)
+            self._guarded("placing a checkpoint", self.observer.starting, ts.getStepNumber(),
+                          self.x_view)
 
     def _post_step(self, ts):
         if ts.getConvergedReason() < 0:      # PETSc calls it after a failed step too
@@ -324,7 +344,7 @@ class Integrator:
             self.rhs.store.accept_step()
         if self.on_gpu:              # the state is read (outputs, checkpoints) every step
             touch(self.x, "r")
-        self._run.post_step(self, ts)
+        self._guarded("the step bookkeeping", self._run.post_step, self, ts)
 
     def forward(self, y0, t_out, control: StepControl, observer=None):
         """Solve from t_out[0] through every output time; returns (outputs, record).
@@ -355,41 +375,72 @@ class Integrator:
         ts.setTimeStep(run.first_dt())
         ts.setConvergedReason(PETSc.TS.ConvergedReason.CONVERGED_ITERATING)
         before = self._counts()
+        self.healthy = False
         try:
-            ts.solve(self.x)
+            failure = self._solve(self.x)
         finally:
             self._run = self.observer = None
         self.stats = {"steps": run.record.steps, "newton_iterations": ts.getSNESIterations(),
                       "linear_iterations": ts.getKSPIterations(), **self._counts_since(before)}
-        self._check_forward(run, outputs)
+        self._check_forward(run, outputs, failure)
+        self.healthy = True
         return outputs, run.record
 
-    def _check_forward(self, run, outputs):
+    def _solve(self, x):
+        """TSSolve; PETSc's own error (a step adaptor giving up, an exception that escaped a
+        callback) is returned as (severity, message), to be raised collectively with the
+        callbacks' errors. KeyboardInterrupt and SystemExit are not solver failures: they
+        propagate (on one rank only, the job is then aborted: parallel.abort_on_uncaught)."""
+        try:
+            self.ts.solve(x)
+        except PETSc.Error as exc:
+            return self._petsc_failure(exc, "the integration", "(a step adaptor giving up after "
+                                       "repeated rejections): check f for blow-up, or loosen "
+                                       "rtol/atol")
+        return None
+
+    def _petsc_failure(self, exc, what, hint=""):
+        """(severity, message) for a PETSc error in `what`; the Python exception behind it,
+        if any, is named as the cause (KeyboardInterrupt and SystemExit are re-raised)."""
+        cause, t = exc.__cause__, self.ts.getTime()
+        if cause is not None and not isinstance(cause, Exception):
+            raise cause from None
+        if cause is not None:
+            return (CAUSE, f"{type(cause).__name__} in a callback of {what} at t={t:g}: {cause}")
+        return (CONSEQUENCE, f"PETSc stopped {what} at t={t:g} with error code {exc.ierr} {hint}")
+
+    def _check_forward(self, run, outputs, failure=None):
         error = self.error
+        if error is None:
+            error = failure
         reason = self.ts.getConvergedReason()
         if error is None and not run.done:
-            t = run.record.times[-1]
-            if reason == PETSc.TS.ConvergedReason.CONVERGED_ITS:
-                error = (f"reached max_num_steps={run.control.max_num_steps} at t={t:g} before "
-                         f"t={run.t_out[-1]:g}: raise options['max_num_steps'] or loosen rtol/atol")
-            elif reason == PETSc.TS.ConvergedReason.DIVERGED_NONLINEAR_SOLVE:
-                snes = self.ts.getSNES()
-                error = (f"Newton's method failed in step {len(run.record.times)} from t={t:g} "
-                         f"(step size {self.ts.getTimeStep():g}): "
-                         f"{_reason_name(PETSc.SNES.ConvergedReason, snes.getConvergedReason())}"
-                         f", residual norm {snes.getFunctionNorm():.3e}"
-                         f" after {snes.getIterationNumber()} iterations; try a smaller step, "
-                         "linear_solver='exact', or looser -snes_rtol/-snes_atol")
-            else:
-                error = (f"the time integration failed at t={t:g} "
-                         f"({_reason_name(PETSc.TS.ConvergedReason, reason)}): "
-                         "the step was rejected too often; try a smaller first_step, looser "
-                         "rtol/atol, or check f for blow-up")
+            error = (CONSEQUENCE, self._incomplete(run, reason))
         if error is None and not bool(torch.isfinite(outputs).all()):
             bad = int((~torch.isfinite(outputs.reshape(len(run.t_out), -1))).any(1).nonzero()[0])
-            error = (f"the solution became non-finite by t={run.t_out[bad]:g}: the dynamics blew "
-                     "up; use smaller steps (step_size or rtol/atol) or rescale the problem")
+            error = (SYMPTOM, f"the solution became non-finite by t={run.t_out[bad]:g}: the "
+                     "dynamics blew up; use smaller steps (step_size or rtol/atol) or rescale "
+                     "the problem")
         raise_collectively(self.layout.comm, error, SolverError)
+
+    def _incomplete(self, run, reason):
+        """Why a solve stopped before the last output time."""
+        t = run.record.times[-1]
+        if reason == PETSc.TS.ConvergedReason.CONVERGED_ITS:
+            return (f"reached max_num_steps={run.control.max_num_steps} at t={t:g} before "
+                    f"t={run.t_out[-1]:g}: raise options['max_num_steps'] or loosen rtol/atol")
+        if reason == PETSc.TS.ConvergedReason.DIVERGED_NONLINEAR_SOLVE:
+            snes = self.ts.getSNES()
+            return (f"Newton's method failed in step {len(run.record.times)} from t={t:g} "
+                    f"(step size {self.ts.getTimeStep():g}): "
+                    f"{_reason_name(PETSc.SNES.ConvergedReason, snes.getConvergedReason())}"
+                    f", residual norm {snes.getFunctionNorm():.3e}"
+                    f" after {snes.getIterationNumber()} iterations; try a smaller step, "
+                    "linear_solver='exact', or looser -snes_rtol/-snes_atol")
+        return (f"the time integration failed at t={t:g} "
+                f"({_reason_name(PETSc.TS.ConvergedReason, reason)}): "
+                "the step was rejected too often; try a smaller first_step, looser "
+                "rtol/atol, or check f for blow-up")
 
     def replay(self, y_start, times, keep_graphs=False):
         """Re-run the recorded steps times[0] -> ... -> times[-1] from y_start (with the
@@ -398,6 +449,7 @@ class Integrator:
         ts = self.ts
         self.reserve(len(times) - 1)
         self.replayed = True
+        self.healthy = False
         touch(self.x, "w")
         self.x_view.copy_(y_start)
         self.x.stateIncrease()
@@ -411,18 +463,24 @@ class Integrator:
         ts.setTimeStep(times[1] - times[0])
         ts.setConvergedReason(PETSc.TS.ConvergedReason.CONVERGED_ITERATING)
         try:
-            ts.solve(self.x)
+            failure = self._solve(self.x)
         finally:
             self._run = None
         reason = ts.getConvergedReason()
-        if reason < 0 and self.error is None:
-            self.parts[0].error = (f"re-running the steps from t={times[0]:g} failed "
-                                   f"({_reason_name(PETSc.TS.ConvergedReason, reason)})")
+        if (failure or reason < 0) and self.failure is None:
+            self.failure = failure or (CONSEQUENCE, (
+                f"re-running the steps from t={times[0]:g} failed "
+                f"({_reason_name(PETSc.TS.ConvergedReason, reason)})"))
+        # Healthy again even after an error: whether to keep it must be decided alike on every
+        # rank (creating an Integrator is collective), by the run that raises collectively.
+        self.healthy = True
 
     # ---------------------------------------------------------------- adjoint
     def start_adjoint(self, grad_last):
         """lambda = dL/dy(t_N), mu = 0, before the adjoint steps."""
         self.reset_errors()
+        self.healthy = False
+        self.adjoint_broken = False
         self._adjoint_counts = self._counts()
         touch(self.lam, "w")
         self.lam_view.copy_(grad_last)
@@ -434,9 +492,16 @@ class Integrator:
             self.ts.setCostGradients([self.lam])
 
     def adjoint_steps(self, nsteps):
-        """Apply the discrete adjoint of the last `nsteps` recorded steps."""
-        self.ts.adjointSetSteps(nsteps)
-        self.ts.adjointSolve()
+        """Apply the discrete adjoint of the last `nsteps` recorded steps (after a PETSc error
+        nothing more: finish_adjoint reports it on every rank)."""
+        if self.adjoint_broken:
+            return
+        try:
+            self.ts.adjointSetSteps(nsteps)
+            self.ts.adjointSolve()
+        except PETSc.Error as exc:
+            self.adjoint_broken = True
+            self.failure = self.failure or self._petsc_failure(exc, "the adjoint solve")
 
     def add_to_lambda(self, grad):
         touch(self.lam, "rw")
@@ -446,7 +511,8 @@ class Integrator:
     def finish_adjoint(self, grad_first, error=None):
         """(dL/dy0 for this rank's shard, dL/dtheta summed over all ranks); raises on every rank
         if a callback failed here (or `error` was reported elsewhere)."""
-        error = error or self.error
+        if error is None:
+            error = self.error
         self.stats.update({f"adjoint_{k}": v
                            for k, v in self._counts_since(self._adjoint_counts).items()})
         if self.rhs is not None:
@@ -454,8 +520,9 @@ class Integrator:
         touch(self.lam, "r")
         grad_y0 = self.lam_view + grad_first
         if error is None and not bool(torch.isfinite(grad_y0).all()):
-            error = "the adjoint produced a non-finite gradient with respect to y0"
+            error = (SYMPTOM, "the adjoint produced a non-finite gradient with respect to y0")
         raise_collectively(self.layout.comm, error, SolverError)
+        self.healthy = True
         grad_params = None
         if self.mu is not None:
             grad_params = vec_view(self.mu, (self.mu.getLocalSize(),), "r").clone()
@@ -530,7 +597,8 @@ class Solver:
         return integrator
 
     def release(self, integrator):
-        if self.closed:
+        """Back to the pool; one whose last solve failed (or the Solver closed) is destroyed."""
+        if self.closed or not integrator.healthy:
             integrator.destroy()
         else:
             self._idle.setdefault((integrator.adjoint, integrator.adaptive), []).append(integrator)

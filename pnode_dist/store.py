@@ -8,14 +8,21 @@ state on a GPU, host memory is page-locked and filled (and read back ahead of ne
 on a side CUDA stream, so that the solve goes on meanwhile.
 """
 import collections
+import errno
 import os
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
 from . import h5format
 from .device import SOLVER_DTYPE
+from .parallel import SYMPTOM
+
+
+class _Damaged(Exception):
+    """A checkpoint read back differs from what was written."""
 
 
 class MemoryTier:
@@ -136,9 +143,15 @@ class DiskTier:
     """Checkpoints in one HDF5 file of this rank (created on the first write). With
     keep_files, checkpoints the schedule frees stay in the file (for inspection); the budget
     counts only those the schedule holds. I/O errors are recorded in `error` (the first one)
-    rather than raised, so that the solve reaches the point where all ranks learn of it."""
+    rather than raised, so that the solve reaches the point where all ranks learn of it.
+
+    Each checkpoint's SHA-256 is kept in memory when it is written (and stored with it); a
+    restore whose bytes differ (a file truncated, overwritten or damaged meanwhile) is an
+    error, never a wrong gradient. A write that would not fit on the disk is refused before
+    HDF5 sees it: HDF5 was seen to crash closing a file after running out of space."""
 
     name = "disk"
+    MARGIN = 1 << 20             # free bytes left for HDF5's own metadata
 
     def __init__(self, path, capacity, root_attributes, method, depth, keep_files=False):
         self.path, self.capacity, self.keep_files = path, capacity, keep_files
@@ -151,12 +164,13 @@ class DiskTier:
         self.bytes = self.peak = self.stored = 0
         self.write_seconds = self.read_seconds = 0.0
         self.hits = self.misses = 0
+        self.digests = {}                          # pos -> checksum of what was written
         self.error = None
 
-    def _failed(self, exc, what):
+    def _failed(self, exc, what, hint="free disk space or choose another "
+                "Checkpointing(disk_dir=...)"):
         if self.error is None:
-            self.error = (f"{what} checkpoint file {self.path} failed ({exc}): free disk space "
-                          "or choose another Checkpointing(disk_dir=...)")
+            self.error = (SYMPTOM, f"{what} checkpoint file {self.path} failed ({exc}): {hint}")
 
     def has_room(self, nbytes):
         return self.capacity is None or self.bytes + nbytes <= self.capacity
@@ -171,23 +185,49 @@ class DiskTier:
             self.file.create_group("checkpoints")
         return self.file
 
+    def _check_space(self, nbytes):
+        """Refuse a write the file system cannot hold (with room for HDF5's metadata)."""
+        directory = os.path.dirname(self.path) or "."
+        os.makedirs(directory, exist_ok=True)
+        stat = os.statvfs(directory)
+        free = stat.f_bavail * stat.f_frsize
+        if free < nbytes + self.MARGIN:
+            raise OSError(errno.ENOSPC, f"disk full: {free} bytes free in {directory}, a "
+                          f"checkpoint needs {nbytes} bytes plus {self.MARGIN} of headroom")
+
     def _write(self, pos, array, meta):
+        if self.error is not None:         # after a failure the file is left alone
+            return
         start = time.perf_counter()
+        digest = h5format.array_checksum(array)
+        self._check_space(array.nbytes)
         group = self._open()["checkpoints"]
         name = h5format.dataset_name(pos)
         if name in group:                  # kept from an earlier placement at this step
             del group[name]
         ds = group.create_dataset(name, data=array)
-        ds.attrs.update(meta)
+        ds.attrs.update(meta, **{h5format.CHECKSUM_ATTR: digest})
+        self.digests[pos] = digest
         self.write_seconds += time.perf_counter() - start
 
     def _read(self, pos):
+        """The checkpoint at `pos`, checked against the checksum kept when it was written."""
         start = time.perf_counter()
-        array = self.file["checkpoints"][h5format.dataset_name(pos)][()]
+        name = h5format.dataset_name(pos)
+        try:
+            array = self.file["checkpoints"][name][()]
+        except (KeyError, OSError, ValueError) as exc:
+            raise _Damaged(f"step {pos} ({name}) cannot be read: {exc}") from None
+        if h5format.array_checksum(array) != self.digests.get(pos):
+            raise _Damaged(f"step {pos} ({name}) does not match the checksum written with it "
+                           f"(shape {list(array.shape)}, expected "
+                           f"{list(self.root_attributes['local_shape'])})")
         self.read_seconds += time.perf_counter() - start
         return torch.from_numpy(array)
 
     def _delete(self, pos):
+        if self.file is None or self.error is not None:
+            return
         del self.file["checkpoints"][h5format.dataset_name(pos)]
 
     # ---------------------------------------------------------------- tier interface
@@ -233,10 +273,13 @@ class DiskTier:
             future = self.worker.submit(self._read, pos)
         try:
             return future.result()
+        except _Damaged as exc:
+            self._failed(exc, "reading", "the file was truncated, overwritten or damaged after "
+                         "it was written; nothing restored from it is used")
         except Exception as exc:  # noqa: BLE001
             self._failed(exc, "reading")
-            shape = self.root_attributes["local_shape"]
-            return torch.full(tuple(shape), float("nan"), dtype=SOLVER_DTYPE)
+        shape = self.root_attributes["local_shape"]
+        return torch.full(tuple(shape), float("nan"), dtype=SOLVER_DTYPE)
 
     def drop(self, pos):
         write = self.writes.pop(pos, None)
@@ -256,6 +299,8 @@ class DiskTier:
         self.bytes -= self.nbytes.pop(pos)
 
     def _write_times(self, times):
+        if self.error is not None:
+            return
         try:
             self._open().create_dataset("step_times", data=times)
         except Exception as exc:  # noqa: BLE001
@@ -273,16 +318,31 @@ class DiskTier:
                 "disk_prefetch_hits": self.hits, "disk_prefetch_misses": self.misses}
 
     def close(self):
-        """Finish the I/O in flight, close the file and remove it unless asked to keep it."""
-        self.worker.shutdown(wait=True)
+        """Finish the I/O in flight, close the file and remove it unless asked to keep it (a
+        file whose writing failed is removed always). Never raises: it runs while an error
+        is being raised, which must not be replaced; a failure here is a warning."""
+        problems = []
+        try:
+            self.worker.shutdown(wait=True)
+        except Exception as exc:  # noqa: BLE001
+            problems.append(exc)
         self.writes.clear()
         self.reads.clear()
         if self.file is not None:
-            self.file.close()
+            try:
+                self.file.close()
+            except Exception as exc:  # noqa: BLE001
+                problems.append(exc)
             self.file = None
-        if not self.keep_files and os.path.isfile(self.path):
-            os.remove(self.path)
+        if (not self.keep_files or self.error is not None) and os.path.isfile(self.path):
+            try:
+                os.remove(self.path)
+            except OSError as exc:
+                problems.append(exc)
         self.bytes = 0
+        if problems:
+            warnings.warn(f"closing checkpoint file {self.path}: {problems[0]}", RuntimeWarning,
+                          stacklevel=2)
 
 
 class CheckpointStore:
@@ -306,7 +366,11 @@ class CheckpointStore:
                                       "step_size": float(step_size)})
                 self.where[pos] = tier
                 return
-        raise RuntimeError("no checkpoint tier has room (the slot count exceeds the budgets)")
+        # Raised inside a step callback on this rank only: the observer records it and the
+        # solve reports it on every rank.
+        raise RuntimeError(f"no checkpoint tier has room for the checkpoint of step {pos} "
+                           "(the slot count exceeds the byte budgets): raise a budget or lower "
+                           "Checkpointing(slots=...)")
 
     def get(self, pos):
         return self.where[pos].get(pos)
@@ -326,8 +390,14 @@ class CheckpointStore:
         return sum(t.bytes for t in self.tiers)
 
     @property
+    def fallible(self):
+        """Whether a restore can fail (a disk tier): then the backward checks, on every rank,
+        each restore before going on (tier contents differ between ranks; this does not)."""
+        return any(isinstance(t, DiskTier) for t in self.tiers)
+
+    @property
     def error(self):
-        """The first I/O error of a tier, as a message, or None."""
+        """The first I/O error of a tier, as (severity, message), or None."""
         return next((t.error for t in self.tiers if getattr(t, "error", None)), None)
 
     def settle(self):

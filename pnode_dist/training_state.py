@@ -1,10 +1,14 @@
-"""Training state in HDF5: save it atomically with a checksum, keep the last few, and restore
-it exactly (bitwise) on every rank.
+"""Training state in HDF5: save it atomically with a whole-file checksum, keep the last few of
+each run, and restore it exactly (bitwise) on every rank.
 
-Layout (format 'pnode_dist.training_state', one file per save, written by rank 0):
-  root attributes: format, format_version, iteration, epoch, nranks, created, checksum (SHA-256
-                   of every dataset's bytes and attributes below, in name order), args (JSON),
-                   progress (JSON: the caller's counters such as the batch position)
+File layout (format version 2, one file per save, written by rank 0):
+  bytes [0, 512)   header (HDF5 userblock, plain ASCII lines, zero padded):
+                     pnode_dist training state / version 2 / length <file bytes> /
+                     run <run id, or '-'> / sha256 <hex>
+                   the SHA-256 covers the whole file, the header with its hex digits as '0's
+  bytes [512, end) the HDF5 file (h5py userblock_size=512):
+  root attributes: format, format_version, run_id, iteration, epoch, nranks, created,
+                   args (JSON), progress (JSON: the caller's counters such as the batch position)
   /model/<name>             parameters and buffers (state_dict order)
   /optimizer/state/<i>/<k>  tensors of the optimizer state; other values in attributes
   /optimizer attributes     param_groups (JSON)
@@ -12,12 +16,22 @@ Layout (format 'pnode_dist.training_state', one file per save, written by rank 0
   /rng/rank_<r>             torch's CPU generator state of rank r
   /rng/numpy_rank_<r>       numpy's global MT19937 keys of rank r (position etc. in attributes)
   /rng attributes           python_rank_<r>: Python's `random` state of rank r (JSON)
+
+Reading checks the header and the checksum with plain file I/O (non-regular files refused, bounded
+reads) before HDF5 sees a byte: a damaged HDF5 file can make the HDF5 library loop forever or
+crash, so `verify` and `load` never open a file whose checksum does not match. Files of version 1
+(no header) are refused. A run id ties the files to their run: pruning keeps the newest `keep` of
+the saving run only and never touches other files.
 """
+import collections
 import glob
 import hashlib
+import io
 import json
 import os
 import random
+import re
+import stat
 
 import numpy as np
 import torch
@@ -25,28 +39,216 @@ import torch
 from .h5format import TRAINING_STATE_FORMAT as FORMAT
 from .h5format import FileFormatError, utc_now
 
-VERSION = 1
+VERSION = 2
 _PATTERN = "state-{:010d}.h5"
+USERBLOCK = 512                      # the header's bytes (h5py's userblock: HDF5 skips them)
+MAX_BYTES = 1 << 40                  # a larger length in a header is damage
+_CHUNK = 1 << 20
+_MAGIC = b"pnode_dist training state\n"
+_HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+_RUN_ID = re.compile(r"[0-9A-Za-z_.-]{1,64}")
+_HEADER = re.compile(rb"pnode_dist training state\nversion (\d{1,6})\nlength (\d{1,16})\n"
+                     rb"run ([0-9A-Za-z_.-]{1,64})\nsha256 ([0-9a-f]{64})\n\0*")
+_NO_DIGEST = "0" * 64
+
+Header = collections.namedtuple("Header", "version length run_id sha256 digest_at")
+StateFile = collections.namedtuple("StateFile", "path run_id problem")
+StateFile.__doc__ = """A state-*.h5 file of a directory: run_id from its header (None when the
+header cannot be read), problem: why not (None when it can)."""
 
 
-def _checksum(f):
-    """SHA-256 over every dataset (name, dtype, shape, bytes) and every group/dataset attribute
-    except the root's checksum itself."""
-    h = hashlib.sha256()
+class SaveError(Exception):
+    """The training state could not be written (raised on every rank; the temporary file is
+    removed and earlier states are kept)."""
 
-    def visit(name, obj):
-        h.update(name.encode())
-        for k in sorted(obj.attrs):
-            h.update(k.encode() + repr(obj.attrs[k]).encode())
-        if hasattr(obj, "dtype"):
-            data = obj[()]
-            h.update(str(data.dtype).encode() + str(data.shape).encode())
-            h.update(np.ascontiguousarray(data).tobytes())
-    f.visititems(visit)
-    for k in sorted(f.attrs):
-        if k != "checksum":
-            h.update(k.encode() + repr(f.attrs[k]).encode())
-    return h.hexdigest()
+
+def _header_bytes(length, run_id, digest):
+    text = (f"pnode_dist training state\nversion {VERSION}\nlength {length}\n"
+            f"run {run_id or '-'}\nsha256 {digest}\n").encode()
+    return text.ljust(USERBLOCK, b"\0")
+
+
+def _parse_header(head, size, check_size=True):
+    """(problem, Header): the header's fields, checked against the file's size unless not
+    `check_size` (the run id of a truncated file is still known)."""
+    if size == 0:
+        return "empty file (truncated)", None
+    if head.startswith(_HDF5_SIGNATURE):
+        return ("an HDF5 file without pnode_dist's checksum header: written by an older "
+                "pnode_dist (format version 1, not resumable by this version), or truncated or "
+                "damaged; it was not opened"), None
+    if not (head.startswith(_MAGIC) or _MAGIC.startswith(head)):
+        return "not a pnode_dist training state (no pnode_dist header)", None
+    if len(head) < USERBLOCK:
+        return f"truncated ({size} bytes, less than its header)", None
+    m = _HEADER.fullmatch(head)
+    if m is None:
+        return "damaged header (the file was modified or damaged)", None
+    version, length = int(m[1]), int(m[2])
+    if version != VERSION:
+        return (f"format version {version}, written by a "
+                f"{'newer' if version > VERSION else 'different'} pnode_dist"), None
+    if not USERBLOCK < length <= MAX_BYTES:
+        return "damaged header (impossible length)", None
+    if check_size and size < length:
+        return f"truncated ({size} of {length} bytes)", None
+    if check_size and size > length:
+        return f"{size - length} bytes longer than its header says (damaged)", None
+    run_id = m[3].decode()
+    return None, Header(version, length, "" if run_id == "-" else run_id, m[4].decode(),
+                        m.start(4))
+
+
+def _open_regular(path):
+    """(fd, size, None) for a regular file opened for reading, else (None, None, problem).
+    O_NONBLOCK: opening a FIFO does not wait for a writer."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None, None, "no such file"
+    except OSError as exc:
+        return None, None, f"cannot open it ({exc.strerror or exc})"
+    except Exception as exc:                     # a bad path (embedded NUL byte...)
+        return None, None, f"cannot open it ({exc})"
+    try:
+        mode = os.fstat(fd)
+    except OSError as exc:
+        os.close(fd)
+        return None, None, f"cannot read it ({exc.strerror or exc})"
+    if not stat.S_ISREG(mode.st_mode):
+        os.close(fd)
+        kind = ("a directory" if stat.S_ISDIR(mode.st_mode) else
+                "a FIFO" if stat.S_ISFIFO(mode.st_mode) else "a device, socket or other")
+        return None, None, f"not a regular file ({kind})"
+    return fd, mode.st_size, None
+
+
+def _read_up_to(fd, n):
+    parts, got = [], 0
+    while got < n:
+        block = os.read(fd, n - got)
+        if not block:
+            break
+        parts.append(block)
+        got += len(block)
+    return b"".join(parts)
+
+
+def read_header(path):
+    """(run_id, None) from a state file's header ('' for a state saved without a run id), or
+    (None, why it cannot be read). A bounded read of the first 512 bytes, the rest of the file
+    is not checked (a truncated file still names its run); never raises."""
+    fd, size, problem = _open_regular(path)
+    if problem is not None:
+        return None, problem
+    try:
+        problem, header = _parse_header(_read_up_to(fd, USERBLOCK), size, check_size=False)
+    except Exception as exc:
+        return None, f"unreadable ({exc})"
+    finally:
+        os.close(fd)
+    return (None, problem) if problem else (header.run_id, None)
+
+
+def _read_verified(path, keep=False):
+    """(problem, header, data): problem is None when the header is sound and the SHA-256 of the
+    whole file matches it; data: the verified bytes when `keep`. Never raises, never blocks on a
+    FIFO or device, reads at most the length the header states (and one byte more)."""
+    fd, size, problem = _open_regular(path)
+    if problem is not None:
+        return problem, None, None
+    try:
+        head = _read_up_to(fd, USERBLOCK)
+        problem, header = _parse_header(head, size)
+        if problem is not None:
+            return problem, None, None
+        i = header.digest_at
+        digest = hashlib.sha256(head[:i] + _NO_DIGEST.encode() + head[i + 64:])
+        parts = [head] if keep else None
+        remaining = header.length - len(head)
+        while remaining > 0:
+            block = os.read(fd, min(_CHUNK, remaining))
+            if not block:
+                return "truncated while being read", None, None
+            digest.update(block)
+            remaining -= len(block)
+            if keep:
+                parts.append(block)
+        if os.read(fd, 1):
+            return "longer than its header says (changed while being read)", None, None
+        if digest.hexdigest() != header.sha256:
+            return "checksum mismatch (the file was modified or damaged)", None, None
+        return None, header, (b"".join(parts) if keep else None)
+    except MemoryError:
+        return "too large to read into memory", None, None
+    except Exception as exc:
+        return f"unreadable ({exc})", None, None
+    finally:
+        os.close(fd)
+
+
+def _content_problem(f, header):
+    """Why an opened (checksum-verified) file is not a training state of this format, or None."""
+    if f.attrs.get("format") != FORMAT:
+        return "not a pnode_dist training state"
+    if f.attrs.get("format_version") != VERSION:
+        return f"format version {f.attrs.get('format_version')!r} inside, {VERSION} in its header"
+    if str(f.attrs.get("run_id", "")) != header.run_id:
+        return "its run id differs between header and content"
+    missing = [g for g in ("model", "optimizer", "rng") if g not in f]
+    if missing:
+        return f"no {', '.join(missing)} group"
+    return None
+
+
+def _seal(tmp, run_id):
+    """Write the header of a closed HDF5 file `tmp` (its SHA-256 computed from the bytes read
+    back) and flush it to disk."""
+    with open(tmp, "r+b") as raw:
+        length = os.fstat(raw.fileno()).st_size
+        digest = hashlib.sha256(_header_bytes(length, run_id, _NO_DIGEST))
+        raw.seek(USERBLOCK)
+        while True:
+            block = raw.read(_CHUNK)
+            if not block:
+                break
+            digest.update(block)
+        raw.seek(0)
+        raw.write(_header_bytes(length, run_id, digest.hexdigest()))
+        raw.flush()
+        os.fsync(raw.fileno())
+
+
+def _fsync_directory(directory):
+    try:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass                                     # not every filesystem syncs directories
+    finally:
+        os.close(fd)
+
+
+def error_reason(exc):
+    """One line saying why an I/O step failed."""
+    import errno
+    text = str(exc)
+    if getattr(exc, "errno", None) == errno.ENOSPC or "errno = 28" in text \
+            or "No space left" in text:
+        return "no space left on device"
+    if isinstance(exc, OSError) and exc.errno and exc.strerror:
+        return exc.strerror + (f": {exc.filename}" if exc.filename else "")
+    lines = text.strip().splitlines()
+    return (lines[0] if lines else type(exc).__name__)[:300]
+
+
+def scan(directory):
+    """Every state-*.h5 of `directory` as a StateFile (run id from its header), oldest first."""
+    return [StateFile(path, *read_header(path))
+            for path in sorted(glob.glob(os.path.join(glob.escape(str(directory)), "state-*.h5")))]
 
 
 def _tensor_dataset(group, name, tensor):
@@ -54,43 +256,84 @@ def _tensor_dataset(group, name, tensor):
 
 
 def save(directory, *, model, optimizer, iteration, epoch, comm, scheduler=None, args=None,
-         progress=None, keep=3):
+         progress=None, keep=3, run_id=None):
     """Write the training state (collective: rank 0 writes, every rank's RNG state included);
-    returns the file's path. Written to a temporary name, flushed, then renamed, so a crash
-    leaves either the previous files or a complete new one; only the newest `keep` remain."""
+    returns the file's path on every rank.
+
+    Written to a temporary name, sealed with its checksum header, flushed, then renamed, so a
+    crash leaves either the previous files or a complete new one. `run_id` (letters, digits,
+    '_.-', at most 64; None: saved without one) goes into the header and the root attributes;
+    afterwards only the newest `keep` files *of this run id* remain (keep <= 0: all), files of
+    other runs or with unreadable headers are never removed, nor replaced (an existing file of
+    the same name and another run is an error). Raises SaveError on every rank when rank 0
+    cannot write (a full disk, an unwritable directory): the temporary file is removed and the
+    earlier states are kept."""
     import h5py
+    if run_id is not None and not _RUN_ID.fullmatch(str(run_id)):
+        raise ValueError(f"run_id {run_id!r}: letters, digits and '_.-' only, at most 64")
+    run_id = str(run_id or "")
     rng_states = comm.gather(_rng_states(), root=0)
-    path = None
+    path = error = None
     if comm.Get_rank() == 0:
-        os.makedirs(directory, exist_ok=True)
         path = os.path.join(directory, _PATTERN.format(iteration))
         tmp = path + ".tmp"
-        with h5py.File(tmp, "w") as f:
-            f.attrs.update(format=FORMAT, format_version=VERSION, iteration=iteration,
-                           epoch=epoch, nranks=comm.Get_size(), created=utc_now(),
-                           args=json.dumps(args or {}, sort_keys=True, default=str),
-                           progress=json.dumps(progress or {}, sort_keys=True))
-            g = f.create_group("model")
-            for name, tensor in model.state_dict().items():
-                _tensor_dataset(g, name, tensor)
-            _write_optimizer(f.create_group("optimizer"), optimizer.state_dict())
-            if scheduler is not None:
-                f.create_group("scheduler").attrs["state"] = json.dumps(scheduler.state_dict())
-            g = f.create_group("rng")
-            for r, (torch_state, numpy_state, python_state) in enumerate(rng_states):
-                g.create_dataset(f"rank_{r}", data=torch_state)
-                kind, keys, pos, has_gauss, cached = numpy_state
-                d = g.create_dataset(f"numpy_rank_{r}", data=keys)
-                d.attrs.update(kind=kind, pos=pos, has_gauss=has_gauss, cached_gaussian=cached)
-                g.attrs[f"python_rank_{r}"] = json.dumps(python_state)
-            f.attrs["checksum"] = _checksum(f)
-            f.flush()
-        with open(tmp, "rb") as raw:
-            os.fsync(raw.fileno())
-        os.replace(tmp, path)
-        for old in sorted(glob.glob(os.path.join(directory, "state-*.h5")))[:-keep]:
-            os.remove(old)
-    return comm.bcast(path, root=0)
+        try:
+            os.makedirs(directory, exist_ok=True)
+            if os.path.lexists(path):
+                other, why = read_header(path)
+                if other != run_id:
+                    raise SaveError(
+                        f"{path} exists and is not a state of this run ("
+                        f"{'run ' + (other or '-') if other is not None else why}); it was "
+                        "not replaced: move it away or save into another directory")
+            try:
+                with h5py.File(tmp, "w", userblock_size=USERBLOCK) as f:
+                    _write_state(f, model, optimizer, scheduler, rng_states, iteration=iteration,
+                                 epoch=epoch, nranks=comm.Get_size(), run_id=run_id, args=args,
+                                 progress=progress)
+                _seal(tmp, run_id)
+                os.replace(tmp, path)
+            except BaseException:
+                _remove_quietly(tmp)
+                raise
+            _fsync_directory(directory)
+            mine = [e.path for e in scan(directory) if e.run_id == run_id and e.path != path]
+            for old in (mine[:max(0, len(mine) - (keep - 1))] if keep > 0 else []):
+                os.remove(old)                   # the newest keep-1 others and this one remain
+        except Exception as exc:
+            error = (str(exc) if isinstance(exc, SaveError) else
+                     f"cannot save the training state {path}: {error_reason(exc)} (the earlier "
+                     "states are kept)")
+    path, error = comm.bcast((path, error), root=0)
+    if error is not None:
+        raise SaveError(error)
+    return path
+
+
+def _write_state(f, model, optimizer, scheduler, rng_states, *, args, progress, **attrs):
+    f.attrs.update(format=FORMAT, format_version=VERSION, created=utc_now(),
+                   args=json.dumps(args or {}, sort_keys=True, default=str),
+                   progress=json.dumps(progress or {}, sort_keys=True), **attrs)
+    g = f.create_group("model")
+    for name, tensor in model.state_dict().items():
+        _tensor_dataset(g, name, tensor)
+    _write_optimizer(f.create_group("optimizer"), optimizer.state_dict())
+    if scheduler is not None:
+        f.create_group("scheduler").attrs["state"] = json.dumps(scheduler.state_dict())
+    g = f.create_group("rng")
+    for r, (torch_state, numpy_state, python_state) in enumerate(rng_states):
+        g.create_dataset(f"rank_{r}", data=torch_state)
+        kind, keys, pos, has_gauss, cached = numpy_state
+        d = g.create_dataset(f"numpy_rank_{r}", data=keys)
+        d.attrs.update(kind=kind, pos=pos, has_gauss=has_gauss, cached_gaussian=cached)
+        g.attrs[f"python_rank_{r}"] = json.dumps(python_state)
+
+
+def _remove_quietly(path):
+    try:
+        os.remove(path)
+    except OSError:
+        pass
 
 
 def _rng_states():
@@ -140,64 +383,101 @@ def _read_optimizer(group):
 
 
 def verify(path):
-    """None if the file is a complete training state whose checksum matches, else why not."""
-    import h5py
-    if not os.path.isfile(path):
-        return "no such file"
+    """None if `path` is a complete training state of this format whose checksum matches, else
+    why not (a short reason). Never raises and never hangs: non-regular files (FIFOs,
+    directories, devices) are refused without reading, the header and the SHA-256 of the whole
+    file are checked with plain reads, and only a file that passes is opened with h5py."""
+    problem, header, _ = _read_verified(path)
+    if problem is not None:
+        return problem
     try:
+        import h5py
         with h5py.File(path, "r") as f:
-            if f.attrs.get("format") != FORMAT:
-                return "not a pnode_dist training state"
-            if f.attrs.get("checksum") != _checksum(f):
-                return "checksum mismatch (the file was modified or damaged)"
-    except (OSError, KeyError, RuntimeError) as exc:
-        return f"unreadable ({exc}); probably truncated"
-    return None
+            return _content_problem(f, header)
+    except Exception as exc:
+        return f"unreadable HDF5 content ({error_reason(exc)})"
 
 
-def latest_valid(directory):
-    """(path, [(skipped path, reason)...]): the newest state file that verifies."""
+def latest_valid(directory, run_id=None):
+    """(path, [(skipped path, reason)...]): the newest state file of `directory` that verifies;
+    with `run_id`, only files whose header names that run ('' for states saved without one)
+    count, and files whose header cannot be read are skipped (and listed)."""
     skipped = []
-    for path in sorted(glob.glob(os.path.join(directory, "state-*.h5")), reverse=True):
-        problem = verify(path)
+    for entry in reversed(scan(directory)):
+        if run_id is not None and entry.run_id != run_id:
+            if entry.run_id is None:
+                skipped.append((entry.path, entry.problem))
+            continue
+        problem = verify(entry.path)
         if problem is None:
-            return path, skipped
-        skipped.append((path, problem))
+            return entry.path, skipped
+        skipped.append((entry.path, problem))
     return None, skipped
 
 
 def load(path, *, model, optimizer, comm, scheduler=None):
-    """Restore a state saved by `save` on every rank (rank 0 reads and verifies, then
-    broadcasts). Returns dict(iteration, epoch, args, progress). Raises FileFormatError."""
-    import h5py
+    """Restore a state saved by `save` on every rank: rank 0 verifies the file (as `verify`)
+    while reading it into memory, opens exactly the bytes it verified, and broadcasts. Returns
+    dict(iteration, epoch, args, progress, run_id). Raises FileFormatError on every rank (a
+    missing, damaged or foreign file, other ranks or another model than it was saved with)."""
     payload, error = None, None
     if comm.Get_rank() == 0:
-        error = verify(path)
+        error, header, data = _read_verified(path, keep=True)
         if error is None:
-            with h5py.File(path, "r") as f:
-                payload = {
-                    "model": {k: torch.from_numpy(np.array(v[()])) for k, v in f["model"].items()},
-                    "optimizer": _read_optimizer(f["optimizer"]),
-                    "scheduler": (json.loads(f["scheduler"].attrs["state"])
-                                  if "scheduler" in f else None),
-                    "rng": [_read_rng(f["rng"], r) for r in range(int(f.attrs["nranks"]))],
-                    "info": {"iteration": int(f.attrs["iteration"]),
-                             "epoch": int(f.attrs["epoch"]),
-                             "args": json.loads(f.attrs["args"]),
-                             "progress": json.loads(f.attrs["progress"])}}
-            if len(payload["rng"]) != comm.Get_size():
-                error = (f"saved with {len(payload['rng'])} ranks, resumed with "
-                         f"{comm.Get_size()}: resume with the same number of ranks")
+            try:
+                payload, error = _read_payload(data, header)
+            except Exception as exc:
+                error = f"unreadable HDF5 content ({error_reason(exc)})"
+            del data
+        if error is None and len(payload["rng"]) != comm.Get_size():
+            error = (f"saved with {len(payload['rng'])} ranks, resumed with "
+                     f"{comm.Get_size()}: resume with the same number of ranks")
     error = comm.bcast(error, root=0)
     if error is not None:
         raise FileFormatError(f"{path}: {error}")
     payload = comm.bcast(payload, root=0)
+    try:
+        _restore(payload, model, optimizer, scheduler, comm.Get_rank())
+    except Exception as exc:                 # the same payload on every rank: raised everywhere
+        raise FileFormatError(
+            f"{path}: does not fit this model and optimizer ({error_reason(exc)}); resume with the "
+            "options it was saved with") from None
+    return payload["info"]
+
+
+def _read_payload(data, header):
+    """(payload, None) from a verified file's bytes, or (None, problem)."""
+    import h5py
+    with h5py.File(io.BytesIO(data), "r") as f:
+        problem = _content_problem(f, header)
+        if problem is not None:
+            return None, problem
+        return {
+            "model": {k: torch.from_numpy(np.array(v[()])) for k, v in f["model"].items()},
+            "optimizer": _read_optimizer(f["optimizer"]),
+            "scheduler": (json.loads(f["scheduler"].attrs["state"])
+                          if "scheduler" in f else None),
+            "rng": [_read_rng(f["rng"], r) for r in range(int(f.attrs["nranks"]))],
+            "info": {"iteration": int(f.attrs["iteration"]),
+                     "epoch": int(f.attrs["epoch"]),
+                     "args": json.loads(f.attrs["args"]),
+                     "progress": json.loads(f.attrs["progress"]),
+                     "run_id": header.run_id}}, None
+
+
+def _restore(payload, model, optimizer, scheduler, rank):
     state = model.state_dict()
+    if set(state) != set(payload["model"]):
+        raise ValueError(f"parameters differ: saved {sorted(set(payload['model']) - set(state))},"
+                       f" expected {sorted(set(state) - set(payload['model']))}")
+    for name, value in payload["model"].items():
+        if state[name].shape != value.shape:
+            raise ValueError(f"{name} has shape {tuple(value.shape)} in the file, "
+                             f"{tuple(state[name].shape)} in the model")
     with torch.no_grad():
         for name, value in payload["model"].items():
             state[name].copy_(value)
     optimizer.load_state_dict(payload["optimizer"])
     if scheduler is not None and payload["scheduler"] is not None:
         scheduler.load_state_dict(payload["scheduler"])
-    _set_rng_states(payload["rng"][comm.Get_rank()])
-    return payload["info"]
+    _set_rng_states(payload["rng"][rank])

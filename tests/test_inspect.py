@@ -84,3 +84,134 @@ def test_console_script_is_installed():
     script = ROOT / ".venv" / "bin" / "pnode-inspect"
     out = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and "pnode_dist HDF5 files" in out.stdout
+
+
+# -- files that are not what they claim (issue 13): nothing may hang, allocate what a file
+#    declares, raise anything but FileFormatError, or print raw control characters.
+
+def _inspect_here(capsys, *args):
+    """pnode-inspect in this process: (exit status, stdout, stderr)."""
+    from pnode_dist.inspect import main
+    status = main([str(a) for a in args])
+    out = capsys.readouterr()
+    return status, out.out, out.err
+
+
+def test_fifo_and_links_to_other_files_are_refused_without_hanging(tmp_path):
+    import os
+    fifo = tmp_path / "pipe.h5"
+    os.mkfifo(fifo)
+    linked = tmp_path / "linked.h5"              # /checkpoints: an external link to the FIFO
+    with h5py.File(linked, "w") as f:
+        f.attrs["format"] = "pnode_dist.checkpoints"
+        f["checkpoints"] = h5py.ExternalLink(str(fifo), "/")
+    generic = tmp_path / "generic.h5"             # an external link among the datasets
+    with h5py.File(generic, "w") as f:
+        f.attrs["format"] = "pnode_dist.other"
+        f["data"] = np.ones(3)
+        f["elsewhere"] = h5py.ExternalLink(str(fifo), "/x")
+    out = subprocess.run([sys.executable, "-m", "pnode_dist.inspect", str(fifo), str(linked),
+                          str(generic)], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert out.returncode == 1, out.stderr
+    assert f"{fifo}: not a regular file" in out.stderr
+    assert f"{linked}: damaged" in out.stderr and "ExternalLink" in out.stderr
+    assert "/data  float64 [3]" in out.stdout and "Traceback" not in out.stderr
+
+
+def test_directory_is_refused(tmp_path, capsys):
+    status, out, err = _inspect_here(capsys, tmp_path)
+    assert status == 1 and f"{tmp_path}: is a directory" in err and out.strip() == ""
+
+
+def test_control_characters_from_a_file_are_escaped(tmp_path, capsys):
+    fake = "\n  checksum status: ok"
+    path = tmp_path / "evil\x1b[2J\nname.h5"
+    with h5py.File(path, "w") as f:
+        f.attrs["format"] = "pnode_dist.other\x1b[31m"
+        f.attrs["note\r"] = "line one" + fake
+        f.attrs["raw"] = np.bytes_(b"\xff\x1b]0;title\x07")
+        f.attrs["list"] = np.array([b"a\nb", b"c"])
+        f["x\x1b[1A" + fake + "\u202e"] = np.ones(2)
+    for args in ((path,), ("--json", path)):
+        status, out, err = _inspect_here(capsys, *args)
+        assert status == 0, err
+        for bad in ("\x1b", "\r", "\x07", "\u202e"):
+            assert bad not in out, (bad, out)
+        assert not any(line.strip().startswith("checksum status") for line in out.splitlines())
+        if args[0] == "--json":
+            (info,) = json.loads(out)
+            assert info["attributes"]["note\r"] == "line one" + fake      # JSON keeps the text
+            assert info["attributes"]["list"] == ["a\nb", "c"]
+        else:
+            assert len(out.strip().splitlines()) == 5, out              # name, 3 attrs, 1 dataset
+            assert "\\x1b[2J\\nname.h5" in out and "checksum status: ok" in out   # escaped, inline
+    foreign = tmp_path / "foreign\x1b[31m.h5"
+    with h5py.File(foreign, "w") as f:
+        f["x"] = np.zeros(1)
+    status, out, err = _inspect_here(capsys, foreign)
+    assert status == 1 and "\x1b" not in err and "foreign\\x1b[31m.h5" in err
+
+
+@pytest.mark.parametrize("fmt", ["pnode_dist.other", "pnode_dist.training_state",
+                                 "pnode_dist.checkpoints"])
+def test_huge_declared_dataset_is_not_read(tmp_path, capsys, fmt):
+    """A dataset that declares 8 GB (no data written: a file of a few KiB) is listed without
+    its norm, quickly, and a training state holding one is not checksummed (that would read it)."""
+    import time
+    path = tmp_path / "huge.h5"
+    with h5py.File(path, "w") as f:
+        f.attrs["format"] = fmt
+        ds = f.create_dataset("checkpoints/step_00000000", shape=(10 ** 9,), dtype="f8")
+        ds.attrs.update(step=0, time=0.0, step_size=0.0)
+        f.create_dataset("big2d", shape=(10 ** 5, 10 ** 5), dtype="f4")
+    assert path.stat().st_size < 100_000
+    t0 = time.perf_counter()
+    status, out, err = _inspect_here(capsys, "--json", path)
+    assert time.perf_counter() - t0 < 5
+    assert status == 0, err
+    (info,) = json.loads(out)
+    rows = info["checkpoints"] if fmt == "pnode_dist.checkpoints" else info["datasets"]
+    skipped = [r for r in rows if "skipped" in r]
+    assert skipped and all("declares" in r["skipped"] and r.get("norm") is None for r in skipped)
+    if fmt == "pnode_dist.training_state":
+        assert info["checksum_status"].startswith("not verified")
+    status, text, err = _inspect_here(capsys, path)
+    assert status == 0 and "not read" in text, err
+
+
+@pytest.mark.parametrize("case", ["checkpoints_is_dataset", "missing_step", "array_step",
+                                  "empty_step_times", "text_step_times", "soft_link",
+                                  "format_is_array"])
+def test_malformed_files_are_file_format_errors(tmp_path, case):
+    from pnode_dist.h5format import FileFormatError, describe
+    path = tmp_path / f"{case}.h5"
+    with h5py.File(path, "w") as f:
+        f.attrs["format"] = "pnode_dist.checkpoints"
+        if case == "checkpoints_is_dataset":
+            f["checkpoints"] = np.ones(3)
+        elif case == "soft_link":
+            f["target"] = np.ones(3)
+            f["checkpoints"] = h5py.SoftLink("/target")
+        elif case == "format_is_array":
+            f.attrs["format"] = np.array(["pnode_dist.checkpoints"] * 2, dtype=h5py.string_dtype())
+        elif case.endswith("step_times"):
+            f["step_times"] = np.zeros(0) if case.startswith("empty") else np.array([b"a"])
+        else:
+            ds = f.create_dataset("checkpoints/step_00000000", data=np.ones(3))
+            ds.attrs.update(time=0.0, step_size=0.0)
+            if case == "array_step":
+                ds.attrs["step"] = np.arange(3)
+    with pytest.raises(FileFormatError, match=str(path)):
+        describe(str(path))
+
+
+def test_truncated_anywhere_is_a_file_format_error(tmp_path, checkpoint_file):
+    from pnode_dist.h5format import FileFormatError, describe
+    whole = checkpoint_file.read_bytes()
+    cut = tmp_path / "cut.h5"
+    for n in (0, 8, 100, 1000, len(whole) // 2, len(whole) - 200, len(whole) - 1):
+        cut.write_bytes(whole[:n])
+        try:
+            describe(str(cut))
+        except FileFormatError as exc:
+            assert str(cut) in str(exc)

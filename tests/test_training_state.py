@@ -1,12 +1,18 @@
-"""Training-state files: exact round trip, checksum, newest-valid selection, pruning."""
+"""Training-state files: exact round trip, whole-file checksum checked before HDF5 opens a file
+(bit flips, truncation, FIFOs, directories, old files), newest-valid selection, pruning per run,
+a full disk during a save."""
+import os
 import random
+import subprocess
+import sys
+import threading
 
 import h5py
 import numpy as np
 import pytest
 import torch
 
-from conftest import TimeMLP
+from conftest import ROOT, TimeMLP
 from pnode_dist import training_state
 from pnode_dist.h5format import FileFormatError, describe
 from pnode_dist.parallel import MPI
@@ -47,7 +53,7 @@ def test_round_trip_is_exact(tmp_path):
     info = training_state.load(path, model=other, optimizer=other_opt, scheduler=other_sched,
                                comm=COMM)
     assert info == {"iteration": 3, "epoch": 1, "args": {"lr": 1e-2},
-                    "progress": {"batch": 7}}
+                    "progress": {"batch": 7}, "run_id": ""}
     for (n, a), (_, b) in zip(model.state_dict().items(), other.state_dict().items()):
         assert torch.equal(a, b), n
     for k, st in opt.state_dict()["state"].items():
@@ -76,3 +82,126 @@ def test_damaged_files_are_detected_and_skipped(tmp_path):
     assert best == paths[-3] and [s for s, _ in skipped] == [paths[-1], paths[-2]]
     with pytest.raises(FileFormatError, match="checksum mismatch"):
         training_state.load(paths[-1], model=model, optimizer=opt, comm=COMM)
+
+
+def _verify_within(path, seconds=10):
+    """verify(path) in a daemon thread: a hang fails the test instead of stalling it."""
+    result = []
+    thread = threading.Thread(target=lambda: result.append(training_state.verify(path)),
+                              daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert result, f"verify({path}) did not return within {seconds}s"
+    return result[0]
+
+
+def test_damaged_files_are_refused_before_hdf5_reads_them(tmp_path):
+    """Truncations at every interesting length, a FIFO without a writer, a directory, a
+    device, a file of the older format (no header) and bytes appended: all refused, promptly,
+    with a reason; load raises FileFormatError naming the file."""
+    model, opt, _ = _trained(0)
+    path = training_state.save(tmp_path / "s", model=model, optimizer=opt, iteration=1, epoch=1,
+                               comm=COMM, run_id="abc")
+    data = open(path, "rb").read()
+    assert data.startswith(b"pnode_dist training state\nversion 2\n")
+    assert _verify_within(path) is None and training_state.read_header(path) == ("abc", None)
+    cases = {}
+    for n in (0, 10, 511, 512, 600, len(data) // 2, len(data) - 1):
+        cases[f"trunc{n}"] = (data[:n], "truncated")
+    cases["longer"] = (data + b"\0", "longer than its header says")
+    cases["text"] = (b"hello\n" * 100, "not a pnode_dist training state")
+    old = tmp_path / "old.h5"                              # a format-1 file: plain HDF5
+    with h5py.File(old, "w") as f:
+        f.attrs["format"] = "pnode_dist.training_state"
+        f["model/w"] = np.zeros(3)
+    cases["old"] = (old.read_bytes(), "older pnode_dist")
+    for name, (content, words) in cases.items():
+        p = tmp_path / f"{name}.h5"
+        p.write_bytes(content)
+        why = _verify_within(p)
+        assert why is not None and words in why, (name, why)
+        with pytest.raises(FileFormatError, match=f"{p}: .*{words}"):
+            training_state.load(p, model=model, optimizer=opt, comm=COMM)
+    fifo = tmp_path / "fifo.h5"
+    os.mkfifo(fifo)
+    assert "not a regular file (a FIFO)" in _verify_within(fifo)
+    assert training_state.read_header(fifo) == (None, "not a regular file (a FIFO)")
+    assert "not a regular file (a directory)" in _verify_within(tmp_path)
+    assert "not a regular file" in _verify_within("/dev/zero")
+    assert _verify_within(tmp_path / "missing.h5") == "no such file"
+
+
+def test_single_bit_flips_are_refused_promptly(tmp_path):
+    """A few hundred seeded single-bit flips of a real state file (half in the header), each
+    checked by verify in a worker process (a hang or crash fails the test): every copy is
+    refused, or verifies with content identical to the original, each within two seconds."""
+    model, opt, sched = _trained(0)
+    path = training_state.save(tmp_path, model=model, optimizer=opt, scheduler=sched,
+                               iteration=3, epoch=1, comm=COMM, run_id="flips")
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "state_fuzz.py"),
+                           "--flips", "300", "--truncations", "20", "--seed", "13",
+                           "--state", path, "--case-timeout", "5", "--json"],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    summary = __import__("json").loads(proc.stdout.splitlines()[-1])
+    assert summary["cases"] == 320 and summary["identical"] + summary["refused"] == 320, summary
+    assert summary["max_seconds"] < 2.0, summary
+
+
+def test_pruning_keeps_other_runs_and_never_replaces_them(tmp_path):
+    model, opt, _ = _trained(0)
+    other = [training_state.save(tmp_path, model=model, optimizer=opt, iteration=i, epoch=1,
+                                 comm=COMM, run_id="other") for i in (1, 2)]
+    (tmp_path / "state-0000000099.h5").write_bytes(b"\x89HDF\r\n\x1a\n" + b"\0" * 100)
+    mine = [training_state.save(tmp_path, model=model, optimizer=opt, iteration=i, epoch=1,
+                                comm=COMM, run_id="mine", keep=2) for i in range(3, 8)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "state-0000000001.h5", "state-0000000002.h5", "state-0000000006.h5",
+        "state-0000000007.h5", "state-0000000099.h5"]
+    assert training_state.latest_valid(tmp_path, run_id="other") == (
+        other[-1], [(str(tmp_path / "state-0000000099.h5"),
+                     training_state.read_header(tmp_path / "state-0000000099.h5")[1])])
+    assert training_state.latest_valid(tmp_path, run_id="mine")[0] == mine[-1]
+    with pytest.raises(training_state.SaveError, match="not a state of this run"):
+        training_state.save(tmp_path, model=model, optimizer=opt, iteration=2, epoch=1,
+                            comm=COMM, run_id="mine")
+    assert training_state.read_header(other[-1]) == ("other", None)
+    assert not list(tmp_path.glob("*.tmp"))
+    older = training_state.save(tmp_path, model=model, optimizer=opt, iteration=4, epoch=1,
+                                comm=COMM, run_id="mine", keep=2)     # resumed from further back
+    assert [e.path for e in training_state.scan(tmp_path) if e.run_id == "mine"] == [
+        older, mine[-1]]                                   # the state just written is kept
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 2 MiB tmpfs (needs root and CAP_SYS_ADMIN; skipped otherwise), unmounted after."""
+    mnt = tmp_path / "tmpfs"
+    mnt.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs to fill ({proc.stderr.strip() or 'not root'})")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_full_disk_keeps_the_previous_state(small_tmpfs):
+    """A 1.6 MB state fits once on a 2 MiB filesystem, the second save runs out of space: a
+    SaveError saying so, the temporary file gone (its space back), the first state intact."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(256, 256, dtype=torch.float64)
+    opt = torch.optim.Adam(model.parameters())
+    model(torch.randn(2, 256, dtype=torch.float64)).sum().backward()
+    opt.step()
+    first = training_state.save(small_tmpfs, model=model, optimizer=opt, iteration=1, epoch=1,
+                                comm=COMM, run_id="full")
+    free = os.statvfs(small_tmpfs).f_bavail
+    with pytest.raises(training_state.SaveError, match="no space left on device"):
+        training_state.save(small_tmpfs, model=model, optimizer=opt, iteration=2, epoch=1,
+                            comm=COMM, run_id="full")
+    assert [p.name for p in small_tmpfs.iterdir()] == ["state-0000000001.h5"]
+    assert os.statvfs(small_tmpfs).f_bavail == free
+    assert training_state.verify(first) is None

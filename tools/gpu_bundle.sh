@@ -20,7 +20,35 @@ PREFIX=${GPU_PREFIX:-/opt/pnode-gpu}
 MPI=${GPU_MPI:-none}
 PRECISION=${GPU_PRECISION:-double}
 case $PRECISION in double|single) ;; *) echo "[gpu-bundle] GPU_PRECISION: double or single" >&2; exit 2;; esac
+case $PREFIX in
+  /*) ;;
+  *) echo "[gpu-bundle] GPU_PREFIX must be an absolute path (got '$PREFIX')" >&2; exit 2 ;;
+esac
+PREFIX=${PREFIX%/}
+[ -n "$PREFIX" ] || { echo "[gpu-bundle] GPU_PREFIX must not be /" >&2; exit 2; }
+# The bundle packs all of PREFIX, so PREFIX must be this script's own: new, empty, marked by an
+# earlier run, or holding only what a PETSc install creates (an existing /usr/local, say, is
+# refused rather than packed).
+MARK=$PREFIX/.pnode-gpu-bundle
+if [ -e "$PREFIX" ] && [ ! -d "$PREFIX" ]; then
+  echo "[gpu-bundle] GPU_PREFIX $PREFIX is not a directory" >&2; exit 2
+fi
+if [ -d "$PREFIX" ] && [ ! -f "$MARK" ]; then
+  for entry in "$PREFIX"/* "$PREFIX"/.[!.]*; do
+    [ -e "$entry" ] || continue
+    case ${entry##*/} in
+      include|lib|share|bin|env.sh|petsc4py-*.whl) ;;
+      *) echo "[gpu-bundle] GPU_PREFIX $PREFIX holds '${entry##*/}', which a PETSc install" \
+              "does not create: choose a new or empty directory for the bundle" >&2; exit 2 ;;
+    esac
+  done
+  if [ -n "$(ls -A "$PREFIX")" ] && [ ! -f "$PREFIX/include/petscconf.h" ]; then
+    echo "[gpu-bundle] GPU_PREFIX $PREFIX is neither empty nor a PETSc install: choose a new" \
+         "or empty directory for the bundle" >&2; exit 2
+  fi
+fi
 WORK=$ROOT/build/gpu-bundle
+STAGE=$WORK/stage              # the bundle's tree, assembled here: PREFIX itself is never pruned
 say() { echo "[gpu-bundle] $*"; }
 pin() { grep -E "^$1==" requirements.txt | head -1 | cut -d= -f3; }
 source tools/cuda_petsc.sh
@@ -53,6 +81,8 @@ if ! built_as; then
     "$VPY" -m pip download -q --no-deps --no-binary :all: -d "$WORK" "petsc==$VERSION"
     tar xzf "$WORK/petsc-$VERSION.tar.gz" -C "$WORK"
   fi
+  mkdir -p "$PREFIX" && touch "$MARK" \
+    || { echo "[gpu-bundle] cannot write to GPU_PREFIX $PREFIX" >&2; exit 2; }
   if [ "$MPI" = none ]; then mpi_opts="--with-mpi=0"; else mpi_opts="--with-mpi-dir=$MPI"; fi
   say "configuring ($PRECISION, CUDA arch ${CUDA_ARCH:-90}, MPI: $MPI, prefix $PREFIX)"
   # shellcheck disable=SC2086
@@ -78,16 +108,24 @@ if [ -z "$WHEEL" ] || [ "$WHEEL" -ot "$PREFIX/include/petscconf.h" ]; then
   WHEEL=$(ls "$WHEELS"/petsc4py-*.whl | head -1)
 fi
 
-# 4. The bundle: stripped libraries, no share/, the wheel and an environment script.
-strip --strip-unneeded "$PREFIX"/lib/libpetsc.so.* 2>/dev/null || true
-rm -rf "$PREFIX/share"
-cp "$WHEEL" "$PREFIX/"
-cat > "$PREFIX/env.sh" <<ENV
+# 4. The bundle, staged in $STAGE (this script's own folder: PREFIX is copied, not changed):
+# stripped libraries, no share/, the wheel and an environment script.
+case $STAGE in
+  "$ROOT"/build/gpu-bundle/stage) ;;
+  *) echo "[gpu-bundle] refusing to stage outside build/gpu-bundle: $STAGE" >&2; exit 1 ;;
+esac
+rm -rf "$STAGE"
+mkdir -p "$STAGE$PREFIX"
+cp -a "$PREFIX"/. "$STAGE$PREFIX"/
+rm -rf "$STAGE$PREFIX/share" "$STAGE$PREFIX"/petsc4py-*.whl "$STAGE$MARK"
+strip --strip-unneeded "$STAGE$PREFIX"/lib/libpetsc.so.* 2>/dev/null || true
+cp "$WHEEL" "$STAGE$PREFIX/"
+cat > "$STAGE$PREFIX/env.sh" <<ENV
 # Source on the GPU node (bash): PETSc at $PREFIX and the CUDA libraries torch ships.
 export PETSC_DIR=$PREFIX PETSC_ARCH=
 nv=\$(python -c "import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], 'cu13', 'lib'))" 2>/dev/null)
 export LD_LIBRARY_PATH=$PREFIX/lib\${nv:+:\$nv}:\${CUDA_HOME:-/usr/local/cuda}/lib64\${LD_LIBRARY_PATH:+:\$LD_LIBRARY_PATH}
 ENV
 OUT=dist/pnode-gpu-petsc$VERSION-cuda-$PRECISION-py$PYVER.tar.gz
-tar czf "$OUT" -C / "${PREFIX#/}"
+tar czf "$OUT" -C "$STAGE" "${PREFIX#/}"
 say "wrote $OUT ($(du -h "$OUT" | cut -f1)); unpack with: tar xzf $(basename "$OUT") -C /"

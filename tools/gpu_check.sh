@@ -12,10 +12,14 @@
 # transfer limit), which `check` reassembles from build/gpu-check-packs/ if build/gpu-check is
 # missing. Build logs stay in build/gpu-check/logs; `check` writes its two logs to OUT.
 set -euo pipefail
+MODE=${1:?usage: gpu_check.sh build|check [OUT]}
+case $MODE in build|check) ;; *) echo "usage: gpu_check.sh build|check [OUT]" >&2; exit 2 ;; esac
+OUT=""
+if [ -n "${2:-}" ]; then          # OUT relative to the caller's directory, made absolute
+  mkdir -p "$2" && OUT=$(cd "$2" && pwd) || { echo "[gpu-check] cannot use OUT=$2" >&2; exit 2; }
+fi
 cd "$(dirname "$0")/.."
 ROOT=$PWD
-MODE=${1:?usage: gpu_check.sh build|check [OUT]}
-OUT=${2:-}
 PY=${PYTHON:-python3}
 VERSION=$(grep -E '^petsc==' requirements.txt | cut -d= -f3)
 WORK=$ROOT/build/gpu-check
@@ -53,7 +57,10 @@ if [ "$MODE" = build ]; then
 MPI.Get_library_version().splitlines()[0], '| torch', torch.__version__, torch.cuda.is_available())"
   build_one double & b1=$!
   build_one single & b2=$!
-  wait $b1 && wait $b2
+  failed=0                         # (a failing `wait a && wait b` would not stop set -e)
+  wait "$b1" || failed=1
+  wait "$b2" || failed=1
+  [ "$failed" = 0 ] || { say "build failed (logs in $LOGS)"; exit 1; }
   if [ -n "$OUT" ]; then
     for prec in double single; do
       tar czf - -C "$WORK" "$prec" | split -b 15m - "$OUT/gpu-$prec.tar.gz.part-"
@@ -65,8 +72,8 @@ fi
 
 # check
 for prec in double single; do
-  parts=$(ls "$ROOT"/build/gpu-check-packs/gpu-$prec.tar.gz.part-* 2>/dev/null || true)
-  [ -d "$WORK/$prec" ] || [ -z "$parts" ] || cat $parts | tar xzf - -C "$WORK"
+  parts=("$ROOT"/build/gpu-check-packs/gpu-$prec.tar.gz.part-*)
+  [ -d "$WORK/$prec" ] || [ ! -e "${parts[0]}" ] || cat "${parts[@]}" | tar xzf - -C "$WORK"
 done
 export PYTHONPATH=$WORK/double:$ROOT PNODE_PETSC_SINGLE=$WORK/single OMP_NUM_THREADS=4
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true

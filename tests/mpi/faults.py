@@ -1,0 +1,274 @@
+"""Run under mpiexec -n 2 (or 3): faults injected on ONE rank end in an error on EVERY rank, never
+a hang or a wrong gradient, and leave the solvers usable. argv[1] picks a group of cases:
+
+  collective   exceptions / NaN in func on the last rank (forward and adjoint, every method
+               family and checkpointing policy), each followed by the same solve without the
+               fault (must give the reference gradient: no poisoned solver); checkpoint files
+               damaged between forward and backward; a full checkpoint disk (PNODE_TEST_FULL_DIR,
+               a small tmpfs, when given); grad mode differing between ranks; lastly a backward
+               skipped on one rank. Prints 'case <name>: <outcome>' per case (rank 0) and
+               'all cases passed' at the end; exits 1 on any wrong outcome.
+  keyboard     KeyboardInterrupt inside func on the last rank (not catchable per rank: the job
+               must be aborted, promptly).
+  uncaught     an exception in the user's own code on the last rank, outside pnode_dist.
+  lone-backward  rank 0 runs a backward pass the other ranks never run (they exit).
+"""
+import glob
+import os
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__) + "/..")
+from conftest import TimeMLP  # noqa: E402
+
+from pnode_dist import IMEX, Checkpointing, InputError, SolverError, odeint  # noqa: E402
+from pnode_dist.parallel import MPI  # noqa: E402
+
+comm = MPI.COMM_WORLD
+rank, size = comm.Get_rank(), comm.Get_size()
+LAST = size - 1
+T = torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64)
+Y = torch.randn(2 * size + 1, 3, generator=torch.Generator().manual_seed(5),
+                dtype=torch.float64)
+lo, hi = 2 * rank, 2 * rank + 2 + (rank == LAST)          # uneven shards
+failures = []
+
+
+class Faulty(TimeMLP):
+    """TimeMLP that, once armed, fails on the last rank: raises `error` or returns NaN."""
+
+    def __init__(self):
+        super().__init__(seed=3)
+        self.fault = None            # None, or (kind, error class)
+
+    def forward(self, t, y):
+        if self.fault is not None and rank == LAST:
+            kind, error = self.fault
+            if kind == "raise":
+                raise error(f"injected fault on rank {rank}")
+            return super().forward(t, y) * float("nan")
+        return super().forward(t, y)
+
+
+class Stiff(torch.nn.Module):
+    def forward(self, t, y):
+        return -2.0 * y
+
+
+METHODS = {"rk4": {"step_size": 0.05}, "dopri5": None, "bosh3": None,
+           "cn": {"step_size": 0.1}, "beuler": {"step_size": 0.1, "linear_solver": "exact"},
+           "arkimex": None}
+
+
+def make_func(method):
+    f = Faulty()
+    return IMEX(implicit=Stiff(), explicit=f) if method == "arkimex" else f
+
+
+def faulty_part(func):
+    return func.explicit if isinstance(func, IMEX) else func
+
+
+def solve(func, method, policy, phase=None, fault=None, damage=None):
+    """Gradient of a fixed loss (this rank's y0 shard and every parameter)."""
+    y0 = Y[lo:hi].clone().requires_grad_(True)
+    part = faulty_part(func)
+    part.fault = fault if phase == "forward" else None
+    try:
+        ys = odeint(func, y0, T, method=method, options=METHODS[method], rtol=1e-6, atol=1e-8,
+                    checkpointing=policy)
+        part.fault = fault if phase == "adjoint" else None
+        if damage is not None:
+            damage()
+        (ys.sin() * torch.arange(1, 4, dtype=ys.dtype).view(3, 1, 1)).sum().backward()
+    finally:
+        part.fault = None
+    grads = [y0.grad.reshape(-1)] + [p.grad.reshape(-1) for p in func.parameters()]
+    func.zero_grad(set_to_none=True)
+    return torch.cat(grads)
+
+
+def expect_error(name, exc_type, words, call):
+    """`call` must raise exc_type on this rank with every one of `words` in the message."""
+    try:
+        call()
+    except exc_type as exc:
+        missing = [w for w in words if w not in str(exc)]
+        ok = not missing
+        outcome = str(exc)[:160] if ok else f"message lacks {missing}: {exc}"
+    except Exception as exc:  # noqa: BLE001 - a wrong kind of error is a failure
+        ok, outcome = False, f"{type(exc).__name__}: {exc}"
+    else:
+        ok, outcome = False, "no error"
+    report(name, ok, outcome)
+
+
+_clock = [time.perf_counter()]
+
+
+def report(name, ok, outcome):
+    everyone = comm.allgather((ok, outcome))
+    now = time.perf_counter()
+    seconds, _clock[0] = now - _clock[0], now
+    if rank == 0:
+        bad = [r for r, (good, _) in enumerate(everyone) if not good]
+        print(f"case {name} [{seconds:.2f} s]: {'ok' if not bad else 'FAILED on ranks %s' % bad}: "
+              f"{everyone[bad[0] if bad else 0][1]}", flush=True)
+    if not all(good for good, _ in everyone):
+        failures.append(name)
+
+
+def check_same(name, a, b):
+    diff = float((a - b).abs().max() / b.abs().max())
+    report(name, diff <= 1e-13, f"relative difference {diff:.1e}")
+
+
+def policies(disk):
+    return {"all": None,
+            "binomial-host": Checkpointing(schedule="binomial", slots=3),
+            "binomial-disk": Checkpointing(schedule="binomial", slots=3, host_bytes=0,
+                                           disk_dir=disk)}
+
+
+def func_faults(disk):
+    """Exception / NaN in func on the last rank, then the same solve without it."""
+    for method in METHODS:
+        for pname, policy in policies(disk).items():
+            func = make_func(method)
+            reference = solve(func, method, policy)
+            for phase in ("forward", "adjoint"):
+                for kind in ("raise", "nan"):
+                    name = f"{kind} in func on rank {LAST}, {method}, {pname}, {phase}"
+                    words = ["injected fault", f"rank {LAST}"] if kind == "raise" else []
+                    expect_error(name, SolverError, words,
+                                 lambda: solve(func, method, policy, phase, (kind, ValueError)))
+                    check_same(f"  then the same solve without the fault", solve(func, method,
+                                                                                  policy),
+                               reference)
+
+
+def damaged_files(disk):
+    """Checkpoint files damaged on the last rank between forward and backward."""
+    policy = policies(disk)["binomial-disk"]
+    func = make_func("rk4")
+    reference = solve(func, "rk4", policy)
+    step0 = Y[lo:hi].numpy().tobytes()        # the checkpoint of y0 is restored last
+
+    def my_file():
+        found = glob.glob(os.path.join(disk, f"*.rank{rank:04d}-of-{size:04d}.h5"))
+        assert len(found) == 1, found
+        return found[0]
+
+    def flip_bit():
+        path = my_file()
+        with open(path, "r+b") as f:
+            data = f.read()
+            at = data.find(step0)
+            assert at >= 0, "y0's bytes not found in the checkpoint file"
+            f.seek(at + 3)
+            f.write(bytes([data[at + 3] ^ 0x10]))
+
+    def zero_data():
+        path = my_file()
+        with open(path, "r+b") as f:
+            at = f.read().find(step0)
+            f.seek(at)
+            f.write(bytes(len(step0)))
+
+    def truncate():
+        path = my_file()
+        os.truncate(path, os.path.getsize(path) // 2)
+
+    for name, damage in (("bit flip", flip_bit), ("overwritten with zeros", zero_data),
+                         ("truncated", truncate)):
+        expect_error(f"checkpoint file {name} on rank {LAST}", SolverError,
+                     ["checkpoint file", f"rank {LAST}", "damaged"],
+                     lambda: solve(func, "rk4", policy,
+                                   damage=damage if rank == LAST else None))
+        check_same("  then the same solve", solve(func, "rk4", policy), reference)
+    # A deleted file stays readable through the open handle: the gradient must be right.
+    deleted = solve(func, "rk4", policy,
+                    damage=(lambda: os.remove(my_file())) if rank == LAST else None)
+    check_same(f"checkpoint file deleted on rank {LAST}: exact gradient", deleted, reference)
+    left = glob.glob(os.path.join(disk, "*.h5"))
+    report("no checkpoint files left behind", not left, f"{left}")
+
+
+def full_disk(directory):
+    """A checkpoint tier on a full file system: an error on every rank, nothing left behind."""
+    func = make_func("rk4")
+    policy = Checkpointing(schedule="binomial", slots=3, host_bytes=0, disk_dir=directory)
+    expect_error("checkpoint disk full", SolverError, ["disk full", "checkpoint file"],
+                 lambda: solve(func, "rk4", policy))
+    left = glob.glob(os.path.join(directory, "*.h5"))
+    report("  no partial checkpoint files left", not left, f"{left}")
+    check_same("  then the same solve in memory", solve(func, "rk4", None),
+               solve(make_func("rk4"), "rk4", None))
+
+
+def grad_mode():
+    func = make_func("rk4")
+
+    def mixed():
+        with torch.set_grad_enabled(rank != LAST):
+            solve(func, "rk4", None)
+    expect_error(f"torch.no_grad() on rank {LAST} only", InputError, ["different points",
+                                                                     "without gradient"], mixed)
+
+
+def skipped_backward():
+    """The last rank skips a backward pass and goes on to the next solve."""
+    func = make_func("rk4")
+
+    def run():
+        y0 = Y[lo:hi].clone().requires_grad_(True)
+        ys = odeint(func, y0, T, method="rk4", options={"step_size": 0.1})
+        if rank != LAST:
+            ys.sum().backward()
+        odeint(func, y0, T, method="rk4", options={"step_size": 0.1})
+    expect_error(f"backward skipped on rank {LAST}", InputError, ["different points"], run)
+
+
+def collective():
+    disk = comm.bcast(tempfile.mkdtemp(prefix="pnode-faults-") if rank == 0 else None, root=0)
+    func_faults(disk)
+    damaged_files(disk)
+    full = os.environ.get("PNODE_TEST_FULL_DIR")
+    if full:
+        full_disk(full)
+    grad_mode()
+    skipped_backward()        # last: the ranks' call counts differ from here on
+    comm.Barrier()
+    if rank == 0:
+        os.rmdir(disk)
+        print("all cases passed" if not failures else f"FAILED: {failures}", flush=True)
+    sys.exit(1 if failures else 0)
+
+
+def keyboard():
+    func = make_func("rk4")
+    solve(func, "rk4", None, "forward", ("raise", KeyboardInterrupt))
+    print(f"rank {rank} was not interrupted", flush=True)
+
+
+def uncaught():
+    solve(make_func("rk4"), "rk4", None)
+    if rank == LAST:
+        raise RuntimeError("a bug in the user's script on one rank")
+    solve(make_func("rk4"), "rk4", None)
+
+
+def lone_backward():
+    func = make_func("rk4")
+    y0 = Y[lo:hi].clone().requires_grad_(True)
+    ys = odeint(func, y0, T, method="rk4", options={"step_size": 0.1})
+    if rank == 0:
+        ys.sum().backward()
+    print(f"rank {rank} finished", flush=True)
+
+
+{"collective": collective, "keyboard": keyboard, "uncaught": uncaught,
+ "lone-backward": lone_backward}[sys.argv[1]]()

@@ -1,0 +1,107 @@
+"""The apps' command lines: nonsense is refused by argparse with one line on stderr and exit
+status 2 (never a traceback, never silently accepted), the same on every rank under mpiexec,
+printed once; sensible command lines parse."""
+import importlib.util
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, run_mpi
+
+APPS = ("classify", "cnf", "stiff", "pde")
+_modules = {}
+
+
+def _app(name):
+    """The app's module, loaded once in this process (its parse_args only is used)."""
+    if name not in _modules:
+        spec = importlib.util.spec_from_file_location(f"app_{name}", ROOT / "apps" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        _modules[name] = module
+    return _modules[name]
+
+
+# Refused by every app.
+COMMON = [
+    ["--lr", "nan"], ["--lr", "-1"], ["--lr", "inf"], ["--lr", "x"], ["--seed", "-1"],
+    ["--seed", str(2 ** 40)], ["--save-every", "-1"], ["--slots", "0"], ["--host-bytes", "-5"],
+    ["--checkpoint", "foo"], ["--checkpoint", "binomial"], ["--checkpoint", "all", "--slots", "3"],
+    ["--checkpoint", "uniform", "--disk-dir", "/tmp"], ["--keep-checkpoints"], ["--out", ""],
+    ["--out", str(ROOT / "README.md")], ["--state-dir", str(ROOT / "README.md")],
+    ["--disk-dir", str(ROOT / "README.md")], ["--resume", ""], ["--bogus"], ["stray"],
+    ["--save-every", "1.5"], ["--lr", "1\n2"],
+]
+PER_APP = {
+    "classify": [["--epochs", "0"], ["--epochs", "-3"], ["--method", "foo"],
+                 ["--method", "arkimex"],
+                 ["--steps", "0"], ["--steps", "-1"], ["--method", "dopri5", "rk4", "--steps", "0"],
+                 ["--limit", "-1"], ["--limit", "0"], ["--batch-size", "0"], ["--blocks", "0"],
+                 ["--channels", "0"], ["--rtol", "0"], ["--atol", "nan"],
+                 ["--blocks", "2", "--method", "rk4", "rk4", "rk4"], ["--dataset", "cifar"]],
+    "cnf": [["--iterations", "0"], ["--eval-every", "0"], ["--hidden", "0"], ["--layers", "-1"],
+            ["--test-size", "0"], ["--steps", "-1"], ["--steps", "0"], ["--method", "foo"],
+            ["--batch-size", "0"], ["--rtol", "-1e-5"], ["--trace", "approx"]],
+    "stiff": [["--iterations", "0"], ["--points", "1"], ["--substeps", "0"],
+              ["--trajectories", "0"], ["--method", "rk4"], ["--hidden", "0"],
+              ["--linear-solver", "lu"]],
+    "pde": [["--iterations", "0"], ["--grid", "1"], ["--window", "0"],
+            ["--snapshots", "5", "--window", "4"], ["--quick", "--window", "8"],
+            ["--steps-per-snapshot", "0"], ["--proc-sizes", "0", "1"], ["--proc-sizes", "2", "2"],
+            ["--eval-every", "0"], ["--method", "foo"], ["--hidden", "-2"]],
+}
+CASES = [(app, args) for app in APPS for args in COMMON + PER_APP[app]]
+
+
+@pytest.mark.parametrize("app,args", CASES, ids=[f"{a}:{' '.join(x)!r}" for a, x in CASES])
+def test_nonsense_is_one_line_and_status_2(app, args, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        _app(app).parse_args(args)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2
+    assert err.count("\n") == 1 and "error:" in err, err       # one line, no usage block
+
+
+@pytest.mark.parametrize("app,args", [
+    ("classify", []), ("classify", ["--method", "dopri5", "--steps", "0", "--rtol", "1e-3"]),
+    ("classify", ["--blocks", "2", "--method", "rk4", "dopri5", "--steps", "4", "0",
+                  "-ode2_ts_adapt_dt_max", "0.05"]),
+    ("classify", ["--checkpoint", "binomial", "--slots", "3", "--host-bytes", "0", "--disk-dir",
+                  "/tmp/x", "--keep-checkpoints", "--limit", "1"]),
+    ("cnf", ["--method", "bosh3", "--steps", "0", "--layers", "0"]), ("cnf", ["--quick"]),
+    ("stiff", ["--points", "2", "--method", "beuler"]),
+    ("pde", ["--quick"]), ("pde", ["--window", "1", "--snapshots", "3", "--proc-sizes", "1", "1"]),
+])
+def test_sensible_command_lines_parse(app, args, capsys):
+    _app(app).parse_args(args)
+    assert capsys.readouterr().err == ""
+
+
+def test_control_characters_in_a_value_stay_escaped(capsys):
+    with pytest.raises(SystemExit):
+        _app("cnf").parse_args(["--hidden", "x\x1b[2J\ny"])
+    err = capsys.readouterr().err
+    assert "\x1b" not in err and err.count("\n") == 1 and "\\x1b[2J\\ny" in err
+
+
+@pytest.mark.parametrize("app,args", [("classify", ["--method", "foo"]),
+                                      ("cnf", ["--eval-every", "0"]),
+                                      ("stiff", ["--points", "1"]),
+                                      ("pde", ["--steps-per-snapshot", "-1"])])
+def test_launched_app_exits_2_with_one_line(app, args):
+    proc = subprocess.run([sys.executable, f"apps/{app}.py", *args], capture_output=True,
+                          text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 2 and proc.stdout == "", proc.stdout + proc.stderr
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_two_ranks_exit_2_and_print_once():
+    """Every rank parses the same argv and exits with 2; rank 0 alone prints. The rank-count
+    check (a batch smaller than the ranks) is the same on every rank too; --help prints once."""
+    proc = run_mpi(2, ROOT / "apps" / "classify.py", "--batch-size", "1", timeout=120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stderr.count("\n") == 1 and "smaller than the 2 ranks" in proc.stderr, \
+        proc.stderr
+    helped = run_mpi(2, ROOT / "apps" / "cnf.py", "--help", timeout=120)
+    assert helped.returncode == 0 and helped.stdout.count("usage:") == 1, helped.stdout

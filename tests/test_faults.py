@@ -1,0 +1,54 @@
+"""Faults injected on one rank (tests/mpi/faults.py): every case ends promptly, as an error on
+every rank or an aborted job naming the cause; never a hang or a wrong gradient."""
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import run_mpi
+
+HERE = Path(__file__).resolve().parent
+SCRIPT = HERE / "mpi" / "faults.py"
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A tmpfs mount with less free space than one checkpoint write needs (root only)."""
+    mount = tmp_path / "full"
+    mount.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {proc.stderr.strip()}")
+    try:
+        filler = mount / "filler"
+        with open(filler, "wb") as f:             # leave about 512 KiB free
+            f.write(bytes((2 << 20) - (512 << 10)))
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_faults_on_one_rank_raise_on_every_rank(full_disk):
+    proc = run_mpi(2, SCRIPT, "collective", timeout=300,
+                   env={"PNODE_TEST_FULL_DIR": str(full_disk)})
+    assert proc.returncode == 0 and "all cases passed" in proc.stdout, proc.stdout + proc.stderr
+    assert proc.stdout.count("case ") >= 80, proc.stdout
+    assert os.listdir(full_disk) == ["filler"]
+
+
+@pytest.mark.parametrize("case,words", [
+    ("keyboard", ["KeyboardInterrupt", "rank 1 of 2", "aborting the MPI job"]),
+    ("uncaught", ["a bug in the user's script", "rank 1 of 2", "aborting the MPI job"]),
+    ("lone-backward", ["different points", "backward of odeint call 1", "exiting"]),
+])
+def test_failure_on_one_rank_ends_the_job(case, words):
+    start = time.perf_counter()
+    proc = run_mpi(2, SCRIPT, case, timeout=60)
+    seconds = time.perf_counter() - start
+    assert proc.returncode != 0, proc.stdout + proc.stderr
+    assert all(w in proc.stderr for w in words), proc.stdout + proc.stderr
+    assert "was not interrupted" not in proc.stdout
+    assert seconds < 30, seconds

@@ -1,0 +1,168 @@
+"""TrainingRun under faults: states belong to their run (fresh runs refuse another run's folder
+and delete nothing, --resume auto continues the folder's run, pruning spares other runs), a
+state directory in use by another process is refused, and file failures on rank 0 (an
+unwritable --out, a full disk during a save) end every rank promptly with one clear line."""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import ROOT, TimeMLP, run_mpi
+from pnode_dist import training_state
+from pnode_dist.parallel import MPI
+
+sys.path.insert(0, str(ROOT / "apps"))
+import workflow  # noqa: E402
+
+COMM = MPI.COMM_SELF
+
+
+def _run(out, resume=None, state_dir=None):
+    model = TimeMLP()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    args = argparse.Namespace(out=str(out), state_dir=state_dir, resume=resume, save_every=0,
+                              no_progress=True, quick=False, seed=0)
+    return workflow.TrainingRun(args, COMM, model, opt)
+
+
+def _listing(directory):
+    return {p.name: p.read_bytes() for p in directory.iterdir() if p.name != ".lock"}
+
+
+def test_states_belong_to_their_run(tmp_path):
+    first = _run(tmp_path)
+    assert first.resume() is None and len(first.run_id) == 32
+    for i in (1, 2):
+        first.save(i, 1, {"i": i})
+    metrics = first.write_metrics({"loss": 1.0})
+    assert json.loads(metrics.read_text())["run_id"] == first.run_id
+    first.close()
+    state = tmp_path / "state"
+    before = _listing(state)
+
+    with pytest.raises(workflow.RunError, match=(
+            f"state directory {state} already holds 2 training state file\\(s\\) of another "
+            f"run \\(run {first.run_id}\\): continue it with --resume auto, or use a new --out")):
+        _run(tmp_path).resume()
+    assert _listing(state) == before                       # nothing deleted or replaced
+
+    again = _run(tmp_path, resume="auto")                  # the requeue case: same folder
+    info = again.resume()
+    assert info["iteration"] == 2 and again.run_id == first.run_id
+    again.save(3, 1, {})
+    again.close()
+
+    elsewhere = _run(tmp_path / "b", resume=str(state / "state-0000000003.h5"))
+    assert elsewhere.resume()["iteration"] == 3 and elsewhere.run_id == first.run_id
+    elsewhere.close()
+
+    # Another run's states next to this run's: pruning spares them, auto refuses to choose.
+    model, opt = TimeMLP(), torch.optim.Adam(TimeMLP().parameters())
+    training_state.save(state, model=model, optimizer=opt, iteration=50, epoch=1, comm=COMM,
+                        run_id="intruder")
+    again = _run(tmp_path, resume="auto")
+    with pytest.raises(workflow.RunError, match="holds the states of 2 runs"):
+        again.resume()
+    again.close()
+    assert "state-0000000050.h5" in _listing(state)
+
+
+def test_auto_refuses_unreadable_or_older_files_and_damaged_runs(tmp_path):
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "state-0000000004.h5").write_bytes(b"\x89HDF\r\n\x1a\n" + b"\0" * 100)
+    for resume, words in ((None, "1 unreadable or older file"),
+                          ("auto", "may belong to another run, its header cannot be read "
+                                   "\\(an HDF5 file without pnode_dist's checksum header")):
+        run = _run(tmp_path, resume=resume)
+        with pytest.raises(workflow.RunError, match=words):
+            run.resume()
+        run.close()
+    os.remove(state / "state-0000000004.h5")
+    first = _run(tmp_path, resume="auto")
+    assert first.resume() is None
+    path = first.save(1, 1, {})
+    first.close()
+    with open(path, "r+b") as f:
+        f.truncate(3000)
+    run = _run(tmp_path, resume="auto")
+    with pytest.raises(workflow.RunError, match="no valid training state .* truncated"):
+        run.resume()
+    run.close()
+
+
+def test_a_state_directory_in_use_is_refused(tmp_path):
+    """Another process holds STATE_DIR/.lock: the run says who and what to do."""
+    state = tmp_path / "state"
+    state.mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, os, sys, time\n"
+         f"fd = os.open({str(state / '.lock')!r}, os.O_RDWR | os.O_CREAT)\n"
+         "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+         "os.write(fd, b'pid 4242 on elsewhere')\n"
+         "print('locked', flush=True)\n"
+         "time.sleep(60)\n"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        run = _run(tmp_path)
+        with pytest.raises(workflow.RunError, match=(
+                f"{state} is in use by another run \\(pid 4242 on elsewhere\\): wait until it "
+                "ends, or use a new --out or --state-dir")):
+            run.resume()
+    finally:
+        holder.kill()
+        holder.wait()
+    run = _run(tmp_path)                            # the lock went with its process
+    assert run.resume() is None
+    run.close()
+
+
+def test_unwritable_out_ends_both_ranks_with_one_line(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("in the way")
+    t0 = time.monotonic()
+    proc = run_mpi(2, ROOT / "apps" / "cnf.py", "--quick", "--no-progress", "--out",
+                   blocker / "out", timeout=90)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
+    assert errors == [f"error: --out {blocker / 'out'} cannot be written (Not a directory: "
+                      f"{blocker / 'out'})"], proc.stderr
+    assert "Traceback" not in proc.stderr and time.monotonic() - t0 < 60
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 2 MiB tmpfs (needs root and CAP_SYS_ADMIN; skipped otherwise), unmounted after."""
+    mnt = tmp_path / "tmpfs"
+    mnt.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs to fill ({proc.stderr.strip() or 'not root'})")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_full_disk_during_a_save_ends_both_ranks_cleanly(tmp_path, small_tmpfs):
+    """The second 1.6 MB state does not fit on a 2 MiB state directory, under mpiexec -n 2:
+    both ranks get the same error, rank 0 prints one line, the exit status is 1, the first
+    state is kept and the temporary file removed."""
+    proc = run_mpi(2, ROOT / "tests" / "mpi" / "run_faults.py", tmp_path / "out", small_tmpfs,
+                   timeout=90)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    for rank in (0, 1):
+        assert (f"rank {rank}: cannot save the training state {small_tmpfs}/state-0000000002.h5:"
+                f" no space left on device (the earlier states are kept)") in proc.stdout, \
+            proc.stdout
+    assert [line for line in proc.stderr.splitlines() if line.startswith("error:")] == [
+        f"error: cannot save the training state {small_tmpfs}/state-0000000002.h5: no space "
+        "left on device (the earlier states are kept)"], proc.stderr
+    assert sorted(p.name for p in small_tmpfs.iterdir()) == [".lock", "state-0000000001.h5"]
+    assert training_state.verify(small_tmpfs / "state-0000000001.h5") is None
