@@ -17,7 +17,7 @@ $(STAMP): tools/setup.sh tools/cuda_petsc.sh requirements.txt setup.cfg
 setup: $(STAMP)
 
 run: setup
-	mpiexec -n $(NP) $(PY) apps/classify.py $(RUN_ARGS)
+	mpiexec -n $(NP) $(PY) apps/classify.py --resume auto $(RUN_ARGS)
 
 test: setup
 	$(PY) -m pytest -q tests
@@ -28,6 +28,8 @@ bench: setup
 	$(PY) benchmarks/memory.py
 	$(PY) benchmarks/grid_scaling.py
 	$(PY) benchmarks/precision.py
+	$(PY) benchmarks/faults.py
+	$(PY) benchmarks/state_fuzz.py
 
 # A relocatable CUDA PETSc + petsc4py for GPU nodes, built here without a GPU (tools/gpu_bundle.sh).
 gpu-bundle:

@@ -44,7 +44,7 @@ _PATTERN = "state-{:010d}.h5"
 USERBLOCK = 512                      # the header's bytes (h5py's userblock: HDF5 skips them)
 MAX_BYTES = 1 << 40                  # a larger length in a header is damage
 _CHUNK = 1 << 20
-_MAGIC = b"pnode_dist training state\n"
+MAGIC = b"pnode_dist training state\n"     # a state file's first bytes
 _HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 _RUN_ID = re.compile(r"[0-9A-Za-z_.-]{1,64}")
 _HEADER = re.compile(rb"pnode_dist training state\nversion (\d{1,6})\nlength (\d{1,16})\n"
@@ -77,7 +77,7 @@ def _parse_header(head, size, check_size=True):
         return ("an HDF5 file without pnode_dist's checksum header: written by an older "
                 "pnode_dist (format version 1, not resumable by this version), or truncated or "
                 "damaged; it was not opened"), None
-    if not (head.startswith(_MAGIC) or _MAGIC.startswith(head)):
+    if not (head.startswith(MAGIC) or MAGIC.startswith(head)):
         return "not a pnode_dist training state (no pnode_dist header)", None
     if len(head) < USERBLOCK:
         return f"truncated ({size} bytes, less than its header)", None

@@ -66,6 +66,17 @@ def test_round_trip_is_exact(tmp_path):
     assert describe(path)["checksum_status"] == "ok"
 
 
+def test_inspect_refuses_a_damaged_state_without_opening_it(tmp_path):
+    model, opt, _ = _trained(0)
+    path = training_state.save(tmp_path, model=model, optimizer=opt, iteration=1, epoch=0,
+                               comm=COMM)
+    data = bytearray(open(path, "rb").read())
+    data[len(data) // 2] ^= 0x04
+    open(path, "wb").write(bytes(data))
+    with pytest.raises(FileFormatError, match="fails its check: checksum mismatch.*not opened"):
+        describe(path)
+
+
 def test_damaged_files_are_detected_and_skipped(tmp_path):
     model, opt, _ = _trained(0)
     paths = [training_state.save(tmp_path, model=model, optimizer=opt, iteration=i, epoch=1,
