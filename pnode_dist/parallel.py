@@ -185,13 +185,12 @@ def _collective(exc):
 
 
 def _disagreements(sames):
-    """Per rank: a message if its `same` dict differs from rank 0's, else None."""
+    """Per rank: a message if its `same` dict differs from rank 0's, else None. A 'phase'
+    (where the rank is in the program) that differs is reported before any argument."""
     errors = [None] * len(sames)
-    keys = []
-    for same in sames:
-        keys += [k for k in (same or {}) if k not in keys]
+    phased = any("phase" in (same or {}) for same in sames)
     for r, same in enumerate(sames):
-        if "phase" in keys and (same or {}).get("phase") != (sames[0] or {}).get("phase"):
+        if phased and (same or {}).get("phase") != (sames[0] or {}).get("phase"):
             phases = "; ".join(f"rank {q}: {(s or {}).get('phase', 'elsewhere')}"
                                for q, s in enumerate(sames))
             errors[r] = (f"the ranks are at different points of the program ({phases}): every "
