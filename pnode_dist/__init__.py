@@ -3,7 +3,7 @@
     from pnode_dist import odeint            # instead of: from torchdiffeq import odeint
     ys = odeint(func, y0, t, method="rk4", options={"step_size": 0.1})
 """
-from .api import IMEX, ODEBlock, odeint
+from .api import IMEX, ODEBlock, odeint, odeint_adjoint
 from .checkpointing import Checkpointing
 from .device import rank_device
 from .errors import InputError, PnodeError, SolverError
@@ -12,6 +12,6 @@ from .methods import METHODS
 from .parallel import allreduce_gradients, broadcast_parameters
 
 __version__ = "0.1.0"
-__all__ = ["odeint", "ODEBlock", "IMEX", "Checkpointing", "Grid", "METHODS", "PnodeError", "InputError",
+__all__ = ["odeint", "odeint_adjoint", "ODEBlock", "IMEX", "Checkpointing", "Grid", "METHODS", "PnodeError", "InputError",
            "SolverError",
            "rank_device", "allreduce_gradients", "broadcast_parameters", "__version__"]

@@ -3,12 +3,14 @@ errors say what to do. Every check is collective: a bad argument on one rank rai
 import atexit
 import collections
 import math
+import warnings
 from types import SimpleNamespace
 
 import torch
 from torch import nn
 
 from .adjoint import OdeintFunction
+from . import conventions
 from .checkpointing import Checkpointing
 from .device import check_device
 from .errors import InputError
@@ -54,10 +56,9 @@ def _close_grid_solvers():
 
 
 def _times(t):
-    """Output times as a list of floats, checked."""
+    """(output times as a list of floats, whether they decrease), checked. One time is
+    allowed (the output is y0 itself); times must be strictly monotonic."""
     if isinstance(t, torch.Tensor):
-        if t.requires_grad:
-            raise InputError("gradients with respect to t are not supported: pass t.detach()")
         if t.dim() != 1:
             raise InputError(f"t must be one-dimensional; got shape {tuple(t.shape)}")
         values = [float(v) for v in t.detach().cpu().tolist()]
@@ -66,14 +67,29 @@ def _times(t):
             values = [float(v) for v in t]
         except TypeError:
             raise InputError("t must be a 1-D tensor or a sequence of times") from None
-    if len(values) < 2:
-        raise InputError(f"t must hold at least two times (start and end); got {len(values)}")
+    if not values:
+        raise InputError("t must hold at least one time")
     if not all(math.isfinite(v) for v in values):
         raise InputError("t holds a non-finite value")
+    decreasing = len(values) > 1 and values[1] < values[0]
     for a, b in zip(values, values[1:]):
-        if not b > a:
-            raise InputError(f"t must be strictly increasing; got {a:g} followed by {b:g}")
-    return values
+        if not (b < a if decreasing else b > a):
+            raise InputError(f"t must be strictly increasing or strictly decreasing; got {a:g} "
+                             f"followed by {b:g}")
+    return values, decreasing
+
+
+class _TimeGradientRefused(torch.autograd.Function):
+    """Passes the outputs through; its backward refuses to leave t's gradient out silently."""
+
+    @staticmethod
+    def forward(ctx, outputs, t):
+        return outputs.view_as(outputs)
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise InputError("t requires grad, and gradients with respect to the output times are "
+                         "not supported: pass t.detach() (or t without requires_grad) to odeint")
 
 
 def _control(options, rtol, atol, store_graphs):
@@ -134,16 +150,76 @@ def _setup(options, method, func, y0):
     return SetupConfig(theta=float(theta), linear_solver=solver, tableau=tableau, mass=mass)
 
 
-def _parameters(func, y0):
-    params = [p for p in func.parameters() if p.requires_grad] if isinstance(func, nn.Module) else []
+def _parameters(func, y0, t0, adjoint_params=None, module=True):
+    """The tensors whose gradients the backward pass computes: `adjoint_params` when given,
+    else a module's parameters (and buffers) that require grad (`module`: the user's func is
+    an nn.Module; func may be our wrapper around it), else, for a plain function or lambda,
+    the leaf tensors requiring grad that func's autograd graph reaches (found by one
+    evaluation at t0): tensors a closure captures get their gradients as with backprop."""
+    if adjoint_params is not None:
+        params = list(adjoint_params)
+        bad = [type(p).__name__ for p in params if not isinstance(p, torch.Tensor)]
+        if bad:
+            raise InputError(f"adjoint_params must be tensors; got {bad[0]}")
+        params = [p for p in params if p.requires_grad]
+    elif module:
+        params = [p for p in list(func.parameters()) + list(func.buffers()) if p.requires_grad]
+    else:
+        params = _captured_leaves(func, y0, t0)
+    unique = []
     for p in params:
+        if all(p is not q for q in unique):
+            unique.append(p)
+    for p in unique:
         if p.dtype != y0.dtype:
             raise InputError(f"y0 is {y0.dtype} but func has {p.dtype} parameters: use "
                              f"y0.to({p.dtype}) or func.to({y0.dtype})")
         if p.device != y0.device:
             raise InputError(f"y0 is on {y0.device} but func has parameters on {p.device}: move "
                              "both to pnode_dist.rank_device()")
-    return params
+    return unique
+
+
+def _captured_leaves(func, y0, t0):
+    """Leaf tensors requiring grad that func(t0, y0) depends on, in the order its graph
+    reaches them (the same on every rank: same code)."""
+    y = y0.detach().requires_grad_(True)
+    try:
+        with torch.enable_grad():
+            out = func(torch.tensor(t0, dtype=y0.dtype, device=y0.device), y)
+    except Exception as exc:  # noqa: BLE001 - reported on every rank
+        raise InputError(f"func raised {type(exc).__name__} when first evaluated at t={t0:g} "
+                         f"(to find the tensors it differentiates): {exc}") from exc
+    leaves, seen = [], set()
+    stack = [out.grad_fn] if isinstance(out, torch.Tensor) else []
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        leaf = getattr(node, "variable", None)          # an AccumulateGrad node
+        if leaf is not None:
+            if leaf is not y:
+                leaves.append(leaf)
+            continue
+        stack.extend(reversed([n for n, _ in node.next_functions]))
+    return leaves
+
+
+_CALLBACKS = ("callback_step", "callback_accept_step", "callback_reject_step",
+              "callback_step_adjoint", "callback_accept_step_adjoint",
+              "callback_reject_step_adjoint")
+_warned_callbacks = set()
+
+
+def _warn_callbacks(func):
+    """torchdiffeq's step callbacks on func are not called here: say so, once per func type."""
+    found = [name for name in _CALLBACKS if callable(getattr(func, name, None))]
+    if found and type(func) not in _warned_callbacks:
+        _warned_callbacks.add(type(func))
+        warnings.warn(f"{type(func).__name__}.{found[0]} (a torchdiffeq step callback) is not "
+                      "called by pnode_dist; use odeint's stats={} for step counts, or PETSc's "
+                      "-ts_monitor", UserWarning, stacklevel=3)
 
 
 def _check_y0(y0):
@@ -186,7 +262,7 @@ def _policy(checkpointing):
 
 def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, comm=None,
            prefix=None, petsc_options=None, store_graphs=False, checkpointing=None, stats=None,
-           grid=None):
+           grid=None, adjoint_params=None):
     """Solve dy/dt = func(t, y) from y(t[0]) = y0; returns y at every time of t,
     shape [len(t), *y0.shape]. Same signature and meaning as torchdiffeq.odeint, plus:
 
@@ -208,6 +284,10 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, comm
     grid:          a pnode_dist.Grid: y0 is this rank's patch of a field on a DMDA-distributed
                    grid (instead of a batch shard), func is written for whole fields and
                    evaluated on patches with halos (see pnode_dist.grid).
+    adjoint_params: the tensors to differentiate (torchdiffeq's keyword). Default: func's
+                   parameters (and buffers) that require grad if func is an nn.Module, else
+                   every leaf tensor requiring grad that func's graph reaches (tensors a
+                   lambda or closure captures), found by one evaluation of func at t[0].
     stats:         a dict that receives this rank's counts: steps, newton_iterations,
                    linear_iterations, f_evaluations, jvps, vjps... of the forward solve,
                    adjoint_* counts once the backward pass ran, and with checkpointing the
@@ -223,20 +303,33 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, comm
             raise InputError("pass either comm or grid (the grid has its communicator), not both")
     comm = resolve_comm(comm) if grid is None else grid.comm
     error, signature, method_obj, control, t_out, frozen = None, None, None, None, None, ()
-    setup, needs_grad = None, False
+    setup, needs_grad, spec, user_func = None, False, None, func
     try:
         if not callable(func):
             raise InputError("func must be callable as func(t, y), typically an nn.Module")
+        _warn_callbacks(func)
+        if conventions.needs_packing(y0):
+            if grid is not None:
+                raise InputError("with a grid, y0 is this rank's patch: a tensor")
+            spec = conventions.Spec(y0)
+            y0 = spec.pack(y0)
+            func = conventions.wrapped("packed", func, spec)
         _check_y0(y0)
-        t_out = _times(t)
+        t_out, decreasing = _times(t)
+        if decreasing:
+            t_out = [-v for v in t_out]
+            func = conventions.wrapped("reversed", func)
         method_obj = get_method(method)
+        if method_obj.kind == IMEX_KIND and func is not user_func:
+            raise InputError("method='arkimex' takes a tensor y0 and increasing t")
         control = _control(options, rtol, atol, store_graphs)
         setup = _setup(options, method_obj, func, y0)
         frozen = freeze(petsc_options)
         if prefix is not None and not (isinstance(prefix, str) and prefix.replace("_", "").isalnum()):
             raise InputError(f"prefix must be letters, digits and underscores such as 'block1_'; "
                              f"got {prefix!r}")
-        params = _parameters(func, y0)
+        params = _parameters(func, y0, t_out[0], adjoint_params,
+                             module=isinstance(user_func, nn.Module))
         needs_grad = torch.is_grad_enabled() and (y0.requires_grad or
                                                   any(p.requires_grad for p in params))
         policy = _policy(checkpointing)
@@ -255,9 +348,15 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, comm
                                        policy.disk_dir is None),
                      "the shape of y0 after its leading dimension": tuple(y0.shape[1:])
                      if grid is None else grid.global_shape,
-                     "the dtype of y0": str(y0.dtype), "the device type of y0": y0.device.type}
+                     "the dtype of y0": str(y0.dtype), "the device type of y0": y0.device.type,
+                     "the shapes of the tensors func differentiates":
+                         tuple(tuple(p.shape) for p in params),
+                     "the structure of y0": None if spec is None else spec.key,
+                     "whether t requires grad": isinstance(t, torch.Tensor) and t.requires_grad}
     shapes = raise_collectively(comm, error, InputError, same=signature,
                                 share=tuple(y0.shape) if error is None else None)
+    if len(t_out) == 1:                  # torchdiffeq's convention: y0 itself, as [1, ...]
+        return _restore(y0.unsqueeze(0), spec, t)
     adaptive = method_obj.adaptive and control.step_size is None
     if grid is None:
         layout = BatchLayout(comm, y0.shape, shapes, device=y0.device)
@@ -280,7 +379,24 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, comm
             if stats is not None:
                 stats.update(integrator.stats)
         outputs = outputs.to(y0.dtype)
-    return outputs if grid is None else grid.from_vec_order(outputs)
+    return _restore(outputs if grid is None else grid.from_vec_order(outputs), spec, t)
+
+
+def _restore(outputs, spec, t):
+    """The outputs in the user's structure; refusing t's gradient if t requires grad."""
+    if isinstance(t, torch.Tensor) and t.requires_grad and torch.is_grad_enabled():
+        outputs = _TimeGradientRefused.apply(outputs, t)
+    return outputs if spec is None else spec.unpack(outputs, lead=(outputs.shape[0],))
+
+
+def odeint_adjoint(func, y0, t, *, adjoint_params=None, adjoint_rtol=None, adjoint_atol=None,
+                   adjoint_method=None, adjoint_options=None, **kwargs):
+    """torchdiffeq.odeint_adjoint's signature, so that `from pnode_dist import odeint_adjoint
+    as odeint` works unchanged. It is odeint: pnode_dist's backward pass is always the discrete
+    adjoint of the forward solve (exact gradients, memory bounded by checkpointing), so the
+    adjoint_rtol/atol/method/options of torchdiffeq's continuous adjoint are accepted and have
+    no effect: the adjoint reuses the forward's steps and tableau."""
+    return odeint(func, y0, t, adjoint_params=adjoint_params, **kwargs)
 
 
 def _check_grid(grid, func, y0, method, setup):

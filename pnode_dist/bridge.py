@@ -108,6 +108,7 @@ class TorchRHS:
         self.shape = tuple(local_shape)
         self.dtype = module_dtype
         self.error = None            # first exception raised inside a callback, as a message
+        self.exception = None        # ... and the exception itself (the cause of the error)
         self.nparams = sum(p.numel() for p in self.params)
         self._views = {}             # Vec handle -> tensor view (the TS's Vecs live as long as it)
         self._lin = None             # (y_leaf, f(t, y_leaf)) at the current linearisation point
@@ -136,6 +137,7 @@ class TorchRHS:
     def _record(self, exc, where):
         if self.error is None:
             self.error = f"{type(exc).__name__} in func during {where}: {exc}"
+            self.exception = exc
 
     def _evaluate(self, t, y):
         out = self.func(self._time(t), y)

@@ -127,7 +127,7 @@ def resolve_comm(comm):
 CAUSE, SYMPTOM, CONSEQUENCE = 0, 1, 2
 
 
-def raise_collectively(comm, error, exc_type=InputError, same=None, share=None):
+def raise_collectively(comm, error, exc_type=InputError, same=None, share=None, cause=None):
     """Collective: if `error` is set on any rank, raise on every rank.
 
     `error`: None, a message, or (severity, message) with severity CAUSE (an exception in the
@@ -135,7 +135,9 @@ def raise_collectively(comm, error, exc_type=InputError, same=None, share=None):
     that follows from another); a plain message counts as CAUSE.
     `same`: a dict of named values (output times, method...) that must be equal on every rank;
     a difference is an error too. `share`: a value gathered from every rank and returned (a list
-    in rank order).
+    in rank order). `cause`: this rank's exception behind its error (the user's own, from func):
+    the error raised on this rank is chained to it (`raise ... from cause`), so its type,
+    message and traceback show.
     One allgather in all; none on a single rank. The message holds every failing rank's own
     message, the root cause first, so that no rank goes on into a collective PETSc call while
     another has stopped (a hang) and no rank's reason is lost.
@@ -143,7 +145,7 @@ def raise_collectively(comm, error, exc_type=InputError, same=None, share=None):
     mpi = comm.tompi4py()
     if mpi.Get_size() == 1:
         if error is not None:
-            raise _collective(exc_type(_text(error)))
+            raise _collective(exc_type(_text(error))) from cause
         return [share]
     gathered = mpi.allgather((error, same, share))
     errors = [e for e, _, _ in gathered]
@@ -152,7 +154,8 @@ def raise_collectively(comm, error, exc_type=InputError, same=None, share=None):
     bad = [r for r, e in enumerate(errors) if e is not None]
     if not bad:
         return [s for _, _, s in gathered]
-    raise _collective(exc_type(_combined(errors, bad)))
+    raise _collective(exc_type(_combined(errors, bad))) from (cause if error is not None
+                                                              else None)
 
 
 def _severity(error):

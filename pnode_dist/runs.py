@@ -207,8 +207,10 @@ class CheckpointedRun:
                     self._adjoint_segment(rec, op.a, op.b, record.output_steps, out_index,
                                           grad_outputs)
             store.settle()
-            error = store.error or (adv.error if adv else None)
-            grads = rec.finish_adjoint(grad_outputs[0], error=error)
+            error, cause = store.error, None
+            if error is None and adv is not None:
+                error, cause = adv.error, adv.exception
+            grads = rec.finish_adjoint(grad_outputs[0], error=error, cause=cause)
             ok = True
         finally:
             self._finish(rec, adv, ok)

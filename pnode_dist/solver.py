@@ -315,9 +315,14 @@ class Integrator:
         cause = next((p.error for p in self.parts if p.error is not None), None)
         return (CAUSE, cause) if cause is not None else self.failure
 
+    @property
+    def exception(self):
+        """The user's exception behind `error`, if it is one (chained to the SolverError)."""
+        return next((p.exception for p in self.parts if p.error is not None), None)
+
     def reset_errors(self):
         for p in self.parts:
-            p.error = None
+            p.error = p.exception = None
         self.failure = None
 
     # ---------------------------------------------------------------- forward
@@ -329,6 +334,7 @@ class Integrator:
         except Exception as exc:  # noqa: BLE001 - reported collectively after the solve
             if self.parts[0].error is None:
                 self.parts[0].error = f"{type(exc).__name__} in {where}: {exc}"
+                self.parts[0].exception = exc
 
     def _pre_step(self, ts):
         if self.observer is not None:
@@ -421,7 +427,7 @@ class Integrator:
             error = (SYMPTOM, f"the solution became non-finite by t={run.t_out[bad]:g}: the "
                      "dynamics blew up; use smaller steps (step_size or rtol/atol) or rescale "
                      "the problem")
-        raise_collectively(self.layout.comm, error, SolverError)
+        raise_collectively(self.layout.comm, error, SolverError, cause=self.exception)
 
     def _incomplete(self, run, reason):
         """Why a solve stopped before the last output time."""
@@ -508,11 +514,12 @@ class Integrator:
         self.lam_view.add_(grad)
         self.lam.stateIncrease()
 
-    def finish_adjoint(self, grad_first, error=None):
+    def finish_adjoint(self, grad_first, error=None, cause=None):
         """(dL/dy0 for this rank's shard, dL/dtheta summed over all ranks); raises on every rank
-        if a callback failed here (or `error` was reported elsewhere)."""
+        if a callback failed here (or `error`, with the exception `cause`, was reported
+        elsewhere)."""
         if error is None:
-            error = self.error
+            error, cause = self.error, self.exception
         self.stats.update({f"adjoint_{k}": v
                            for k, v in self._counts_since(self._adjoint_counts).items()})
         if self.rhs is not None:
@@ -521,7 +528,7 @@ class Integrator:
         grad_y0 = self.lam_view + grad_first
         if error is None and not bool(torch.isfinite(grad_y0).all()):
             error = (SYMPTOM, "the adjoint produced a non-finite gradient with respect to y0")
-        raise_collectively(self.layout.comm, error, SolverError)
+        raise_collectively(self.layout.comm, error, SolverError, cause=cause)
         self.healthy = True
         grad_params = None
         if self.mu is not None:

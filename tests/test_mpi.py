@@ -37,3 +37,9 @@ def test_checkpointed_gradients_on_three_ranks():
     proc = run_mpi(3, HERE / "mpi" / "checkpointing.py", timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "files left 0" in proc.stdout, proc.stdout
+
+
+def test_torchdiffeq_style_calls_on_several_ranks():
+    proc = run_mpi(3, HERE / "mpi" / "compat.py", timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "worst relative difference" in proc.stdout

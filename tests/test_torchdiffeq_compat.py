@@ -1,0 +1,195 @@
+"""torchdiffeq's calls, unchanged, through pnode_dist: the same outputs and gradients as
+torchdiffeq's backprop through the same fixed-step scheme (euler, midpoint), for tuple states,
+decreasing times, 0-d states, a single time, tensors captured by closures, adjoint_params and
+odeint_adjoint; and the user's own exception behind every SolverError."""
+import pytest
+import torch
+import torchdiffeq
+from torch import nn
+
+import pnode_dist
+from conftest import TimeMLP
+from pnode_dist import InputError, SolverError
+
+F64 = torch.float64
+OPTS = {"step_size": 0.05}
+
+
+def _same(a, b, tol=1e-12):
+    a, b = torch.as_tensor(a), torch.as_tensor(b)
+    assert a.shape == b.shape
+    assert float((a - b).abs().max()) <= tol * max(1.0, float(b.abs().max()))
+
+
+class CNFLike(nn.Module):
+    """FFJORD's shape of dynamics: state (z, logp), returns (dz, dlogp)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 3, dtype=F64)
+
+    def forward(self, t, state):
+        z, logp = state
+        dz = torch.tanh(self.lin(z)) * (1 + t)
+        return dz, -(dz * z).sum(1, keepdim=True)
+
+
+def _both(call, leaves):
+    """call(lib) -> loss for torchdiffeq and pnode_dist; the leaves' gradients of each."""
+    out = {}
+    for lib in (torchdiffeq, pnode_dist):
+        for x in leaves:
+            x.grad = None
+        value = call(lib)
+        value.backward()
+        out[lib] = (value.detach(), [x.grad.clone() for x in leaves])
+    return out[torchdiffeq], out[pnode_dist]
+
+
+@pytest.mark.parametrize("method", ["euler", "midpoint"])
+@pytest.mark.parametrize("times", [(0.0, 0.5, 1.0), (1.0, 0.5, 0.0)])
+def test_tuple_state_and_either_direction_of_time(method, times):
+    f = CNFLike()
+    z0 = torch.randn(5, 3, dtype=F64, generator=torch.Generator().manual_seed(0),
+                     requires_grad=True)
+    lp0 = torch.zeros(5, 1, dtype=F64, requires_grad=True)
+    t = torch.tensor(times, dtype=F64)
+
+    def loss(lib):
+        zs, lps = lib.odeint(f, (z0, lp0), t, method=method, options=OPTS)
+        assert zs.shape == (3, 5, 3) and lps.shape == (3, 5, 1)
+        return zs.pow(2).sum() + (lps * torch.arange(3, dtype=F64).view(3, 1, 1)).sum()
+    (ref, gref), (got, g) = _both(loss, [z0, lp0] + list(f.parameters()))
+    _same(got, ref)
+    for a, b in zip(g, gref):
+        _same(a, b)
+
+
+def test_nested_tuple_state():
+    a0 = torch.randn(4, 2, dtype=F64, requires_grad=True)
+    b0 = torch.randn(4, 3, dtype=F64, requires_grad=True)
+    c0 = torch.randn(4, dtype=F64, requires_grad=True)
+
+    def f(t, y):
+        a, (b, c) = y
+        return -b[:, :2] * t, (a.sum(1, keepdim=True) * b, torch.cos(c))
+
+    def loss(lib):
+        t = torch.tensor([0.0, 1.0], dtype=F64)
+        if lib is torchdiffeq:                # which takes flat tuples only
+            a, b, c = lib.odeint(lambda t, y: (lambda a, bc: (a,) + bc)(*f(t, (y[0], y[1:]))),
+                                 (a0, b0, c0), t, method="midpoint", options=OPTS)
+        else:
+            a, (b, c) = lib.odeint(f, (a0, (b0, c0)), t, method="midpoint", options=OPTS)
+        return a.sum() + b.pow(2).sum() + c.sin().sum()
+    (ref, gref), (got, g) = _both(loss, [a0, b0, c0])
+    _same(got, ref)
+    for x, y in zip(g, gref):
+        _same(x, y)
+
+
+def test_zero_dimensional_state():
+    y0 = torch.tensor(2.0, dtype=F64, requires_grad=True)
+    k = torch.tensor(0.7, dtype=F64, requires_grad=True)
+
+    def loss(lib):
+        ys = lib.odeint(lambda t, y: -k * y, y0, torch.tensor([0.0, 0.5, 1.0], dtype=F64),
+                        method="euler", options=OPTS)
+        assert ys.shape == (3,)
+        return ys.pow(2).sum()
+    (ref, gref), (got, g) = _both(loss, [y0, k])
+    _same(got, ref)
+    for x, y in zip(g, gref):
+        _same(x, y)
+
+
+def test_single_time_returns_y0():
+    y0 = torch.randn(4, 3, dtype=F64, requires_grad=True)
+    ys = pnode_dist.odeint(TimeMLP(), y0, torch.tensor([0.3], dtype=F64))
+    assert ys.shape == (1, 4, 3) and torch.equal(ys[0], y0)
+    ys.sum().backward()
+    assert torch.equal(y0.grad, torch.ones_like(y0))
+    z, lp = pnode_dist.odeint(CNFLike(), (y0.detach(), y0[:, :1].detach()), [0.3])
+    assert z.shape == (1, 4, 3) and lp.shape == (1, 4, 1)
+
+
+def test_tensors_captured_by_a_closure_get_their_gradients():
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(3, 3, dtype=F64, generator=g, requires_grad=True)
+    b = torch.randn(3, dtype=F64, generator=g, requires_grad=True)
+    module = nn.Linear(3, 3, dtype=F64)
+    y0 = torch.randn(4, 3, dtype=F64, generator=g)           # y0 does not require grad
+
+    def loss(lib):
+        shift = 2 * b                                        # a non-leaf captured tensor
+        ys = lib.odeint(lambda t, y: torch.tanh(y @ w + module(y)) + shift * t, y0,
+                        torch.tensor([0.0, 0.5, 1.0], dtype=F64), method="midpoint",
+                        options=OPTS)
+        return ys.pow(2).sum()
+    leaves = [w, b] + list(module.parameters())
+    (ref, gref), (got, grads) = _both(loss, leaves)
+    _same(got, ref)
+    for x, y in zip(grads, gref):
+        _same(x, y)
+
+
+def test_adjoint_params_and_odeint_adjoint():
+    """torchdiffeq's odeint_adjoint call, unchanged; the gradient is torchdiffeq's backprop's
+    (the discrete adjoint is exact), for the adjoint_params only."""
+    from pnode_dist import odeint_adjoint as odeint
+    w = torch.randn(3, 3, dtype=F64, requires_grad=True)
+    other = torch.randn(3, dtype=F64, requires_grad=True)
+    y0 = torch.randn(4, 3, dtype=F64)
+    t = torch.tensor([0.0, 1.0], dtype=F64)
+
+    def f(t, y):
+        return torch.tanh(y @ w) + other
+    torchdiffeq.odeint(f, y0, t, method="euler", options=OPTS).pow(2).sum().backward()
+    ref = w.grad.clone()
+    w.grad = other.grad = None
+    odeint(f, y0, t, method="euler", options=OPTS, adjoint_params=(w,), adjoint_rtol=1e-3,
+           adjoint_method="dopri5", adjoint_options={}).pow(2).sum().backward()
+    _same(w.grad, ref)
+    assert other.grad is None                 # only adjoint_params are differentiated
+
+
+@pytest.mark.parametrize("method,options", [("rk4", {"step_size": 0.1}), ("dopri5", None),
+                                            ("bosh3", None), ("cn", {"step_size": 0.1})])
+@pytest.mark.parametrize("phase", ["forward", "adjoint"])
+def test_user_exception_is_the_cause(method, options, phase):
+    class Oops(Exception):
+        pass
+
+    class F(TimeMLP):
+        armed = False
+
+        def forward(self, t, y):
+            if self.armed:
+                raise Oops("the user's own message")
+            return super().forward(t, y)
+    f = F()
+    f.armed = phase == "forward"
+    y0 = torch.randn(4, 3, dtype=F64, requires_grad=True)
+    with pytest.raises(SolverError, match="the user's own message") as info:
+        ys = pnode_dist.odeint(f, y0, torch.tensor([0.0, 1.0], dtype=F64), method=method,
+                               options=options)
+        f.armed = True
+        ys.sum().backward()
+    assert isinstance(info.value.__cause__, Oops)
+
+
+def test_bad_structures_are_input_errors():
+    with pytest.raises(InputError, match="tensor or a \\(nested\\) tuple"):
+        pnode_dist.odeint(lambda t, y: y, (torch.zeros(2, dtype=F64), 3.0), [0.0, 1.0])
+    with pytest.raises(InputError, match="differ from y0's"):
+        pnode_dist.odeint(lambda t, y: y[0], (torch.zeros(2, 1, dtype=F64),) * 2, [0.0, 1.0],
+                          method="euler", options=OPTS)
+
+
+def test_step_callbacks_are_said_to_be_unsupported():
+    class WithCallback(TimeMLP):
+        def callback_step(self, t0, y0, dt):
+            pass
+    with pytest.warns(UserWarning, match="callback_step.*not called"):
+        pnode_dist.odeint(WithCallback(), torch.zeros(2, 3, dtype=F64), [0.0, 1.0],
+                          method="euler", options=OPTS)
