@@ -19,7 +19,7 @@ from .layout import BatchLayout
 from .methods import ARKIMEX_ORDERS, EXPLICIT, IMEX as IMEX_KIND, IMPLICIT, get_method
 from .options import freeze
 from .parallel import next_call, raise_collectively, resolve_comm
-from .runs import new_run
+from .runs import Rerun, new_run
 from .solver import SetupConfig, Solver, StepControl
 
 OPTION_KEYS = ("step_size", "first_step", "max_num_steps", "theta", "linear_solver", "tableau",
@@ -367,7 +367,7 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, comm
                      setup)
     problem = SimpleNamespace(params=params, t_out=t_out, control=control, stats=stats,
                               new_run=lambda: new_run(solver, policy, t_out, control),
-                              comm=comm, call=call)
+                              rerun=lambda y: Rerun(solver, y), comm=comm, call=call)
     if needs_grad:
         outputs = OdeintFunction.apply(problem, y_start, *params)
     else:

@@ -222,10 +222,11 @@ def next_call(comm):
     return _phase_counts[key]
 
 
-def check_phase(comm, phase, exc_type=InputError):
+def check_phase(comm, phase, error=None, exc_type=InputError):
     """Collective: raise on every rank unless all ranks are at the same `phase` (a string such
-    as 'backward of odeint call 3'). One allgather; none on a single rank."""
-    raise_collectively(comm, None, exc_type, same={"phase": phase})
+    as 'backward of odeint call 3') and none has an `error`. One allgather; none on a single
+    rank."""
+    raise_collectively(comm, error, exc_type, same={"phase": phase})
 
 
 def abort_on_uncaught(exc_type, exc, tb):

@@ -63,6 +63,29 @@ class StoredRun:
         self.close()
 
 
+class Rerun:
+    """A further backward pass through a solve whose adjoint already ran (retain_graph=True,
+    gradcheck, two losses on one solve): the recorded steps are re-run from y0 on a trajectory
+    Integrator (the step sizes the first adjoint used), then their adjoint is applied. The same
+    gradients as the first backward pass, for one more forward's time and memory."""
+
+    def __init__(self, solver, y0):
+        self.solver, self.y0 = solver, y0
+        self.stats = {"checkpoint_schedule": "rerun"}
+
+    def backward(self, record, grad_outputs, control):
+        integrator = self.solver.acquire(adjoint=True, adaptive=False, nsteps=record.steps)
+        try:
+            grads = integrator.backward(record, grad_outputs, replay_from=self.y0)
+        finally:
+            self.stats.update(integrator.stats)
+            self.solver.release(integrator)      # destroyed unless the adjoint completed
+        return grads
+
+    def close(self):
+        pass
+
+
 def states_per_step(method):
     """States PETSc's memory trajectory keeps per step (solution and stages), for 'auto'."""
     if method.kind == EXPLICIT:

@@ -540,10 +540,13 @@ class Integrator:
                 self.stats["gradient_allreduce_seconds"] = time.perf_counter() - t0
         return grad_y0, grad_params
 
-    def backward(self, record: ForwardRecord, grad_outputs):
-        """Discrete adjoint of the last forward solve (its whole trajectory recorded).
-        grad_outputs: [len(t), *local_shape]."""
+    def backward(self, record: ForwardRecord, grad_outputs, replay_from=None):
+        """Discrete adjoint of the last forward solve (its whole trajectory recorded), or, with
+        `replay_from` (y0), of a re-run of the recorded steps from there on this (non-adaptive)
+        Integrator. grad_outputs: [len(t), *local_shape]."""
         self.start_adjoint(grad_outputs[-1])
+        if replay_from is not None:
+            self.replay(replay_from, record.times)
         steps = record.output_steps
         for i in range(len(steps) - 1, 0, -1):
             if i < len(steps) - 1:

@@ -193,3 +193,49 @@ def test_step_callbacks_are_said_to_be_unsupported():
     with pytest.warns(UserWarning, match="callback_step.*not called"):
         pnode_dist.odeint(WithCallback(), torch.zeros(2, 3, dtype=F64), [0.0, 1.0],
                           method="euler", options=OPTS)
+
+
+@pytest.mark.parametrize("method,options,policy", [
+    ("rk4", {"step_size": 0.1}, None), ("dopri5", None, None), ("cn", {"step_size": 0.1}, None),
+    ("dopri5", None, pnode_dist.Checkpointing(schedule="binomial", slots=3))])
+def test_a_second_backward_pass_gives_the_same_gradients(method, options, policy):
+    f = TimeMLP()
+    y0 = torch.randn(4, 3, dtype=F64, generator=torch.Generator().manual_seed(3),
+                     requires_grad=True)
+    ys = pnode_dist.odeint(f, y0, torch.tensor([0.0, 0.5, 1.0], dtype=F64), method=method,
+                           options=options, checkpointing=policy)
+    grads = []
+    for loss in (ys.pow(2).sum(), ys.pow(2).sum()):   # retain_graph, then two losses
+        for _ in range(2):
+            y0.grad = None
+            f.zero_grad()
+            loss.backward(retain_graph=True)
+            grads.append([y0.grad.clone()] + [p.grad.clone() for p in f.parameters()])
+    for other in grads[1:]:
+        for a, b in zip(other, grads[0]):
+            _same(a, b, 1e-13)
+
+
+def test_gradcheck_and_jacobian():
+    f = TimeMLP(dim=2, hidden=3)
+    y0 = torch.randn(2, 2, dtype=F64, requires_grad=True)
+
+    def solve(y):
+        return pnode_dist.odeint(f, y, torch.tensor([0.0, 1.0], dtype=F64), method="rk4",
+                                 options={"step_size": 0.25})[-1]
+    assert torch.autograd.gradcheck(solve, (y0,))
+    assert torch.autograd.functional.jacobian(solve, y0).shape == (2, 2, 2, 2)
+
+
+def test_unsupported_backward_passes_are_errors():
+    f = TimeMLP()
+    y0 = torch.randn(2, 3, dtype=F64, requires_grad=True)
+    t = torch.tensor([0.0, 1.0], dtype=F64)
+    ys = pnode_dist.odeint(f, y0, t, method="rk4", options=OPTS)
+    with pytest.raises(InputError, match="create_graph=True"):
+        torch.autograd.grad(ys.sum(), y0, create_graph=True)
+    ys = pnode_dist.odeint(f, y0, t, method="rk4", options=OPTS)
+    with torch.no_grad():
+        f.l1.weight.add_(0.1)                        # an optimizer step before backward
+    with pytest.raises(InputError, match="modified in place"):
+        ys.sum().backward()
