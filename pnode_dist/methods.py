@@ -54,6 +54,8 @@ class Method:
     adaptive: bool              # has an error estimate usable by TSAdapt
     tableau: Optional[ButcherTableau] = None
     kind: str = EXPLICIT        # explicit (RHS form), implicit (IFunction), imex (both)
+    register: bool = False      # a tableau PETSc does not ship: registered at first use
+    embedded: Optional[Tuple[float, ...]] = None   # weights of the error estimate's formula
 
 
 _RK4 = _tableau([[], [F(1, 2)], [0, F(1, 2)], [0, 0, 1]], [F(1, 6), F(1, 3), F(1, 3), F(1, 6)])
@@ -66,6 +68,12 @@ _DOPRI5 = _tableau(
      [F(35, 384), 0, F(500, 1113), F(125, 192), F(-2187, 6784), F(11, 84)]],
     [F(35, 384), 0, F(500, 1113), F(125, 192), F(-2187, 6784), F(11, 84), 0])
 
+_HEUN = _tableau([[], [1]], [F(1, 2), F(1, 2)])
+_HEUN3 = _tableau([[], [F(1, 3)], [0, F(2, 3)]], [F(1, 4), 0, F(3, 4)])
+_RK4_38 = _tableau([[], [F(1, 3)], [F(-1, 3), 1], [1, -1, 1]], [F(1, 8), F(3, 8), F(3, 8), F(1, 8)])
+_FEHLBERG2 = _tableau([[], [F(1, 2)], [F(1, 256), F(255, 256)]],
+                      [F(1, 512), F(255, 256), F(1, 512)])
+
 METHODS = {
     m.name: m for m in (
         Method("euler", "rk", "1fe", 1, False, _tableau([[]], [1])),
@@ -73,6 +81,14 @@ METHODS = {
         Method("rk4", "rk", "4", 4, False, _RK4),
         Method("bosh3", "rk", "3bs", 3, True, _BOSH3),
         Method("dopri5", "rk", "5dp", 5, True, _DOPRI5),
+        # torchdiffeq's other explicit methods: Heun (PETSc's 2a), the rest registered with
+        # PETSc (rk_register). torchdiffeq's 'rk4' is the 3/8 rule: here 'rk4_38'.
+        Method("heun2", "rk", "2a", 2, False, _HEUN),
+        Method("adaptive_heun", "rk", "2a", 2, True, _HEUN),
+        Method("heun3", "rk", "pnode_heun3", 3, False, _HEUN3, register=True),
+        Method("rk4_38", "rk", "pnode_rk4_38", 4, False, _RK4_38, register=True),
+        Method("fehlberg2", "rk", "pnode_fehlberg2", 2, True, _FEHLBERG2, register=True,
+               embedded=(1 / 256, 255 / 256, 0.0)),
         # Implicit one-step methods (PETSc TSTHETA family), IFunction form F = ydot - f.
         # Adaptive through TSTHETA's local error estimate when no step_size is given.
         Method("beuler", "beuler", None, 1, True, kind=IMPLICIT),

@@ -31,7 +31,7 @@ class StoredRun:
     so the Integrator is destroyed instead of returned to the pool."""
 
     def __init__(self, solver, control):
-        self.solver = solver
+        self.solver, self.integrator = solver, None
         self.integrator = solver.acquire(adjoint=True, nsteps=control.max_num_steps)
         self.stats = {"checkpoint_schedule": "all"}
         self.adjoint_done = False

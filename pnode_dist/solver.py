@@ -22,6 +22,7 @@ from .errors import InputError, SolverError
 from .implicit import BlockJacobianPC, IJacobianMat, IJacobianPMat, TorchIFunction
 from .methods import EXPLICIT, IMPLICIT
 from .options import layered_options
+from .rk_register import ensure_registered
 from .parallel import CAUSE, CONSEQUENCE, SYMPTOM, PETSc, allreduce_sum, raise_collectively
 
 # Times within this relative distance are the same time (PETSc's times have its precision).
@@ -188,6 +189,7 @@ class Integrator:
         ts.setProblemType(PETSc.TS.ProblemType.NONLINEAR)
         ts.setType(method.ts_type)
         if method.ts_type == "rk":
+            ensure_registered(method)
             ts.setRKType(method.subtype)
         elif method.ts_type == "arkimex":
             ts.setARKIMEXType(setup.tableau or method.subtype)
