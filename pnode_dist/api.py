@@ -414,6 +414,11 @@ def _check_grid(grid, func, y0, method, setup):
     grid.check_receptive_field(func, y0.dtype)
 
 
+def _last(ys):
+    """The state at the last time, for a tensor or a (nested) tuple state."""
+    return tuple(_last(y) for y in ys) if isinstance(ys, tuple) else ys[-1]
+
+
 class ODEBlock(nn.Module):
     """A network layer y -> y(t1) with dy/dt = func(t, y), y(t0) = y; see odeint for the
     keyword arguments. `return_all=True` returns the states at every time of `t`; `stats` holds
@@ -434,7 +439,7 @@ class ODEBlock(nn.Module):
     def forward(self, y0):
         self.stats = {}
         ys = odeint(self.func, y0, self.t, stats=self.stats, **self.kwargs)
-        return ys if self.return_all else ys[-1]
+        return ys if self.return_all else _last(ys)
 
     def extra_repr(self):
         return f"t={self.t.tolist()}, method={self.kwargs['method'] or 'dopri5'}"

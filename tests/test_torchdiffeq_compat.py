@@ -239,3 +239,15 @@ def test_unsupported_backward_passes_are_errors():
         f.l1.weight.add_(0.1)                        # an optimizer step before backward
     with pytest.raises(InputError, match="modified in place"):
         ys.sum().backward()
+
+
+def test_ode_block_with_a_tuple_state():
+    f = CNFLike()
+    z0 = torch.randn(5, 3, dtype=F64)
+    block = pnode_dist.ODEBlock(f, t=(1.0, 0.0), method="euler", options=OPTS)
+    z, lp = block((z0, torch.zeros(5, 1, dtype=F64)))
+    zs, lps = torchdiffeq.odeint(f, (z0, torch.zeros(5, 1, dtype=F64)),
+                                 torch.tensor([1.0, 0.0], dtype=F64), method="euler",
+                                 options=OPTS)
+    _same(z.detach(), zs[-1].detach())
+    _same(lp.detach(), lps[-1].detach())
