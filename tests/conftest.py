@@ -52,6 +52,21 @@ def y0():
     return torch.randn(4, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
 
 
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 2 MiB tmpfs: a disk that fills up (needs root; skipped otherwise), unmounted after."""
+    mnt = tmp_path / "tmpfs"
+    mnt.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs to fill ({proc.stderr.strip() or 'not root'})")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
 def run_mpi(nranks, script, *args, timeout=240, env=None):
     """Run `python script args` under `mpiexec -n nranks` in its own process group (extra
     environment variables in `env`); a hang is killed (whole group) and becomes a test failure

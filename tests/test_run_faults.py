@@ -135,21 +135,6 @@ def test_unwritable_out_ends_both_ranks_with_one_line(tmp_path):
     assert "Traceback" not in proc.stderr and time.monotonic() - t0 < 60
 
 
-@pytest.fixture
-def small_tmpfs(tmp_path):
-    """A 2 MiB tmpfs (needs root and CAP_SYS_ADMIN; skipped otherwise), unmounted after."""
-    mnt = tmp_path / "tmpfs"
-    mnt.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)],
-                          capture_output=True, text=True)
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs to fill ({proc.stderr.strip() or 'not root'})")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
-
-
 def test_full_disk_during_a_save_ends_both_ranks_cleanly(tmp_path, small_tmpfs):
     """The second 1.6 MB state does not fit on a 2 MiB state directory, under mpiexec -n 2:
     both ranks get the same error, rank 0 prints one line, the exit status is 1, the first

@@ -184,21 +184,6 @@ def test_pruning_keeps_other_runs_and_never_replaces_them(tmp_path):
         older, mine[-1]]                                   # the state just written is kept
 
 
-@pytest.fixture
-def small_tmpfs(tmp_path):
-    """A 2 MiB tmpfs (needs root and CAP_SYS_ADMIN; skipped otherwise), unmounted after."""
-    mnt = tmp_path / "tmpfs"
-    mnt.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)],
-                          capture_output=True, text=True)
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs to fill ({proc.stderr.strip() or 'not root'})")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
-
-
 def test_full_disk_keeps_the_previous_state(small_tmpfs):
     """A 1.6 MB state fits once on a 2 MiB filesystem, the second save runs out of space: a
     SaveError saying so, the temporary file gone (its space back), the first state intact."""
