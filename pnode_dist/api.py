@@ -223,14 +223,10 @@ def _warn_callbacks(func):
 
 
 def _check_y0(y0):
-    if not isinstance(y0, torch.Tensor):
-        raise InputError(f"y0 must be a torch.Tensor; got {type(y0).__name__}")
+    """A (packed) tensor state: dtype, device, finite values."""
     if y0.dtype not in (torch.float32, torch.float64):
         raise InputError(f"y0 must be float32 or float64; got {y0.dtype}")
     check_device(y0)
-    if y0.dim() == 0:
-        raise InputError("y0 must have at least one dimension (the leading one is the batch "
-                         "that is split over ranks); use y0.reshape(1)")
     if not bool(torch.isfinite(y0).all()):
         raise InputError("y0 holds NaN or Inf values; check the data or the layer before the "
                          "ODE block")
