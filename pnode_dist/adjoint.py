@@ -4,16 +4,17 @@ How the forward states are kept for the adjoint is the run's business (runs.py).
 import torch
 
 from .device import SOLVER_DTYPE
-from .parallel import check_phase
+from .parallel import allreduce_sum, check_phase
 
 
 class OdeintFunction(torch.autograd.Function):
-    """apply(problem, y0, *params) -> outputs [len(t), *y0.shape]; problem.new_run() gives the
-    StoredRun or CheckpointedRun of this solve, problem.rerun(y0) the run of a further backward
-    pass (the first one consumed the stored states)."""
+    """apply(problem, y0, t, *params) -> outputs [len(t), *y0.shape]; problem.new_run() gives
+    the StoredRun or CheckpointedRun of this solve, problem.rerun(y0) the run of a further
+    backward pass (the first one consumed the stored states). t: the output times when their
+    gradient is wanted (else None); see time_gradient."""
 
     @staticmethod
-    def forward(ctx, problem, y0, *params):
+    def forward(ctx, problem, y0, t, *params):
         run = problem.new_run()
         try:
             outputs, record = run.forward(y0.detach(), problem.t_out, problem.control)
@@ -26,6 +27,8 @@ class OdeintFunction(torch.autograd.Function):
         ctx.run, ctx.record, ctx.problem = run, record, problem
         ctx.y0 = y0.detach()
         ctx.versions = [p._version for p in (y0,) + params]
+        ctx.outputs = outputs if t is not None else None
+        ctx.t_like = t.detach() if t is not None else None
         return outputs.to(y0.dtype)
 
     @staticmethod
@@ -46,12 +49,35 @@ class OdeintFunction(torch.autograd.Function):
             if problem.stats is not None:
                 problem.stats.update(run.stats)
             run.close()
-        grads = [None, grad_y0.to(ctx.y0.dtype)]
+        grad_t = None
+        if ctx.needs_input_grad[2]:
+            grad_t = time_gradient(problem, ctx.outputs, grad_outputs, grad_y0,
+                                   ctx.y0.dtype).to(ctx.t_like)
+        grads = [None, grad_y0.to(ctx.y0.dtype), grad_t]
         offset = 0
         for p in problem.params:
             grads.append(grad_params[offset:offset + p.numel()].view_as(p).to(p.dtype))
             offset += p.numel()
         return tuple(grads)
+
+
+def time_gradient(problem, outputs, grad_outputs, grad_y0, dtype):
+    """dL/dt for the output times t_0 < ... (or >) t_N, defined by the ODE the solve
+    approximates (as torchdiffeq's odeint_adjoint defines it, not by the discrete steps, whose
+    placement depends on t): dL/dt_i = <dL/dy_i, f(t_i, y_i)> for i >= 1, and
+    dL/dt_0 = -<dL/dy0 - dL/dy_0, f(t_0, y_0)> (the adjoint state at t_0 without the direct
+    term). Summed over this rank's samples, then over the ranks (t is shared). Decreasing t is
+    solved as s = -t: dL/dt = -dL/ds."""
+    func, times = problem.func, problem.t_out
+    grad = torch.zeros(len(times), dtype=torch.float64)
+    with torch.no_grad():
+        for i, s in enumerate(times):
+            weight = grad_outputs[i] if i > 0 else grad_outputs[0] - grad_y0
+            f = func(torch.tensor(s, dtype=dtype, device=outputs.device),
+                     outputs[i].to(dtype))
+            grad[i] = (weight.to(torch.float64) * f.to(torch.float64)).sum().cpu()
+    allreduce_sum(grad, problem.gradient_comm.tompi4py())
+    return problem.time_sign * grad
 
 
 def _unusable(ctx, params, rerun):

@@ -79,19 +79,6 @@ def _times(t):
     return values, decreasing
 
 
-class _TimeGradientRefused(torch.autograd.Function):
-    """Passes the outputs through; its backward refuses to leave t's gradient out silently."""
-
-    @staticmethod
-    def forward(ctx, outputs, t):
-        return outputs.view_as(outputs)
-
-    @staticmethod
-    def backward(ctx, grad):
-        raise InputError("t requires grad, and gradients with respect to the output times are "
-                         "not supported: pass t.detach() (or t without requires_grad) to odeint")
-
-
 def _control(options, rtol, atol, store_graphs):
     options = dict(options or {})
     unknown = sorted(set(options) - set(OPTION_KEYS))
@@ -260,7 +247,9 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, comm
            prefix=None, petsc_options=None, store_graphs=False, checkpointing=None, stats=None,
            grid=None, adjoint_params=None):
     """Solve dy/dt = func(t, y) from y(t[0]) = y0; returns y at every time of t,
-    shape [len(t), *y0.shape]. Same signature and meaning as torchdiffeq.odeint, plus:
+    shape [len(t), *y0.shape]. Same signature and meaning as torchdiffeq.odeint (y0 may be a
+    tuple of tensors, t increasing or decreasing; a t requiring grad gets dL/dt as
+    torchdiffeq's odeint_adjoint defines it, see adjoint.time_gradient), plus:
 
     comm:          communicator over which the batch is split (default: PETSc's world; 'self'
                    for a rank-local solve). Each rank passes its own shard of the batch as y0.
@@ -299,7 +288,7 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, comm
             raise InputError("pass either comm or grid (the grid has its communicator), not both")
     comm = resolve_comm(comm) if grid is None else grid.comm
     error, signature, method_obj, control, t_out, frozen = None, None, None, None, None, ()
-    setup, needs_grad, spec, user_func = None, False, None, func
+    setup, needs_grad, spec, user_func, decreasing = None, False, None, func, False
     try:
         if not callable(func):
             raise InputError("func must be callable as func(t, y), typically an nn.Module")
@@ -326,7 +315,8 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, comm
                              f"got {prefix!r}")
         params = _parameters(func, y0, t_out[0], adjoint_params,
                              module=isinstance(user_func, nn.Module))
-        needs_grad = torch.is_grad_enabled() and (y0.requires_grad or
+        t_grad = isinstance(t, torch.Tensor) and t.requires_grad
+        needs_grad = torch.is_grad_enabled() and (y0.requires_grad or t_grad or
                                                   any(p.requires_grad for p in params))
         policy = _policy(checkpointing)
         if grid is not None:
@@ -352,7 +342,7 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, comm
     shapes = raise_collectively(comm, error, InputError, same=signature,
                                 share=tuple(y0.shape) if error is None else None)
     if len(t_out) == 1:                  # torchdiffeq's convention: y0 itself, as [1, ...]
-        return _restore(y0.unsqueeze(0), spec, t)
+        return _restore(y0.unsqueeze(0), spec)
     adaptive = method_obj.adaptive and control.step_size is None
     if grid is None:
         layout = BatchLayout(comm, y0.shape, shapes, device=y0.device)
@@ -363,9 +353,11 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, comm
                      setup)
     problem = SimpleNamespace(params=params, t_out=t_out, control=control, stats=stats,
                               new_run=lambda: new_run(solver, policy, t_out, control),
-                              rerun=lambda y: Rerun(solver, y), comm=comm, call=call)
+                              rerun=lambda y: Rerun(solver, y), comm=comm, call=call,
+                              func=solved_func, time_sign=-1.0 if decreasing else 1.0,
+                              gradient_comm=layout.gradient_comm)
     if needs_grad:
-        outputs = OdeintFunction.apply(problem, y_start, *params)
+        outputs = OdeintFunction.apply(problem, y_start, t if t_grad else None, *params)
     else:
         integrator = solver.acquire(adjoint=False)
         try:
@@ -375,13 +367,11 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, comm
             if stats is not None:
                 stats.update(integrator.stats)
         outputs = outputs.to(y0.dtype)
-    return _restore(outputs if grid is None else grid.from_vec_order(outputs), spec, t)
+    return _restore(outputs if grid is None else grid.from_vec_order(outputs), spec)
 
 
-def _restore(outputs, spec, t):
-    """The outputs in the user's structure; refusing t's gradient if t requires grad."""
-    if isinstance(t, torch.Tensor) and t.requires_grad and torch.is_grad_enabled():
-        outputs = _TimeGradientRefused.apply(outputs, t)
+def _restore(outputs, spec):
+    """The outputs in the user's structure."""
     return outputs if spec is None else spec.unpack(outputs, lead=(outputs.shape[0],))
 
 

@@ -251,3 +251,31 @@ def test_ode_block_with_a_tuple_state():
                                  options=OPTS)
     _same(z.detach(), zs[-1].detach())
     _same(lp.detach(), lps[-1].detach())
+
+
+@pytest.mark.parametrize("times", [(0.0, 0.4, 1.0), (1.0, 0.4, 0.0)])
+def test_gradient_with_respect_to_the_output_times(times):
+    """dL/dt as torchdiffeq's odeint_adjoint defines it (the ODE's, not the steps'): equal to
+    it and to central differences of tightly solved losses."""
+    f = TimeMLP()
+    y0 = torch.randn(4, 3, dtype=F64, generator=torch.Generator().manual_seed(5),
+                     requires_grad=True)
+    weights = torch.arange(1, 4, dtype=F64).view(3, 1, 1)
+
+    def loss(solve, t, tol):
+        return (solve(f, y0, t, method="dopri5", rtol=tol, atol=tol * 1e-2).sin()
+                * weights).sum()
+    grads = []
+    for solve in (pnode_dist.odeint, torchdiffeq.odeint_adjoint):
+        t = torch.tensor(times, dtype=F64, requires_grad=True)
+        loss(solve, t, 1e-10).backward()
+        grads.append(t.grad)
+    _same(grads[0], grads[1], 1e-9)
+    for i in range(3):
+        up, down = list(times), list(times)
+        up[i] += 1e-5
+        down[i] -= 1e-5
+        with torch.no_grad():
+            fd = (loss(pnode_dist.odeint, torch.tensor(up, dtype=F64), 1e-12)
+                  - loss(pnode_dist.odeint, torch.tensor(down, dtype=F64), 1e-12)) / 2e-5
+        assert abs(float(fd) - float(grads[0][i])) <= 1e-7 * max(1.0, abs(float(fd)))

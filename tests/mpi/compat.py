@@ -1,6 +1,6 @@
 """Run under mpiexec: torchdiffeq-style calls split over ranks equal the whole batch on one
-rank: a tuple state (z, logp) integrated from t=1 down to t=0 (FFJORD's direction), and a
-lambda whose captured tensor gets its gradient summed over the ranks. Exits non-zero on a
+rank: a tuple state (z, logp) integrated from t=1 down to t=0 (FFJORD's direction), a lambda
+whose captured tensor gets its gradient summed over the ranks, and dL/dt of the output times. Exits non-zero on a
 mismatch; prints 'worst relative difference'."""
 import os
 import sys
@@ -29,16 +29,17 @@ def f(t, state):
 def gradients(rows, where):
     z0 = rows.clone().requires_grad_(True)
     lp0 = torch.zeros(len(rows), 1, dtype=torch.float64, requires_grad=True)
-    zs, lps = odeint(f, (z0, lp0), t, method="dopri5", rtol=1e-8, atol=1e-10, comm=where)
+    times = t.clone().requires_grad_(True)
+    zs, lps = odeint(f, (z0, lp0), times, method="dopri5", rtol=1e-8, atol=1e-10, comm=where)
     w.grad = None
     (zs.sin().sum() + lps.pow(2).sum()).backward()
-    return zs.detach(), z0.grad, lp0.grad, w.grad.clone()
+    return zs.detach(), z0.grad, lp0.grad, w.grad.clone(), times.grad
 
 
 dist = gradients(y_all[lo:hi], None)
 whole = gradients(y_all, "self")
 pairs = [(dist[0], whole[0][:, lo:hi]), (dist[1], whole[1][lo:hi]), (dist[2], whole[2][lo:hi]),
-         (dist[3], whole[3])]
+         (dist[3], whole[3]), (dist[4], whole[4])]
 worst = max(float((a - b).abs().max() / b.abs().max()) for a, b in pairs)
 worst = comm.allreduce(worst, op=MPI.MAX)
 if comm.Get_rank() == 0:
