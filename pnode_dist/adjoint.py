@@ -27,7 +27,7 @@ class OdeintFunction(torch.autograd.Function):
         ctx.run, ctx.record, ctx.problem = run, record, problem
         ctx.y0 = y0.detach()
         ctx.versions = [p._version for p in (y0,) + params]
-        ctx.outputs = outputs if t is not None else None
+        ctx.outputs = outputs.clone() if t is not None else None   # the user may change theirs
         ctx.t_like = t.detach() if t is not None else None
         return outputs.to(y0.dtype)
 
