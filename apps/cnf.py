@@ -38,16 +38,21 @@ from pnode_dist.h5format import FileFormatError  # noqa: E402
 from pnode_dist.parallel import MPI  # noqa: E402
 
 
+def mlp(dim, hidden, layers):
+    """g(z, t): [batch, dim + 1] -> [batch, dim], softplus hidden layers."""
+    widths = [dim + 1] + [hidden] * layers
+    parts = []
+    for a, b in zip(widths[:-1], widths[1:]):
+        parts += [nn.Linear(a, b), nn.Softplus()]
+    return nn.Sequential(*parts, nn.Linear(widths[-1], dim))
+
+
 class CNFDynamics(nn.Module):
     """d[z, dlogp]/dt = [g(t, z), -tr(dg/dz)] with g an MLP of (z, t)."""
 
     def __init__(self, dim, hidden, layers, trace="exact"):
         super().__init__()
-        widths = [dim + 1] + [hidden] * layers
-        parts = []
-        for a, b in zip(widths[:-1], widths[1:]):
-            parts += [nn.Linear(a, b), nn.Softplus()]
-        self.net = nn.Sequential(*parts, nn.Linear(widths[-1], dim))
+        self.net = mlp(dim, hidden, layers)
         self.dim = dim
         self.trace = trace
         self.noise = None            # Hutchinson's e for the current solve, [local batch, dim]

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "apps"))
+import cnf  # noqa: E402
 import densities  # noqa: E402
 
 from pnode_dist import broadcast_parameters, odeint  # noqa: E402  (was: from torchdiffeq)
@@ -32,11 +33,7 @@ class ODEfunc(nn.Module):
 
     def __init__(self, dim=2, hidden=64, layers=3):
         super().__init__()
-        widths = [dim + 1] + [hidden] * layers
-        parts = []
-        for a, b in zip(widths[:-1], widths[1:]):
-            parts += [nn.Linear(a, b), nn.Softplus()]
-        self.net = nn.Sequential(*parts, nn.Linear(widths[-1], dim))
+        self.net = cnf.mlp(dim, hidden, layers)             # the app's network
 
     def forward(self, t, states):
         z = states[0]
