@@ -17,7 +17,8 @@ class OdeintFunction(torch.autograd.Function):
     def forward(ctx, problem, y0, t, *params):
         run = problem.new_run()
         try:
-            outputs, record = run.forward(y0.detach(), problem.t_out, problem.control)
+            outputs, record = run.forward(y0.detach(), problem.t_out, problem.control,
+                                          problem.observers)
         except BaseException:
             run.close()
             raise

@@ -193,20 +193,19 @@ def _captured_leaves(func, y0, t0):
     return leaves
 
 
-_CALLBACKS = ("callback_step", "callback_accept_step", "callback_reject_step",
-              "callback_step_adjoint", "callback_accept_step_adjoint",
-              "callback_reject_step_adjoint")
 _warned_callbacks = set()
 
 
 def _warn_callbacks(func):
-    """torchdiffeq's step callbacks on func are not called here: say so, once per func type."""
-    found = [name for name in _CALLBACKS if callable(getattr(func, name, None))]
+    """torchdiffeq's step callbacks that are not called here: say so, once per func type."""
+    found = [name for name in conventions.NOT_CALLED if callable(getattr(func, name, None))]
     if found and type(func) not in _warned_callbacks:
         _warned_callbacks.add(type(func))
         warnings.warn(f"{type(func).__name__}.{found[0]} (a torchdiffeq step callback) is not "
-                      "called by pnode_dist; use odeint's stats={} for step counts, or PETSc's "
-                      "-ts_monitor", UserWarning, stacklevel=3)
+                      "called by pnode_dist: the backward pass is PETSc's discrete adjoint, "
+                      "and rejected steps are retried inside PETSc (stats['rejected_steps'] "
+                      "counts them); callback_step and callback_accept_step are called",
+                      UserWarning, stacklevel=3)
 
 
 def _check_y0(y0):
@@ -245,7 +244,7 @@ def _policy(checkpointing):
 
 def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, comm=None,
            prefix=None, petsc_options=None, store_graphs=False, checkpointing=None, stats=None,
-           grid=None, adjoint_params=None):
+           grid=None, adjoint_params=None, event_fn=None):
     """Solve dy/dt = func(t, y) from y(t[0]) = y0; returns y at every time of t,
     shape [len(t), *y0.shape]. Same signature and meaning as torchdiffeq.odeint (y0 may be a
     tuple of tensors, t increasing or decreasing; a t requiring grad gets dL/dt as
@@ -273,8 +272,10 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, comm
                    parameters (and buffers) that require grad if func is an nn.Module, else
                    every leaf tensor requiring grad that func's graph reaches (tensors a
                    lambda or closure captures), found by one evaluation of func at t[0].
-    stats:         a dict that receives this rank's counts: steps, newton_iterations,
-                   linear_iterations, f_evaluations, jvps, vjps... of the forward solve,
+    event_fn:      torchdiffeq's terminating event: not supported (an InputError).
+    stats:         a dict that receives this rank's counts: steps, rejected_steps,
+                   newton_iterations, linear_iterations, f_evaluations, jvps, vjps... of the
+                   forward solve,
                    adjoint_* counts once the backward pass ran, and with checkpointing the
                    schedule, recomputed_steps, bytes per tier, disk read/write seconds.
     The solver state has PETSc's precision (float64, or float32 with PNODE_PRECISION=single)
@@ -292,6 +293,10 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, comm
     try:
         if not callable(func):
             raise InputError("func must be callable as func(t, y), typically an nn.Module")
+        if event_fn is not None:
+            raise InputError("event_fn (torchdiffeq's terminating events) is not supported: "
+                             "solve to a final time with output times dense enough, and find "
+                             "the event where event_fn changes sign between outputs")
         _warn_callbacks(func)
         if conventions.needs_packing(y0):
             if grid is not None:
@@ -351,17 +356,21 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, comm
         layout, solved_func, y_start = grid.layout, grid.wrap(func), grid.to_vec_order(y0)
     solver = _solver(solved_func, layout, method_obj, adaptive, prefix, frozen, params, y0.dtype,
                      setup)
+    time_sign = -1.0 if decreasing else 1.0
+    observers = conventions.StepCallbacks.of(
+        user_func, lambda y: _restore(y if grid is None else grid.from_vec_order(y), spec),
+        time_sign, y0.dtype)
     problem = SimpleNamespace(params=params, t_out=t_out, control=control, stats=stats,
                               new_run=lambda: new_run(solver, policy, t_out, control),
                               rerun=lambda y: Rerun(solver, y), comm=comm, call=call,
-                              func=solved_func, time_sign=-1.0 if decreasing else 1.0,
+                              func=solved_func, time_sign=time_sign, observers=observers,
                               gradient_comm=layout.gradient_comm)
     if needs_grad:
         outputs = OdeintFunction.apply(problem, y_start, t if t_grad else None, *params)
     else:
         integrator = solver.acquire(adjoint=False)
         try:
-            outputs, _ = integrator.forward(y_start.detach(), t_out, control)
+            outputs, _ = integrator.forward(y_start.detach(), t_out, control, observers)
         finally:
             solver.release(integrator)
             if stats is not None:
@@ -371,8 +380,10 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, comm
 
 
 def _restore(outputs, spec):
-    """The outputs in the user's structure."""
-    return outputs if spec is None else spec.unpack(outputs, lead=(outputs.shape[0],))
+    """Outputs (or one state: no leading time dimension) in the user's structure."""
+    if spec is None:
+        return outputs
+    return spec.unpack(outputs, lead=outputs.shape[:-2])
 
 
 def odeint_adjoint(func, y0, t, *, adjoint_params=None, adjoint_rtol=None, adjoint_atol=None,

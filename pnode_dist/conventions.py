@@ -6,6 +6,7 @@
   returns the user's structure (`Packed`).
 - Decreasing times t_0 > t_1 > ... are solved as s = -t increasing, with ds/dt = -1:
   dy/ds = -func(-s, y) (`Reversed`). Outputs come in the order of t, as torchdiffeq's.
+- torchdiffeq's step callbacks on func are called from the forward solve (`StepCallbacks`).
 The wrappers are modules (func's parameters stay reachable) and are cached per func, so that
 repeated calls reuse one solver.
 """
@@ -109,6 +110,46 @@ def _rebuild(tree, leaves):
 def _describe(tree, leaves):
     return repr(_rebuild(tree, [tuple(x.shape) if isinstance(x, torch.Tensor) else x
                                 for x in leaves]))
+
+
+CALLED = ("callback_step", "callback_accept_step")
+NOT_CALLED = ("callback_reject_step", "callback_step_adjoint", "callback_accept_step_adjoint",
+              "callback_reject_step_adjoint")
+
+
+class StepCallbacks:
+    """torchdiffeq's step callbacks of func, as an observer of the forward solve (not of the
+    re-runs of a backward pass): callback_step(t0, y0, dt) before each step and
+    callback_accept_step(t0, y0, dt) once it is accepted, t0 and y0 the step's start in the
+    user's time and structure (this rank's part), as torchdiffeq calls them. An adaptive step
+    that PETSc rejects and retries is one call of callback_step here (torchdiffeq: one per
+    attempt); stats['rejected_steps'] counts the rejections."""
+    role = "a step callback of func"
+
+    def __init__(self, func, to_user, time_sign, dtype):
+        self.step, self.accept = (getattr(func, name, None) for name in CALLED)
+        self.to_user, self.sign, self.dtype = to_user, time_sign, dtype
+        self.start = None
+
+    @staticmethod
+    def of(func, to_user, time_sign, dtype):
+        """The observers for func's callbacks: none when it has none."""
+        if not any(callable(getattr(func, name, None)) for name in CALLED):
+            return ()
+        return (StepCallbacks(func, to_user, time_sign, dtype),)
+
+    def starting(self, pos, t, dt, state):
+        self.start = (self._tensor(self.sign * t, state),
+                      self.to_user(state.to(self.dtype, copy=True)))
+        if callable(self.step):
+            self.step(*self.start, self._tensor(dt, state))
+
+    def accepted(self, pos, times, state):
+        if callable(self.accept):          # the step taken: shorter if PETSc retried it
+            self.accept(*self.start, self._tensor(times[pos] - times[pos - 1], state))
+
+    def _tensor(self, value, state):
+        return torch.tensor(value, dtype=self.dtype, device=state.device)
 
 
 def needs_packing(y0):

@@ -3,6 +3,7 @@
 The tableau is what PETSc integrates with; it is kept here so that a pure-torch replay of the
 same discrete scheme (pnode_dist.reference) can check the discrete adjoint to round-off.
 """
+import warnings
 from dataclasses import dataclass
 from fractions import Fraction as F
 from typing import Optional, Tuple
@@ -39,6 +40,22 @@ def _tableau(a, b):
     rows = tuple(tuple(float(x) for x in row) for row in a)
     c = tuple(float(sum(row, F(0))) for row in a)
     return ButcherTableau(a=rows, b=tuple(float(x) for x in b), c=c)
+
+
+class PetscTableau:
+    """A tableau PETSc ships, read from PETSc at first use (so that it is never retyped)."""
+
+    def __init__(self, subtype):
+        self.subtype = subtype
+        self._tableau = None
+
+    def __getattr__(self, name):
+        if name.startswith("_"):
+            raise AttributeError(name)
+        if self._tableau is None:
+            from .rk_register import petsc_tableau      # needs PETSc: imported at first use
+            self._tableau = petsc_tableau(self.subtype)
+        return getattr(self._tableau, name)
 
 
 EXPLICIT, IMPLICIT, IMEX = "explicit", "implicit", "imex"
@@ -89,6 +106,10 @@ METHODS = {
         Method("rk4_38", "rk", "pnode_rk4_38", 4, False, _RK4_38, register=True),
         Method("fehlberg2", "rk", "pnode_fehlberg2", 2, True, _FEHLBERG2, register=True,
                embedded=(1 / 256, 255 / 256, 0.0)),
+        # Verner's pairs as PETSc ships them.
+        Method("verner6", "rk", "6vr", 6, True, PetscTableau("6vr")),
+        Method("verner7", "rk", "7vr", 7, True, PetscTableau("7vr")),
+        Method("verner8", "rk", "8vr", 8, True, PetscTableau("8vr")),
         # Implicit one-step methods (PETSc TSTHETA family), IFunction form F = ydot - f.
         # Adaptive through TSTHETA's local error estimate when no step_size is given.
         Method("beuler", "beuler", None, 1, True, kind=IMPLICIT),
@@ -109,17 +130,36 @@ ARK_TABLEAUS = {
 ARKIMEX_ORDERS = {"1bee": 1, "a2": 2, "l2": 2, "ars122": 2, "2c": 2, "2d": 2, "2e": 2,
                   "prssp2": 2, "3": 3, "bpr3": 3, "ars443": 3, "4": 4, "5": 5}
 DEFAULT_METHOD = "dopri5"
+# torchdiffeq's names for which a method of the same order and use stands in (said once).
+ALIASES = {"dopri8": ("verner8", "torchdiffeq's dopri8 (Dormand-Prince 8(7)) runs as verner8, "
+                      "Verner's 8(7) pair as PETSc ships it: the same order and error control, "
+                      "a different tableau")}
+_said = set()
+# torchdiffeq's methods with no counterpart here, and why.
+UNAVAILABLE = dict.fromkeys(
+    ("explicit_adams", "implicit_adams", "fixed_adams"),
+    "multistep (Adams) methods have no discrete adjoint in PETSc; use dopri5 (or verner8 for "
+    "high accuracy), and beuler, cn or arkimex for stiff problems")
+UNAVAILABLE["scipy_solver"] = ("SciPy's solvers run outside PETSc, with neither distributed "
+                               "states nor a discrete adjoint; use the PETSc methods below")
 
 
 def get_method(name: Optional[str]) -> Method:
-    """Look a method up by name; None means the default (dopri5, as in torchdiffeq)."""
+    """Look a method up by name (or a torchdiffeq alias); None means the default (dopri5, as
+    in torchdiffeq)."""
     if name is None:
         name = DEFAULT_METHOD
+    if isinstance(name, str) and name in ALIASES:
+        name, note = ALIASES[name]
+        if note not in _said:
+            _said.add(note)
+            warnings.warn(note, UserWarning, stacklevel=3)
     try:
         return METHODS[name]
     except (KeyError, TypeError):
         valid = ", ".join(sorted(METHODS))
+        why = f" ({UNAVAILABLE[name]})" if isinstance(name, str) and name in UNAVAILABLE else ""
         raise InputError(
-            f"unknown method {name!r}: valid methods are {valid}. Any other PETSc RK tableau can "
+            f"unknown method {name!r}{why}: valid methods are {valid}. Any other PETSc RK tableau can "
             "be chosen with the PETSc option -[prefix]ts_rk_type (for example 5bs or 3), "
             "given on the command line or in petsc_options={'ts_rk_type': ...}") from None

@@ -1,14 +1,17 @@
-"""Explicit Runge-Kutta tableaus PETSc does not ship, registered with PETSc's TSRK.
+"""Explicit Runge-Kutta tableaus between pnode_dist and PETSc's TSRK: ours that PETSc does not
+ship are registered with it, and PETSc's own (the Verner methods) are read back for the
+pure-torch replay.
 
-petsc4py has no binding for TSRKRegister, so it is called through ctypes in the libpetsc that
-petsc4py loaded (same process, same library). Once registered, the name works like a built-in
--ts_rk_type: PETSc's RK step and its discrete adjoint use the tableau generically.
+petsc4py binds neither TSRKRegister nor TSRKGetTableau, so they are called through ctypes in the
+libpetsc that petsc4py loaded (same process, same library). Once registered, the name works like
+a built-in -ts_rk_type: PETSc's RK step and its discrete adjoint use the tableau generically.
 """
 import ctypes
 
 import numpy as np
 
 from .errors import InputError
+from .methods import ButcherTableau
 from .parallel import PETSc
 
 _registered = set()
@@ -48,3 +51,30 @@ def ensure_registered(method):
     if code != 0:
         raise InputError(f"PETSc refused the {method.name} tableau (TSRKRegister error {code})")
     _registered.add(method.subtype)
+
+
+def petsc_tableau(subtype):
+    """The Butcher tableau PETSc integrates with for `-ts_rk_type subtype`."""
+    real = np.ctypeslib.as_ctypes_type(PETSc.RealType)
+    integer = np.ctypeslib.as_ctypes_type(PETSc.IntType)
+    ts = PETSc.TS().create(comm=PETSc.COMM_SELF)
+    try:
+        ts.setType("rk")
+        ts.setRKType(subtype)
+        s, order = integer(), integer()
+        a, b, c, embedded, interp = (ctypes.POINTER(real)() for _ in range(5))
+        fsal = ctypes.c_int()      # PetscBool
+        code = _library().TSRKGetTableau(ctypes.c_void_p(ts.handle), ctypes.byref(s),
+                                         ctypes.byref(a), ctypes.byref(b), ctypes.byref(c),
+                                         ctypes.byref(embedded), ctypes.byref(order),
+                                         ctypes.byref(interp), ctypes.byref(fsal))
+        if code != 0:
+            raise InputError(f"PETSc could not give the tableau of -ts_rk_type {subtype} "
+                             f"(TSRKGetTableau error {code})")
+        n = s.value
+        rows = np.ctypeslib.as_array(a, (n, n)).tolist()
+        return ButcherTableau(a=tuple(tuple(row[:i]) for i, row in enumerate(rows)),
+                              b=tuple(np.ctypeslib.as_array(b, (n,)).tolist()),
+                              c=tuple(np.ctypeslib.as_array(c, (n,)).tolist()))
+    finally:
+        ts.destroy()

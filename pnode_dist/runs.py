@@ -36,9 +36,9 @@ class StoredRun:
         self.stats = {"checkpoint_schedule": "all"}
         self.adjoint_done = False
 
-    def forward(self, y0, t_out, control):
+    def forward(self, y0, t_out, control, observers=()):
         try:
-            outputs, record = self.integrator.forward(y0, t_out, control)
+            outputs, record = self.integrator.forward(y0, t_out, control, observers)
         finally:
             self.stats.update(self.integrator.stats)
         self.solver.last_steps = record.steps
@@ -129,13 +129,14 @@ def make_store(solver, policy, state_bytes):
 
 class _Keeper:
     """Forward-solve observer: places checkpoints and keeps the tail buffer y_{n-1}."""
+    role = "placing a checkpoint"
 
     def __init__(self, store, placement):
         self.store, self.placement = store, placement
         self.tail = None
         self.tail_pos = None
 
-    def starting(self, pos, state):
+    def starting(self, pos, t, dt, state):
         if self.tail is None:
             self.tail = state.clone()
         else:
@@ -160,14 +161,15 @@ class CheckpointedRun:
         self.keeper = None
         self.stats = {"checkpoint_schedule": schedule, "checkpoint_slots": slots}
 
-    def forward(self, y0, t_out, control):
+    def forward(self, y0, t_out, control, observers=()):
         solver = self.solver
         placement = Placement(self.schedule, self.slots, expected_steps(solver, t_out, control))
         self.keeper = _Keeper(self.store, placement)
         self.store.put(0, y0.to(SOLVER_DTYPE), t_out[0], 0.0)
         integrator = solver.acquire(adjoint=False)
         try:
-            outputs, record = integrator.forward(y0, t_out, control, observer=self.keeper)
+            outputs, record = integrator.forward(y0, t_out, control,
+                                                 (self.keeper,) + tuple(observers))
         finally:
             self.stats.update(integrator.stats)
             solver.release(integrator)

@@ -124,9 +124,8 @@ class _Run:
         """Record the accepted step, copy outputs, choose the next step."""
         t = ts.getTime()
         self.record.times.append(t)
-        if integrator.observer is not None:
-            integrator.observer.accepted(len(self.record.times) - 1, self.record.times,
-                                         integrator.x_view)
+        integrator._notify("accepted", len(self.record.times) - 1, self.record.times,
+                           integrator.x_view)
         target = self.t_out[self.k]
         if t >= target - self.tol:
             self.outputs[self.k].copy_(integrator.x_view)
@@ -226,7 +225,7 @@ class Integrator:
                              "odeint's method argument and its variant with -ts_rk_type / "
                              "-ts_arkimex_type")
         self.ts = ts
-        self._run = self.observer = None
+        self._run, self.observers = None, ()
         self.stats = {}
         self.capacity = None         # steps the trajectory can hold (set on first use)
         self.replayed = False        # has re-run recorded segments (see destroy)
@@ -311,7 +310,6 @@ class Integrator:
 
     @property
     def error(self):
-        """The first error recorded by a callback since the last reset."""
         """The first error since the last reset, as (severity, message): an exception in a
         callback (the cause) before a failure of PETSc's solve (often its consequence)."""
         cause = next((p.error for p in self.parts if p.error is not None), None)
@@ -339,11 +337,18 @@ class Integrator:
                 self.parts[0].exception = exc
 
     def _pre_step(self, ts):
-        if self.observer is not None:
+        if self.observers:
             if self.on_gpu:
                 touch(self.x, "r")
-            self._guarded("placing a checkpoint", self.observer.starting, ts.getStepNumber(),
-                          self.x_view)
+            step, t, dt = ts.getStepNumber(), ts.getTime(), ts.getTimeStep()
+            self._notify("starting", step, t, dt, self.x_view)
+
+    def _notify(self, event, step, *args):
+        """Tell the observers of a step event; once anything failed, they are told no more."""
+        for observer in self.observers:
+            if self.error is None:
+                self._guarded(f"{observer.role} (step {step})", getattr(observer, event), step,
+                              *args)
 
     def _post_step(self, ts):
         if ts.getConvergedReason() < 0:      # PETSc calls it after a failed step too
@@ -354,15 +359,16 @@ class Integrator:
             touch(self.x, "r")
         self._guarded("the step bookkeeping", self._run.post_step, self, ts)
 
-    def forward(self, y0, t_out, control: StepControl, observer=None):
+    def forward(self, y0, t_out, control: StepControl, observers=()):
         """Solve from t_out[0] through every output time; returns (outputs, record).
         outputs has shape [len(t_out), *local_shape], in the solver precision, on the
         layout's device.
-        observer (checkpointing): observer.starting(step, state) before each step and
-        observer.accepted(step, times, state) after each accepted one."""
+        observers (checkpoint placement, the user's step callbacks): observer.starting(step,
+        t, dt, state) before each step, observer.accepted(step, times, state) after each
+        accepted one; `role` names them in errors."""
         ts = self.ts
         self.reserve(control.max_num_steps)
-        self.observer = observer
+        self.observers = tuple(observers)
         outputs = torch.empty((len(t_out),) + self.layout.local_shape, dtype=SOLVER_DTYPE,
                               device=self.layout.device)
         outputs[0].copy_(y0)
@@ -387,8 +393,9 @@ class Integrator:
         try:
             failure = self._solve(self.x)
         finally:
-            self._run = self.observer = None
-        self.stats = {"steps": run.record.steps, "newton_iterations": ts.getSNESIterations(),
+            self._run, self.observers = None, ()
+        self.stats = {"steps": run.record.steps, "rejected_steps": ts.getStepRejections(),
+                      "newton_iterations": ts.getSNESIterations(),
                       "linear_iterations": ts.getKSPIterations(), **self._counts_since(before)}
         self._check_forward(run, outputs, failure)
         self.healthy = True

@@ -186,13 +186,98 @@ def test_bad_structures_are_input_errors():
                           method="euler", options=OPTS)
 
 
-def test_step_callbacks_are_said_to_be_unsupported():
-    class WithCallback(TimeMLP):
-        def callback_step(self, t0, y0, dt):
+class Recorded(CNFLike):
+    """CNFLike recording torchdiffeq's step callbacks (t0, y0, dt), copies."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = {"step": [], "accept": []}
+
+    def _record(self, kind, t0, y0, dt):
+        self.calls[kind].append((float(t0), tuple(y.detach().clone() for y in y0), float(dt)))
+
+    def callback_step(self, t0, y0, dt):
+        self._record("step", t0, y0, dt)
+
+    def callback_accept_step(self, t0, y0, dt):
+        self._record("accept", t0, y0, dt)
+
+
+@pytest.mark.filterwarnings("ignore:Solver 'euler' does not support callbacks")
+@pytest.mark.parametrize("times", [(0.0, 0.5, 1.0), (1.0, 0.5, 0.0)])
+def test_step_callbacks_are_called_as_torchdiffeq_calls_them(times):
+    f = Recorded()
+    state = (torch.randn(4, 3, dtype=F64, generator=torch.Generator().manual_seed(1)),
+             torch.zeros(4, 1, dtype=F64))
+    t = torch.tensor(times, dtype=F64)
+    calls = {}
+    for lib in (torchdiffeq, pnode_dist):
+        f.calls = {"step": [], "accept": []}
+        lib.odeint(f, state, t, method="euler", options=OPTS)
+        calls[lib] = f.calls["step"]
+    theirs, ours = calls[torchdiffeq], calls[pnode_dist]
+    assert len(ours) == len(theirs) == 20
+    for (t_a, y_a, dt_a), (t_b, y_b, dt_b) in zip(theirs, ours):
+        assert abs(t_a - t_b) < 1e-12 and abs(dt_a - dt_b) < 1e-12
+        for a, b in zip(y_a, y_b):
+            _same(a, b)
+
+
+def test_accept_callbacks_of_an_adaptive_solve():
+    f = Recorded()
+    state = (torch.randn(4, 3, dtype=F64, generator=torch.Generator().manual_seed(2),
+                         requires_grad=True), torch.zeros(4, 1, dtype=F64))
+    stats = {}
+    zs, lps = pnode_dist.odeint(f, state, torch.tensor([0.0, 2.0], dtype=F64), stats=stats,
+                                rtol=1e-8, atol=1e-10, checkpointing=pnode_dist.Checkpointing(
+                                    schedule="binomial", slots=2))
+    lps[-1].sum().backward()            # re-runs steps: no further callbacks
+    steps, accepts = f.calls["step"], f.calls["accept"]
+    assert len(steps) == len(accepts) == stats["steps"] > 3
+    starts = [c[0] for c in accepts]
+    assert starts == sorted(starts) and starts[0] == 0.0
+    assert abs(starts[-1] + accepts[-1][2] - 2.0) < 1e-12          # the last step ends at t1
+    for (t0, y0, _), (t1, y1, dt) in zip(accepts, accepts[1:]):
+        assert abs(t0 + _ - t1) < 1e-12                             # steps follow each other
+    _same(accepts[0][1][0], state[0].detach(), 0)                            # y0 of the first step
+
+
+def test_an_exception_in_a_step_callback_is_the_cause():
+    class Failing(CNFLike):
+        def callback_accept_step(self, t0, y0, dt):
+            if t0 > 0.3:
+                raise ValueError("callback refuses t0")
+    with pytest.raises(SolverError, match="ValueError in a step callback of func.*refuses") as e:
+        pnode_dist.odeint(Failing(), (torch.ones(2, 3, dtype=F64), torch.zeros(2, 1, dtype=F64)),
+                          [0.0, 1.0], method="rk4", options=OPTS)
+    assert isinstance(e.value.__cause__, ValueError)
+
+
+def test_callbacks_that_are_not_called_are_named():
+    class WithReject(TimeMLP):
+        def callback_reject_step(self, t0, y0, dt):
             pass
-    with pytest.warns(UserWarning, match="callback_step.*not called"):
-        pnode_dist.odeint(WithCallback(), torch.zeros(2, 3, dtype=F64), [0.0, 1.0],
+    with pytest.warns(UserWarning, match="callback_reject_step.*not called"):
+        pnode_dist.odeint(WithReject(), torch.zeros(2, 3, dtype=F64), [0.0, 1.0],
                           method="euler", options=OPTS)
+
+
+def test_event_fn_is_refused_by_name():
+    with pytest.raises(InputError, match="event_fn .*not supported"):
+        pnode_dist.odeint_adjoint(lambda t, y: -y, torch.ones(2, 1, dtype=F64), [0.0, 1.0],
+                                  event_fn=lambda t, y: y.sum() - 0.5)
+
+
+def test_torchdiffeq_method_names():
+    y0 = torch.randn(3, 2, dtype=F64, generator=torch.Generator().manual_seed(3))
+    t = torch.tensor([0.0, 1.0], dtype=F64)
+    with pytest.warns(UserWarning, match="dopri8.*verner8"):
+        ours = pnode_dist.odeint(lambda t, y: -y * (1 + t), y0, t, method="dopri8", rtol=1e-10,
+                                 atol=1e-12)
+    _same(ours[-1], y0 * torch.exp(torch.tensor(-1.5, dtype=F64)), 1e-9)
+    for name in ("explicit_adams", "implicit_adams", "fixed_adams", "scipy_solver"):
+        with pytest.raises(InputError, match=f"unknown method '{name}' \\(.*: valid methods"):
+            pnode_dist.odeint(lambda t, y: -y, y0, t, method=name)
 
 
 @pytest.mark.parametrize("method,options,policy", [

@@ -4,7 +4,8 @@ a hang or a wrong gradient, and leave the solvers usable. argv[1] picks a group 
   collective   exceptions / NaN in func on the last rank (forward and adjoint, every method
                family and checkpointing policy), each followed by the same solve without the
                fault (must give the reference gradient: no poisoned solver); checkpoint files
-               damaged between forward and backward; a full checkpoint disk (PNODE_TEST_FULL_DIR,
+               damaged between forward and backward; an exception in a torchdiffeq step
+               callback; a full checkpoint disk (PNODE_TEST_FULL_DIR,
                a small tmpfs, when given); grad mode differing between ranks; lastly a backward
                skipped on one rank. Prints 'case <name>: <outcome>' per case (rank 0) and
                'all cases passed' at the end; exits 1 on any wrong outcome.
@@ -211,6 +212,31 @@ def full_disk(directory):
                solve(make_func("rk4"), "rk4", None))
 
 
+class WithCallback(Faulty):
+    """A torchdiffeq step callback that, once armed, raises on the last rank."""
+    armed = False
+
+    def callback_accept_step(self, t0, y0, dt):
+        if self.armed and rank == LAST and float(t0) > 0.2:
+            raise KeyError(f"callback fault on rank {rank}")
+
+
+def step_callback():
+    func = WithCallback()
+    reference = solve(func, "dopri5", None)
+
+    def armed():
+        y0 = Y[lo:hi].clone()
+        func.armed = True
+        try:
+            odeint(func, y0, T, method="dopri5")
+        finally:
+            func.armed = False
+    expect_error(f"exception in a step callback on rank {LAST}", SolverError,
+                 ["KeyError in a step callback of func", "callback fault", f"rank {LAST}"], armed)
+    check_same("  then the same solve without the fault", solve(func, "dopri5", None), reference)
+
+
 def grad_mode():
     func = make_func("rk4")
 
@@ -241,6 +267,7 @@ def collective():
     full = os.environ.get("PNODE_TEST_FULL_DIR")
     if full:
         full_disk(full)
+    step_callback()
     grad_mode()
     skipped_backward()        # last: the ranks' call counts differ from here on
     comm.Barrier()
