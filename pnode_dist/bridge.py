@@ -109,6 +109,9 @@ class TorchRHS:
         self.dtype = module_dtype
         self.error = None            # first exception raised inside a callback, as a message
         self.exception = None        # ... and the exception itself (the cause of the error)
+        self.nonfinite = None        # where f or a derivative of it first gave NaN/Inf
+        self.phase = "the forward solve"     # what the TS is doing (set by the Integrator)
+        self._lin_t = None           # the time of the linearisation point
         self.nparams = sum(p.numel() for p in self.params)
         self._views = {}             # Vec handle -> tensor view (the TS's Vecs live as long as it)
         self._lin = None             # (y_leaf, f(t, y_leaf)) at the current linearisation point
@@ -139,6 +142,16 @@ class TorchRHS:
             self.error = f"{type(exc).__name__} in func during {where}: {exc}"
             self.exception = exc
 
+    def _finite(self, value, what, t):
+        """False if `value` holds NaN/Inf; the first time, where (`what` at t) is noted. One
+        reduction on the CPU; not checked on a GPU (it would be a synchronisation)."""
+        if self.on_gpu or bool(torch.isfinite(value.sum())):
+            return True
+        if self.nonfinite is None:
+            self.nonfinite = (f"{what} returned a non-finite value (NaN or Inf) during "
+                              f"{self.phase} at t={t:g}")
+        return False
+
     def _evaluate(self, t, y):
         out = self.func(self._time(t), y)
         if not isinstance(out, torch.Tensor) or out.shape != y.shape:
@@ -162,16 +175,14 @@ class TorchRHS:
             else:
                 with torch.no_grad():
                     out_view.copy_(self._evaluate(t, self.view(X).to(self.dtype)))
-            # One reduction per evaluation on the CPU (on a GPU it would be a synchronisation):
             # NaN/Inf is reported where f first returned it, and kept out of the state.
-            if not self.on_gpu and not bool(torch.isfinite(out_view.sum())):
+            if not self._finite(out_view, "func", t):
                 if self.error is None:
-                    self.error = (f"func returned a non-finite value (NaN or Inf) in the "
-                                  f"forward solve at t={t:g}: check the model and its inputs, "
-                                  "or use smaller steps if the dynamics blow up")
+                    self.error = (f"{self.nonfinite}: check the model and its inputs, or use "
+                                  "smaller steps if the dynamics blow up")
                 out_view.zero_()
         except Exception as exc:  # noqa: BLE001 - reported collectively after the solve
-            self._record(exc, f"the forward solve at t={t:g}")
+            self._record(exc, f"{self.phase} at t={t:g}")
             # Zeros, not NaN: a NaN would make an adaptive method's error norm fail inside
             # PETSc (whose error path leaks the TS's work Vecs); the solve runs on to its end
             # and the error is raised on every rank there.
@@ -182,6 +193,7 @@ class TorchRHS:
         """RHSJacobian: build f's graph at the point (t, X) where J and Jp are applied next."""
         self._cached_param_vjp = None
         self.counts["linearize"] += 1
+        self._lin_t = t
         if self.store is not None:
             self._lin = self.store.find(t, self.view(X).to(self.dtype))
             if self._lin is not None:
@@ -191,8 +203,9 @@ class TorchRHS:
             y = self.view(X).detach().to(self.dtype).requires_grad_(True)
             with torch.enable_grad():
                 self._lin = (y, self._evaluate(t, y))
+            self._finite(self._lin[1].detach(), "func", t)
         except Exception as exc:  # noqa: BLE001
-            self._record(exc, f"the adjoint solve at t={t:g}")
+            self._record(exc, f"{self.phase} at t={t:g}")
             self._lin = None
 
     def linearize_params(self, ts, t, X, Jp):
@@ -208,11 +221,17 @@ class TorchRHS:
         inputs = ([y] if with_state else []) + self.params
         self.counts["vjp"] += 1
         try:
-            return torch.autograd.grad(out, inputs, self.view(x).to(self.dtype),
-                                       retain_graph=True, allow_unused=True)
+            grads = torch.autograd.grad(out, inputs, self.view(x).to(self.dtype),
+                                        retain_graph=True, allow_unused=True)
         except Exception as exc:  # noqa: BLE001
             self._record(exc, "a vector-Jacobian product")
             return None
+        if self.nonfinite is None and not self.on_gpu:
+            for g in grads:
+                if g is not None and not self._finite(g, "a vector-Jacobian product of func",
+                                                      self._lin_t):
+                    break
+        return grads
 
     def vjp_state(self, x, y):
         """y = (df/dy)^T x; the parameter part of the same product is kept for vjp_params."""

@@ -38,6 +38,7 @@ class TorchIFunction(TorchRHS):
 
     def _set_point(self, t, X):
         self._point = (t, self.view(X).to(self.dtype, copy=True))
+        self._lin_t = t
         self.point_version += 1
         self._lin = None             # the graphs for vjps and jvps are built when first needed
         self._double = None
@@ -60,8 +61,11 @@ class TorchIFunction(TorchRHS):
             with torch.no_grad():
                 f = self._evaluate(t, self.view(X).to(self.dtype))
                 out.copy_(self._apply_mass(self.view(Xdot)) - f)
+            # Only noted: Newton may recover (a smaller step); if the solve fails, the note
+            # says where the NaN came from.
+            self._finite(f, "func", t)
         except Exception as exc:  # noqa: BLE001 - reported collectively after the solve
-            self._record(exc, f"the forward solve at t={t:g}")
+            self._record(exc, f"{self.phase} at t={t:g}")
             out.fill_(float("nan"))
         F.stateIncrease()
 
@@ -117,7 +121,9 @@ class TorchIFunction(TorchRHS):
         out = self.view(out_vec, mode="w")
         try:
             v = self.view(x).to(self.dtype)
-            out.copy_(self.jvp(v)).neg_().add_(self._apply_mass(v), alpha=self.shift)
+            jv = self.jvp(v)
+            self._finite(jv, "a Jacobian-vector product of func", self._point[0])
+            out.copy_(jv).neg_().add_(self._apply_mass(v), alpha=self.shift)
         except Exception as exc:  # noqa: BLE001
             self._record(exc, "a Jacobian-vector product")
             out.fill_(float("nan"))

@@ -313,7 +313,19 @@ class Integrator:
         """The first error since the last reset, as (severity, message): an exception in a
         callback (the cause) before a failure of PETSc's solve (often its consequence)."""
         cause = next((p.error for p in self.parts if p.error is not None), None)
-        return (CAUSE, cause) if cause is not None else self.failure
+        return (CAUSE, cause) if cause is not None else self._explained(self.failure)
+
+    def _explained(self, error):
+        """A failure of PETSc or a non-finite result, preceded by where f (or a derivative)
+        first gave NaN/Inf, if it did: then that is the cause."""
+        note = next((p.nonfinite for p in self.parts if p.nonfinite is not None), None)
+        if error is None or note is None or error[0] == CAUSE:
+            return error
+        return (CAUSE, f"{note}, and then: {error[1]}")
+
+    def _set_phase(self, phase):
+        for p in self.parts:
+            p.phase = phase
 
     @property
     def exception(self):
@@ -322,7 +334,7 @@ class Integrator:
 
     def reset_errors(self):
         for p in self.parts:
-            p.error = p.exception = None
+            p.error = p.exception = p.nonfinite = None
         self.failure = None
 
     # ---------------------------------------------------------------- forward
@@ -378,6 +390,7 @@ class Integrator:
         run = _Run(t_out, control, self.adaptive, outputs)
         self._run = run
         self.reset_errors()
+        self._set_phase("the forward solve")
         if self.rhs is not None:
             self.rhs.store = GraphStore() if (self.adjoint and control.store_graphs) else None
         if self.adaptive:
@@ -436,7 +449,8 @@ class Integrator:
             error = (SYMPTOM, f"the solution became non-finite by t={run.t_out[bad]:g}: the "
                      "dynamics blew up; use smaller steps (step_size or rtol/atol) or rescale "
                      "the problem")
-        raise_collectively(self.layout.comm, error, SolverError, cause=self.exception)
+        raise_collectively(self.layout.comm, self._explained(error), SolverError,
+                           cause=self.exception)
 
     def _incomplete(self, run, reason):
         """Why a solve stopped before the last output time."""
@@ -469,6 +483,7 @@ class Integrator:
         self.x_view.copy_(y_start)
         self.x.stateIncrease()
         self._run = _Replay(times)
+        self._set_phase("a re-run of recorded steps for the backward pass")
         if self.rhs is not None:
             self.rhs.store = GraphStore() if (self.adjoint and keep_graphs) else None
         ts.setTime(times[0])
@@ -511,6 +526,7 @@ class Integrator:
         nothing more: finish_adjoint reports it on every rank)."""
         if self.adjoint_broken:
             return
+        self._set_phase("the adjoint solve")
         try:
             self.ts.adjointSetSteps(nsteps)
             self.ts.adjointSolve()
@@ -537,7 +553,7 @@ class Integrator:
         grad_y0 = self.lam_view + grad_first
         if error is None and not bool(torch.isfinite(grad_y0).all()):
             error = (SYMPTOM, "the adjoint produced a non-finite gradient with respect to y0")
-        raise_collectively(self.layout.comm, error, SolverError, cause=cause)
+        raise_collectively(self.layout.comm, self._explained(error), SolverError, cause=cause)
         self.healthy = True
         grad_params = None
         if self.mu is not None:

@@ -72,3 +72,39 @@ def test_exception_inside_func_is_reported(y0):
 def test_max_num_steps(mlp, y0):
     with pytest.raises(SolverError, match="max_num_steps"):
         _call(mlp, y0, method="dopri5", options={"max_num_steps": 3}, rtol=1e-10, atol=1e-10)
+
+
+class NaNBetween(torch.nn.Module):
+    """-y, but NaN for 0.4 < t < 0.6 in the evaluations `when` selects: 'always', or
+    'derivatives' (only where a graph is built: linearisations, Newton's jvps, the adjoint)."""
+
+    def __init__(self, when):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor(-1.0, dtype=torch.float64))
+        self.when = when
+
+    def forward(self, t, y):
+        out = self.w * y
+        bad = 0.4 < float(t) < 0.6 and (self.when == "always" or torch.is_grad_enabled())
+        return out * float("nan") if bad else out
+
+
+@pytest.mark.parametrize("method,options", [("rk4", {"step_size": 0.1}), ("dopri5", None),
+                                            ("cn", {"step_size": 0.1}), ("beuler", None)])
+@pytest.mark.parametrize("when", ["always", "derivatives"])
+def test_nan_in_func_is_located(y0, method, options, when):
+    """The error names the first NaN's source and time, in the forward or the adjoint solve,
+    also when what PETSc reports is only its consequence (a failed Newton solve, a non-finite
+    gradient)."""
+    y = y0.clone().requires_grad_(True)
+    with pytest.raises(SolverError) as info:
+        _call(NaNBetween(when), y, method=method, options=options).sum().backward()
+    message = str(info.value)
+    assert message.startswith(("func returned a non-finite value",
+                               "a Jacobian-vector product of func returned a non-finite value")), \
+        message
+    t = float(message.split(" at t=")[1].split(",")[0].split(":")[0])
+    assert 0.4 < t < 0.6, message
+    explicit = method in ("rk4", "dopri5")
+    phase = "the adjoint solve" if explicit and when == "derivatives" else "the forward solve"
+    assert f"during {phase}" in message, message
