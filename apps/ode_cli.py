@@ -1,12 +1,12 @@
 """Command-line options the apps share for their ODE blocks: the checkpointing policy and the
 verbose report of what the last backward pass did."""
 import pnode_dist
-from pnode_dist.methods import IMEX, METHODS
+from pnode_dist import METHODS
 from workflow import directory, nonnegative_int, positive_int
 
 # Methods the apps can use: all but IMEX ones (those need a pnode_dist.IMEX pair as func).
-APP_METHODS = sorted(name for name, m in METHODS.items() if m.kind != IMEX)
-ADAPTIVE_METHODS = sorted(name for name, m in METHODS.items() if m.adaptive and m.kind != IMEX)
+APP_METHODS = sorted(name for name, m in METHODS.items() if m.kind != "imex")
+ADAPTIVE_METHODS = sorted(name for name, m in METHODS.items() if m.adaptive and m.kind != "imex")
 
 
 def check_steps(parser, method, steps, option="--steps"):

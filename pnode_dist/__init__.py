@@ -3,12 +3,12 @@
     from pnode_dist import odeint            # instead of: from torchdiffeq import odeint
     ys = odeint(func, y0, t, method="rk4", options={"step_size": 0.1})
 """
-from .api import IMEX, ODEBlock, odeint, odeint_adjoint
+from .api import ODEBlock, odeint, odeint_adjoint
 from .checkpointing import Checkpointing
 from .device import rank_device
 from .errors import InputError, PnodeError, SolverError
 from .grid import Grid
-from .methods import METHODS
+from .methods import IMEX, METHODS
 from .parallel import allreduce_gradients, broadcast_parameters
 
 __version__ = "0.1.0"

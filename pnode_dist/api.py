@@ -16,28 +16,15 @@ from .device import check_device
 from .errors import InputError
 from .grid import Grid, GridLayout
 from .layout import BatchLayout
-from .methods import ARKIMEX_ORDERS, EXPLICIT, IMEX as IMEX_KIND, IMPLICIT, get_method
+from .methods import SETUP_OPTIONS, get_method
 from .options import freeze
 from .parallel import next_call, raise_collectively, resolve_comm
 from .runs import Rerun, new_run
-from .solver import SetupConfig, Solver, StepControl
+from .solver import Solver, StepControl
 
-OPTION_KEYS = ("step_size", "first_step", "max_num_steps", "theta", "linear_solver", "tableau",
-               "mass")
-LINEAR_SOLVERS = ("gmres", "exact")
+OPTION_KEYS = ("step_size", "first_step", "max_num_steps") + SETUP_OPTIONS
 
 
-class IMEX(nn.Module):
-    """A right-hand side split as f = implicit + explicit, for method='arkimex' (the implicit
-    part is solved by Newton, the explicit part stepped explicitly). With any other method it is
-    just their sum."""
-
-    def __init__(self, implicit, explicit):
-        super().__init__()
-        self.implicit, self.explicit = implicit, explicit
-
-    def forward(self, t, y):
-        return self.implicit(t, y) + self.explicit(t, y)
 _CACHE_SIZE = 32
 # Solvers by (id(func), configuration), least recently used first. A Solver holds func itself, so
 # an id cannot be reused by another object while its entry lives; the bound keeps PETSc objects
@@ -100,41 +87,6 @@ def _control(options, rtol, atol, store_graphs):
     return StepControl(step_size=options.get("step_size"), first_step=options.get("first_step"),
                        max_num_steps=steps, rtol=float(rtol), atol=float(atol),
                        store_graphs=store_graphs)
-
-
-def _setup(options, method, func, y0):
-    """The TS-construction choices of `options` (theta, linear_solver, tableau, mass), checked."""
-    options = options or {}
-    theta = options.get("theta", 0.5)
-    if not (isinstance(theta, (int, float)) and 0 < theta <= 1):
-        raise InputError(f"options['theta'] must be in (0, 1]; got {theta!r}")
-    if "theta" in options and method.name != "theta":
-        raise InputError("options['theta'] applies to method='theta' only")
-    solver = options.get("linear_solver", "gmres")
-    if solver not in LINEAR_SOLVERS:
-        raise InputError(f"options['linear_solver'] must be one of {list(LINEAR_SOLVERS)}; "
-                         f"got {solver!r}")
-    if method.kind == EXPLICIT and ("linear_solver" in options or "mass" in options):
-        raise InputError(f"linear_solver and mass apply to implicit methods; {method.name!r} is "
-                         "explicit")
-    tableau = options.get("tableau")
-    if tableau is not None and (method.kind != IMEX_KIND or tableau not in ARKIMEX_ORDERS):
-        raise InputError(f"options['tableau'] selects an ARKIMEX tableau for method='arkimex': "
-                         f"one of {sorted(ARKIMEX_ORDERS)}; got {tableau!r}")
-    if method.kind == IMEX_KIND and not isinstance(func, IMEX):
-        raise InputError("method='arkimex' needs func=pnode_dist.IMEX(implicit=..., explicit=...) "
-                         "so that PETSc knows which part to solve implicitly")
-    mass = options.get("mass")
-    if mass is not None:
-        d = y0.shape[-1] if y0.dim() == 2 else None
-        if method.kind != IMPLICIT:
-            raise InputError("options['mass'] is supported by beuler, cn and theta only")
-        if not isinstance(mass, torch.Tensor) or d is None or tuple(mass.shape) != (d, d):
-            raise InputError(f"options['mass'] must be a [d, d] tensor for a state of shape "
-                             f"[batch, d]; got {type(mass).__name__} for y0 of shape "
-                             f"{list(y0.shape)}")
-        mass = mass.detach().to(torch.float64).clone()
-    return SetupConfig(theta=float(theta), linear_solver=solver, tableau=tableau, mass=mass)
 
 
 def _parameters(func, y0, t0, adjoint_params=None, module=True):
@@ -310,10 +262,10 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, comm
             t_out = [-v for v in t_out]
             func = conventions.wrapped("reversed", func)
         method_obj = get_method(method)
-        if method_obj.kind == IMEX_KIND and func is not user_func:
+        if method_obj.kind == "imex" and func is not user_func:
             raise InputError("method='arkimex' takes a tensor y0 and increasing t")
         control = _control(options, rtol, atol, store_graphs)
-        setup = _setup(options, method_obj, func, y0)
+        setup = method_obj.setup(options or {}, func, y0)
         frozen = freeze(petsc_options)
         if prefix is not None and not (isinstance(prefix, str) and prefix.replace("_", "").isalnum()):
             raise InputError(f"prefix must be letters, digits and underscores such as 'block1_'; "
@@ -405,7 +357,7 @@ def _check_grid(grid, func, y0, method, setup):
         raise InputError(f"with a grid, y0 is this rank's patch of shape {grid.local_shape} (of "
                          f"the field {grid.global_shape}); got {tuple(y0.shape)}: use "
                          "grid.scatter(field)")
-    if method.kind == IMEX_KIND or setup.linear_solver == "exact" or setup.mass is not None:
+    if not method.on_grids or setup.linear_solver == "exact" or setup.mass is not None:
         raise InputError("on a grid, implicit methods use the matrix-free GMRES Newton "
                          "(linear_solver='gmres', no mass matrix); arkimex is not supported yet")
     grid.check_receptive_field(func, y0.dtype)

@@ -1,134 +1,220 @@
-"""Registry of integration methods: name -> PETSc TS type/subtype and the Butcher tableau.
-
-The tableau is what PETSc integrates with; it is kept here so that a pure-torch replay of the
-same discrete scheme (pnode_dist.reference) can check the discrete adjoint to round-off.
+"""Integration methods. Each family is one class that owns its set-up: the options it accepts,
+the torch callbacks (parts) its TS needs, how the TS is configured, and the states PETSc's
+memory trajectory keeps per step. A new method is one registry entry (one tableau); a new family
+is one class.
 """
 import warnings
 from dataclasses import dataclass
-from fractions import Fraction as F
 from typing import Optional, Tuple
 
+import torch
+from torch import nn
+
+from . import tableaus as tab
+from .bridge import TorchRHS
 from .errors import InputError
+from .implicit import TorchIFunction
+from .rk_register import ensure_registered
+
+LINEAR_SOLVERS = ("gmres", "exact")
+# The options of odeint's `options` dict that set up a TS (the others control the steps).
+SETUP_OPTIONS = ("theta", "linear_solver", "tableau", "mass")
 
 
 @dataclass(frozen=True)
-class ButcherTableau:
-    """An explicit Runge-Kutta tableau; `a` is strictly lower triangular, rows given as tuples."""
-    a: Tuple[Tuple[float, ...], ...]
-    b: Tuple[float, ...]
-    c: Tuple[float, ...]
-
-    def __post_init__(self):
-        s = len(self.b)
-        if len(self.c) != s or len(self.a) != s:
-            raise ValueError("tableau: a, b and c must describe the same number of stages")
-        for i, row in enumerate(self.a):
-            if len(row) != i:
-                raise ValueError(f"tableau: row {i} of a must have {i} entries (explicit method)")
-            if abs(sum(row) - self.c[i]) > 1e-14:
-                raise ValueError(f"tableau: row {i} of a must sum to c[{i}]")
-        if abs(sum(self.b) - 1.0) > 1e-14:
-            raise ValueError("tableau: the weights b must sum to 1")
+class SetupConfig:
+    """Choices fixed when a TS is built (part of the solver cache key)."""
+    theta: float = 0.5
+    linear_solver: str = "gmres"     # Newton's linear solver: 'gmres' (matrix-free) or 'exact'
+    tableau: str = None              # ARKIMEX tableau name (None: the method's default)
+    mass: object = None              # constant mass matrix [d, d] (torch tensor) or None
 
     @property
-    def stages(self) -> int:
-        return len(self.b)
+    def key(self):
+        mass = None if self.mass is None else (tuple(self.mass.shape), self.mass.double().tolist())
+        return (self.theta, self.linear_solver, self.tableau, str(mass))
 
 
-def _tableau(a, b):
-    """Build a tableau from exact fractions (c follows from the rows of a)."""
-    rows = tuple(tuple(float(x) for x in row) for row in a)
-    c = tuple(float(sum(row, F(0))) for row in a)
-    return ButcherTableau(a=rows, b=tuple(float(x) for x in b), c=c)
+class IMEX(nn.Module):
+    """A right-hand side split as f = implicit + explicit, for method='arkimex' (the implicit
+    part is solved by Newton, the explicit part stepped explicitly). With any other method it is
+    just their sum."""
+
+    def __init__(self, implicit, explicit):
+        super().__init__()
+        self.implicit, self.explicit = implicit, explicit
+
+    def forward(self, t, y):
+        return self.implicit(t, y) + self.explicit(t, y)
 
 
-class PetscTableau:
-    """A tableau PETSc ships, read from PETSc at first use (so that it is never retyped)."""
-
-    def __init__(self, subtype):
-        self.subtype = subtype
-        self._tableau = None
-
-    def __getattr__(self, name):
-        if name.startswith("_"):
-            raise AttributeError(name)
-        if self._tableau is None:
-            from .rk_register import petsc_tableau      # needs PETSc: imported at first use
-            self._tableau = petsc_tableau(self.subtype)
-        return getattr(self._tableau, name)
-
-
-EXPLICIT, IMPLICIT, IMEX = "explicit", "implicit", "imex"
-
-
-@dataclass(frozen=True)
 class Method:
-    """One integration method as PETSc runs it."""
-    name: str
-    ts_type: str
-    subtype: Optional[str]      # the TSRK / TSARKIMEX type
-    order: int
-    adaptive: bool              # has an error estimate usable by TSAdapt
-    tableau: Optional[ButcherTableau] = None
-    kind: str = EXPLICIT        # explicit (RHS form), implicit (IFunction), imex (both)
-    register: bool = False      # a tableau PETSc does not ship: registered at first use
-    embedded: Optional[Tuple[float, ...]] = None   # weights of the error estimate's formula
+    """One integration method as PETSc runs it. Subclasses say how."""
+    kind = None                  # 'explicit' (RHS form), 'implicit' (IFunction), 'imex' (both)
+    options: Tuple[str, ...] = ()    # the SETUP_OPTIONS it accepts
+    on_grids = True              # usable with a pnode_dist.Grid
+    ts_types = ()                # PETSc TS types that run it (-ts_type may pick among them)
+    keep_after_replay = False    # see Integrator.destroy
+
+    def __init__(self, name, order, adaptive):
+        self.name, self.order = name, order
+        self.adaptive = adaptive     # has an error estimate usable by TSAdapt
+
+    def __repr__(self):
+        return f"{type(self).__name__}({self.name!r}, order={self.order})"
+
+    def setup(self, options, func, y0) -> SetupConfig:
+        """The SetupConfig of odeint's `options`, checked against what this method accepts."""
+        for key in SETUP_OPTIONS:
+            if key in options and key not in self.options:
+                users = [m for m in METHODS.values() if key in m.options]
+                kinds = "/".join(sorted({m.kind for m in users}))
+                raise InputError(f"options[{key!r}] applies to the {kinds} methods "
+                                 f"{', '.join(sorted(m.name for m in users))}; {self.name!r} "
+                                 f"is {self.kind}")
+        solver = options.get("linear_solver", "gmres")
+        if solver not in LINEAR_SOLVERS:
+            raise InputError(f"options['linear_solver'] must be one of {list(LINEAR_SOLVERS)}; "
+                             f"got {solver!r}")
+        return SetupConfig(linear_solver=solver)
+
+    def parts(self, func, params, shape, dtype, device, setup):
+        """(explicit part, implicit part): the torch callbacks of a TS, None where unused."""
+        raise NotImplementedError
+
+    def configure(self, ts, setup):
+        """Set the TS type and variant (before PETSc's options are read)."""
+        raise NotImplementedError
+
+    @property
+    def states_per_step(self):
+        """States PETSc's memory trajectory keeps per step (checkpointing 'auto' estimates)."""
+        raise NotImplementedError
 
 
-_RK4 = _tableau([[], [F(1, 2)], [0, F(1, 2)], [0, 0, 1]], [F(1, 6), F(1, 3), F(1, 3), F(1, 6)])
-_BOSH3 = _tableau([[], [F(1, 2)], [0, F(3, 4)], [F(2, 9), F(1, 3), F(4, 9)]],
-                  [F(2, 9), F(1, 3), F(4, 9), 0])
-_DOPRI5 = _tableau(
-    [[], [F(1, 5)], [F(3, 40), F(9, 40)], [F(44, 45), F(-56, 15), F(32, 9)],
-     [F(19372, 6561), F(-25360, 2187), F(64448, 6561), F(-212, 729)],
-     [F(9017, 3168), F(-355, 33), F(46732, 5247), F(49, 176), F(-5103, 18656)],
-     [F(35, 384), 0, F(500, 1113), F(125, 192), F(-2187, 6784), F(11, 84)]],
-    [F(35, 384), 0, F(500, 1113), F(125, 192), F(-2187, 6784), F(11, 84), 0])
+class ExplicitRK(Method):
+    """An explicit Runge-Kutta tableau, run by PETSc's TSRK (registered with it first when
+    PETSc does not ship it)."""
+    kind = "explicit"
+    ts_types = ("rk",)
 
-_HEUN = _tableau([[], [1]], [F(1, 2), F(1, 2)])
-_HEUN3 = _tableau([[], [F(1, 3)], [0, F(2, 3)]], [F(1, 4), 0, F(3, 4)])
-_RK4_38 = _tableau([[], [F(1, 3)], [F(-1, 3), 1], [1, -1, 1]], [F(1, 8), F(3, 8), F(3, 8), F(1, 8)])
-_FEHLBERG2 = _tableau([[], [F(1, 2)], [F(1, 256), F(255, 256)]],
-                      [F(1, 512), F(255, 256), F(1, 512)])
+    def __init__(self, name, subtype, order, adaptive, tableau, register=False, embedded=None):
+        super().__init__(name, order, adaptive)
+        self.subtype, self.tableau = subtype, tableau
+        self.register = register    # a tableau PETSc does not ship: registered at first use
+        self.embedded = embedded    # weights of the error estimate's formula (registered ones)
+
+    def parts(self, func, params, shape, dtype, device, setup):
+        return TorchRHS(func, params, shape, dtype, device), None
+
+    def configure(self, ts, setup):
+        ts.setType("rk")
+        ensure_registered(self)
+        ts.setRKType(self.subtype)
+
+    @property
+    def states_per_step(self):
+        return self.tableau.stages + 1
+
+
+class Theta(Method):
+    """PETSc's TSTHETA family in IFunction form F = M ydot - f (beuler, cn, theta); adaptive
+    through its local error estimate when no step_size is given."""
+    kind = "implicit"
+    ts_types = ("beuler", "cn", "theta")
+    states_per_step = 3
+    # With PETSc 3.26, destroying a TSTHETA memory trajectory that recorded re-run segments of
+    # adaptive step sizes crashed (VecDestroy under TSTrajectoryDestroy): such a TS is kept.
+    keep_after_replay = True
+
+    def __init__(self, name, order):
+        super().__init__(name, order, adaptive=True)
+        self.options = ("linear_solver", "mass") + (("theta",) if name == "theta" else ())
+
+    def setup(self, options, func, y0):
+        config = super().setup(options, func, y0)
+        theta = options.get("theta", 0.5)
+        if not (isinstance(theta, (int, float)) and 0 < theta <= 1):
+            raise InputError(f"options['theta'] must be in (0, 1]; got {theta!r}")
+        mass = options.get("mass")
+        if mass is not None:
+            d = y0.shape[-1] if y0.dim() == 2 else None
+            if not isinstance(mass, torch.Tensor) or d is None or tuple(mass.shape) != (d, d):
+                raise InputError(f"options['mass'] must be a [d, d] tensor for a state of shape "
+                                 f"[batch, d]; got {type(mass).__name__} for y0 of shape "
+                                 f"{list(y0.shape)}")
+            mass = mass.detach().to(torch.float64).clone()
+        return SetupConfig(theta=float(theta), linear_solver=config.linear_solver, mass=mass)
+
+    def parts(self, func, params, shape, dtype, device, setup):
+        return None, TorchIFunction(func, params, shape, dtype, device, setup.mass)
+
+    def configure(self, ts, setup):
+        ts.setType(self.name)
+        if self.name == "theta":
+            ts.setTheta(setup.theta)
+
+
+class ARKIMEX(Method):
+    """PETSc's additive Runge-Kutta IMEX methods: func is an IMEX pair, its implicit part
+    solved by Newton, its explicit part stepped explicitly."""
+    kind = "imex"
+    ts_types = ("arkimex",)
+    options = ("linear_solver", "tableau")
+    on_grids = False
+    states_per_step = 6
+    ORDERS = {"1bee": 1, "a2": 2, "l2": 2, "ars122": 2, "2c": 2, "2d": 2, "2e": 2,
+              "prssp2": 2, "3": 3, "bpr3": 3, "ars443": 3, "4": 4, "5": 5}
+
+    def __init__(self, name, subtype):
+        super().__init__(name, self.ORDERS[subtype], adaptive=True)
+        self.subtype = subtype
+
+    def setup(self, options, func, y0):
+        config = super().setup(options, func, y0)
+        tableau = options.get("tableau")
+        if tableau is not None and tableau not in self.ORDERS:
+            raise InputError(f"options['tableau'] selects an ARKIMEX tableau for "
+                             f"method='arkimex': one of {sorted(self.ORDERS)}; got {tableau!r}")
+        if not isinstance(func, IMEX):
+            raise InputError("method='arkimex' needs func=pnode_dist.IMEX(implicit=..., "
+                             "explicit=...) so that PETSc knows which part to solve implicitly")
+        return SetupConfig(linear_solver=config.linear_solver, tableau=tableau)
+
+    def parts(self, func, params, shape, dtype, device, setup):
+        return (TorchRHS(func.explicit, params, shape, dtype, device),
+                TorchIFunction(func.implicit, params, shape, dtype, device))
+
+    def configure(self, ts, setup):
+        ts.setType("arkimex")
+        ts.setARKIMEXType(setup.tableau or self.subtype)
+
 
 METHODS = {
     m.name: m for m in (
-        Method("euler", "rk", "1fe", 1, False, _tableau([[]], [1])),
-        Method("midpoint", "rk", "2b", 2, False, _tableau([[], [F(1, 2)]], [0, 1])),
-        Method("rk4", "rk", "4", 4, False, _RK4),
-        Method("bosh3", "rk", "3bs", 3, True, _BOSH3),
-        Method("dopri5", "rk", "5dp", 5, True, _DOPRI5),
+        ExplicitRK("euler", "1fe", 1, False, tab.EULER),
+        ExplicitRK("midpoint", "2b", 2, False, tab.MIDPOINT),
+        ExplicitRK("rk4", "4", 4, False, tab.RK4),
+        ExplicitRK("bosh3", "3bs", 3, True, tab.BOSH3),
+        ExplicitRK("dopri5", "5dp", 5, True, tab.DOPRI5),
         # torchdiffeq's other explicit methods: Heun (PETSc's 2a), the rest registered with
         # PETSc (rk_register). torchdiffeq's 'rk4' is the 3/8 rule: here 'rk4_38'.
-        Method("heun2", "rk", "2a", 2, False, _HEUN),
-        Method("adaptive_heun", "rk", "2a", 2, True, _HEUN),
-        Method("heun3", "rk", "pnode_heun3", 3, False, _HEUN3, register=True),
-        Method("rk4_38", "rk", "pnode_rk4_38", 4, False, _RK4_38, register=True),
-        Method("fehlberg2", "rk", "pnode_fehlberg2", 2, True, _FEHLBERG2, register=True,
-               embedded=(1 / 256, 255 / 256, 0.0)),
+        ExplicitRK("heun2", "2a", 2, False, tab.HEUN),
+        ExplicitRK("adaptive_heun", "2a", 2, True, tab.HEUN),
+        ExplicitRK("heun3", "pnode_heun3", 3, False, tab.HEUN3, register=True),
+        ExplicitRK("rk4_38", "pnode_rk4_38", 4, False, tab.RK4_38, register=True),
+        ExplicitRK("fehlberg2", "pnode_fehlberg2", 2, True, tab.FEHLBERG2, register=True,
+                   embedded=tab.FEHLBERG2_EMBEDDED),
         # Verner's pairs as PETSc ships them.
-        Method("verner6", "rk", "6vr", 6, True, PetscTableau("6vr")),
-        Method("verner7", "rk", "7vr", 7, True, PetscTableau("7vr")),
-        Method("verner8", "rk", "8vr", 8, True, PetscTableau("8vr")),
-        # Implicit one-step methods (PETSc TSTHETA family), IFunction form F = ydot - f.
-        # Adaptive through TSTHETA's local error estimate when no step_size is given.
-        Method("beuler", "beuler", None, 1, True, kind=IMPLICIT),
-        Method("cn", "cn", None, 2, True, kind=IMPLICIT),
-        Method("theta", "theta", None, 1, True, kind=IMPLICIT),    # order 2 for theta = 0.5
-        # Additive Runge-Kutta IMEX (PETSc TSARKIMEX); func must be a pnode_dist.IMEX pair.
-        Method("arkimex", "arkimex", "3", 3, True, kind=IMEX),
+        ExplicitRK("verner6", "6vr", 6, True, tab.PetscTableau("6vr")),
+        ExplicitRK("verner7", "7vr", 7, True, tab.PetscTableau("7vr")),
+        ExplicitRK("verner8", "8vr", 8, True, tab.PetscTableau("8vr")),
+        Theta("beuler", 1),
+        Theta("cn", 2),
+        Theta("theta", 1),           # order 2 for theta = 0.5
+        ARKIMEX("arkimex", "3"),
     )
 }
-_US2 = 1.0 - 1.0 / 2.0 ** 0.5
-# Two of PETSc's ARKIMEX tableaus, for the pure-torch replay (reference.ark_replay):
-# (explicit A, explicit b, implicit At, implicit bt).
-ARK_TABLEAUS = {
-    "a2": (((0.0, 0.0), (1.0, 0.0)), (0.5, 0.5), ((0.0, 0.0), (0.5, 0.5)), (0.5, 0.5)),
-    "l2": (((0.0, 0.0), (1.0, 0.0)), (0.5, 0.5), ((_US2, 0.0), (1.0 - 2.0 * _US2, _US2)),
-           (0.5, 0.5)),
-}
-ARKIMEX_ORDERS = {"1bee": 1, "a2": 2, "l2": 2, "ars122": 2, "2c": 2, "2d": 2, "2e": 2,
-                  "prssp2": 2, "3": 3, "bpr3": 3, "ars443": 3, "4": 4, "5": 5}
 DEFAULT_METHOD = "dopri5"
 # torchdiffeq's names for which a method of the same order and use stands in (said once).
 ALIASES = {"dopri8": ("verner8", "torchdiffeq's dopri8 (Dormand-Prince 8(7)) runs as verner8, "
@@ -160,6 +246,6 @@ def get_method(name: Optional[str]) -> Method:
         valid = ", ".join(sorted(METHODS))
         why = f" ({UNAVAILABLE[name]})" if isinstance(name, str) and name in UNAVAILABLE else ""
         raise InputError(
-            f"unknown method {name!r}{why}: valid methods are {valid}. Any other PETSc RK tableau can "
-            "be chosen with the PETSc option -[prefix]ts_rk_type (for example 5bs or 3), "
-            "given on the command line or in petsc_options={'ts_rk_type': ...}") from None
+            f"unknown method {name!r}{why}: valid methods are {valid}. Any other PETSc RK "
+            "tableau can be chosen with the PETSc option -[prefix]ts_rk_type (for example 5bs "
+            "or 3), given on the command line or in petsc_options={'ts_rk_type': ...}") from None

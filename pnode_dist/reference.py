@@ -6,7 +6,7 @@ adjoint must reproduce to round-off. Used by the tests and the benchmarks; not o
 """
 import torch
 
-from .methods import ButcherTableau
+from .tableaus import ButcherTableau
 
 
 def rk_step(func, t, y, h, tableau: ButcherTableau):
@@ -88,7 +88,7 @@ def theta_replay(func, y0, times, output_steps, theta, endpoint, mass=None):
 
 def ark_replay(implicit, explicit, y0, times, output_steps, tableau):
     """PETSc's ARKIMEX scheme y' = g(t, y) + h(t, y) (g implicit, h explicit) in pure torch, every
-    implicit stage solved to round-off. `tableau` = (A, b, At, bt) (methods.ARK_TABLEAUS):
+    implicit stage solved to round-off. `tableau` = (A, b, At, bt) (tableaus.ARK_TABLEAUS):
     Y_i = y_n + h sum_{j<i} A_ij h(t_n + c_j h, Y_j) + h sum_{j<=i} At_ij g(t_n + ct_j h, Y_j),
     y_{n+1} = y_n + h sum_j (b_j h(.., Y_j) + bt_j g(.., Y_j))."""
     A, b, At, bt = tableau

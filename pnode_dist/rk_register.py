@@ -11,7 +11,7 @@ import ctypes
 import numpy as np
 
 from .errors import InputError
-from .methods import ButcherTableau
+from .tableaus import ButcherTableau
 from .parallel import PETSc
 
 _registered = set()

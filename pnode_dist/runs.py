@@ -16,7 +16,6 @@ import time
 from . import h5format
 from .device import SOLVER_DTYPE, SOLVER_ITEMSIZE
 from .errors import SolverError
-from .methods import EXPLICIT, IMEX
 from .parallel import raise_collectively
 from .schedule import Placement, plan_advances, reversal_plan
 from .solver import fixed_step_count, time_slack
@@ -84,13 +83,6 @@ class Rerun:
 
     def close(self):
         pass
-
-
-def states_per_step(method):
-    """States PETSc's memory trajectory keeps per step (solution and stages), for 'auto'."""
-    if method.kind == EXPLICIT:
-        return method.tableau.stages + 1
-    return 6 if method.kind == IMEX else 3
 
 
 def expected_steps(solver, t_out, control):
@@ -280,7 +272,7 @@ def new_run(solver, policy, t_out, control):
     rank shares (the largest shard's bytes, step counts), so all ranks take the same steps."""
     state_bytes = SOLVER_ITEMSIZE * max(math.prod(s) for s in solver.layout.all_local_shapes)
     schedule, slots = policy.resolve(state_bytes, expected_steps(solver, t_out, control),
-                                     states_per_step(solver.method),
+                                     solver.method.states_per_step,
                                      on_device=solver.layout.device.type == "cuda")
     if schedule == "all":
         return StoredRun(solver, control)

@@ -16,18 +16,15 @@ from typing import List
 
 import torch
 
-from .bridge import GraphStore, ParamJacobianMat, StateJacobianMat, TorchRHS, touch, vec_view
+from .bridge import GraphStore, ParamJacobianMat, StateJacobianMat, touch, vec_view
 from .device import SOLVER_DTYPE, vec_type
 from .errors import InputError, SolverError
-from .implicit import BlockJacobianPC, IJacobianMat, IJacobianPMat, TorchIFunction
-from .methods import EXPLICIT, IMPLICIT
+from .implicit import BlockJacobianPC, IJacobianMat, IJacobianPMat
 from .options import layered_options
-from .rk_register import ensure_registered
 from .parallel import CAUSE, CONSEQUENCE, SYMPTOM, PETSc, allreduce_sum, raise_collectively
 
 # Times within this relative distance are the same time (PETSc's times have its precision).
 _REL_TIME_TOL = max(1e-12, 64 * torch.finfo(SOLVER_DTYPE).eps)
-_THETA_TYPES = {"beuler", "cn", "theta"}
 _MIN_CAPACITY = 1024                 # trajectory steps reserved by a replaying Integrator
 # Newton and Krylov tolerances within reach of the solver precision (PETSc options override).
 _NEWTON_TOLERANCES = {torch.float64: {"snes_rtol": 1e-10, "snes_atol": 1e-12, "ksp_rtol": 1e-10},
@@ -57,20 +54,6 @@ def _reason_name(enum, value):
     """PETSc's name of a converged/diverged reason, e.g. DIVERGED_MAX_IT."""
     names = [k for k in dir(enum) if k.isupper() and getattr(enum, k) == value]
     return names[0] if names else f"reason {value}"
-
-
-@dataclass(frozen=True)
-class SetupConfig:
-    """Choices fixed when a TS is built (part of the solver cache key)."""
-    theta: float = 0.5
-    linear_solver: str = "gmres"     # Newton's linear solver: 'gmres' (matrix-free) or 'exact'
-    tableau: str = None              # ARKIMEX tableau name (None: the method's default)
-    mass: object = None              # constant mass matrix [d, d] (torch tensor) or None
-
-    @property
-    def key(self):
-        mass = None if self.mass is None else (tuple(self.mass.shape), self.mass.double().tolist())
-        return (self.theta, self.linear_solver, self.tableau, str(mass))
 
 
 @dataclass
@@ -171,14 +154,8 @@ class Integrator:
         self.adaptive, self.adjoint = adaptive, adjoint
         shape, dev = layout.local_shape, layout.device
         self.on_gpu = dev.type == "cuda"
-        self.rhs = self.ifun = None      # explicit part (RHS form) / implicit part (IFunction)
-        if method.kind == EXPLICIT:
-            self.rhs = TorchRHS(func, params, shape, dtype, dev)
-        elif method.kind == IMPLICIT:
-            self.ifun = TorchIFunction(func, params, shape, dtype, dev, setup.mass)
-        else:
-            self.ifun = TorchIFunction(func.implicit, params, shape, dtype, dev)
-            self.rhs = TorchRHS(func.explicit, params, shape, dtype, dev)
+        # The explicit part (RHS form) and the implicit part (IFunction), None where unused.
+        self.rhs, self.ifun = method.parts(func, params, shape, dtype, dev, setup)
         self.parts = [p for p in (self.rhs, self.ifun) if p is not None]
         nparams = self.parts[0].nparams
         comm = layout.comm
@@ -186,14 +163,7 @@ class Integrator:
         if prefix:
             ts.setOptionsPrefix(prefix)
         ts.setProblemType(PETSc.TS.ProblemType.NONLINEAR)
-        ts.setType(method.ts_type)
-        if method.ts_type == "rk":
-            ensure_registered(method)
-            ts.setRKType(method.subtype)
-        elif method.ts_type == "arkimex":
-            ts.setARKIMEXType(setup.tableau or method.subtype)
-        elif method.ts_type == "theta":
-            ts.setTheta(setup.theta)
+        method.configure(ts, setup)
         self.x = layout.create_state_vec()
         self.x_view = vec_view(self.x, shape)
         self.mu = None
@@ -219,11 +189,11 @@ class Integrator:
         with layered_options(prefix, defaults, petsc_options), \
                 layered_options("", trajectory, ()):
             ts.setFromOptions()
-        if ts.getType() != method.ts_type and not {ts.getType(), method.ts_type} <= _THETA_TYPES:
+        if ts.getType() not in method.ts_types:
             raise InputError(f"TS type {ts.getType()!r} (from the PETSc options) does not match "
-                             f"method {method.name!r} ({method.ts_type}): choose the method with "
-                             "odeint's method argument and its variant with -ts_rk_type / "
-                             "-ts_arkimex_type")
+                             f"method {method.name!r} ({'/'.join(method.ts_types)}): choose the "
+                             "method with odeint's method argument and its variant with "
+                             "-ts_rk_type / -ts_arkimex_type")
         self.ts = ts
         self._run, self.observers = None, ()
         self.stats = {}
@@ -583,13 +553,13 @@ class Integrator:
         """Free the TS now: it holds callbacks that refer back to this object, a cycle the
         garbage collector would otherwise free in an order PETSc does not survive.
 
-        A TSTHETA whose memory trajectory recorded re-run segments is kept alive instead:
-        with PETSc 3.26, destroying such a trajectory crashed (segments of adaptive step sizes,
-        seen in VecDestroy under TSTrajectoryDestroy) although every adjoint was correct. It
-        holds at most one segment's states."""
+        A TS whose method says keep_after_replay (TSTHETA) and whose memory trajectory recorded
+        re-run segments is kept alive instead: with PETSc 3.26, destroying such a trajectory
+        crashed (segments of adaptive step sizes, seen in VecDestroy under TSTrajectoryDestroy)
+        although every adjoint was correct. It holds at most one segment's states."""
         if self.ts is None:
             return
-        if self.adjoint and self.replayed and self.method.name in _THETA_TYPES:
+        if self.adjoint and self.replayed and self.method.keep_after_replay:
             _keep_forever(self)
             return
         for p in self.parts:

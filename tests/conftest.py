@@ -90,7 +90,8 @@ def recorded_steps(func, y0, t, method, options=None, rtol=1e-7, atol=1e-9, **se
     from pnode_dist import METHODS
     from pnode_dist.layout import BatchLayout
     from pnode_dist.parallel import PETSc
-    from pnode_dist.solver import Integrator, SetupConfig, StepControl
+    from pnode_dist.methods import SetupConfig
+    from pnode_dist.solver import Integrator, StepControl
     options = dict(options or {})
     m = METHODS[method]
     adaptive = m.adaptive and "step_size" not in options

@@ -184,7 +184,7 @@ def test_newton_failure_is_reported(mlp, y0):
 @pytest.mark.parametrize("tableau", ["a2", "l2"])
 @pytest.mark.parametrize("mode", ["fixed", "adaptive"])
 def test_arkimex_gradients_equal_backprop_of_same_tableau(tableau, mode):
-    from pnode_dist.methods import ARK_TABLEAUS
+    from pnode_dist.tableaus import ARK_TABLEAUS
     from pnode_dist.reference import ark_replay
     func = IMEX(TimeMLP(dim=2, seed=2), Linear(A_STIFF.clone()))
     y0 = torch.randn(3, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
