@@ -22,7 +22,20 @@ from .parallel import next_call, raise_collectively, resolve_comm
 from .runs import Rerun, new_run
 from .solver import Solver, StepControl
 
-OPTION_KEYS = ("step_size", "first_step", "max_num_steps") + SETUP_OPTIONS
+OPTION_KEYS = ("step_size", "first_step", "min_step", "max_step", "max_num_steps") + SETUP_OPTIONS
+# torchdiffeq's options with no counterpart here, and what to do instead.
+_STEPS_LAND = "steps land on every time of t: add the times there"
+REFUSED_OPTIONS = {
+    "jump_t": _STEPS_LAND, "step_t": _STEPS_LAND, "grid_constructor": _STEPS_LAND,
+    "interp": "steps land on every output time, so nothing is interpolated",
+    "perturb": "func is never called with perturb=: steps land on every time of t, so a "
+               "discontinuity placed there is met from both sides",
+    "norm": "PETSc's TSAdapt measures the local error in its own weighted norm of rtol/atol",
+    "safety": "use petsc_options={'ts_adapt_safety': ...}",
+    "ifactor": "use petsc_options={'ts_adapt_clip': 'low,high'}",
+    "dfactor": "use petsc_options={'ts_adapt_clip': 'low,high'}",
+    "dtype": "the solver works in PETSc's precision (float64, or PNODE_PRECISION=single)",
+}
 
 
 _CACHE_SIZE = 32
@@ -68,11 +81,15 @@ def _times(t):
 
 def _control(options, rtol, atol, store_graphs):
     options = dict(options or {})
-    unknown = sorted(set(options) - set(OPTION_KEYS))
+    unknown = sorted(set(options) - set(OPTION_KEYS), key=str)
+    refused = [k for k in unknown if k in REFUSED_OPTIONS]
+    if refused:
+        raise InputError(f"options[{refused[0]!r}] (torchdiffeq's) is not supported: "
+                         f"{REFUSED_OPTIONS[refused[0]]}")
     if unknown:
         raise InputError(f"unknown options {unknown}: valid keys are {list(OPTION_KEYS)}; PETSc "
                          "settings go in petsc_options={...} or on the command line")
-    for key in ("step_size", "first_step"):
+    for key in ("step_size", "first_step", "min_step", "max_step"):
         v = options.get(key)
         if v is not None and not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
             raise InputError(f"options[{key!r}] must be a positive number; got {v!r}")
@@ -84,9 +101,13 @@ def _control(options, rtol, atol, store_graphs):
             raise InputError(f"{name} must be a positive number; got {v!r}")
     if not isinstance(store_graphs, bool):
         raise InputError(f"store_graphs must be True or False; got {store_graphs!r}")
+    limits = {k: float(options[k]) for k in ("min_step", "max_step") if options.get(k)}
+    if limits.get("min_step", 0.0) > limits.get("max_step", math.inf):
+        raise InputError(f"options['min_step'] {limits['min_step']:g} exceeds options['max_step'] "
+                         f"{limits['max_step']:g}")
     return StepControl(step_size=options.get("step_size"), first_step=options.get("first_step"),
                        max_num_steps=steps, rtol=float(rtol), atol=float(atol),
-                       store_graphs=store_graphs)
+                       store_graphs=store_graphs, **limits)
 
 
 def _parameters(func, y0, t0, adjoint_params=None, module=True):
@@ -208,7 +229,7 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, comm
     petsc_options: dict of PETSc options (without prefix) such as {'ts_rk_type': '5bs'};
                    the command line overrides them.
     options:       step_size (fixed steps, at most this long, landing on every output time),
-                   first_step (adaptive), max_num_steps; for implicit methods linear_solver
+                   first_step, min_step, max_step (adaptive: TSAdapt's limits), max_num_steps; for implicit methods linear_solver
                    ('gmres' or 'exact'), mass ([d, d]), theta (method='theta') and tableau
                    (method='arkimex').
     store_graphs:  keep f's autograd graph of every stage from the forward solve, so that the

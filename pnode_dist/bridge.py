@@ -60,7 +60,9 @@ def vec_view(vec, shape, mode="rw"):
     if is_cuda_vec(vec):
         array = _DeviceArray(_device_pointer(vec, mode), vec.getLocalSize(), SOLVER_ITEMSIZE)
         return torch.as_tensor(array, device="cuda").view(shape)
-    return torch.from_numpy(vec.getArray(readonly=mode == "r")).view(shape)
+    with warnings.catch_warnings():      # torch's note that a read-only array is shared: known
+        warnings.filterwarnings("ignore", "The given NumPy array is not writable")
+        return torch.from_numpy(vec.getArray(readonly=mode == "r")).view(shape)
 
 
 class GraphStore:
@@ -220,6 +222,8 @@ class TorchRHS:
         y, out = self._lin
         inputs = ([y] if with_state else []) + self.params
         self.counts["vjp"] += 1
+        if not out.requires_grad:            # f depends on neither y nor the parameters
+            return (None,) * len(inputs)
         try:
             grads = torch.autograd.grad(out, inputs, self.view(x).to(self.dtype),
                                         retain_graph=True, allow_unused=True)

@@ -94,6 +94,9 @@ class TorchIFunction(TorchRHS):
         32-128-32 on a batch of 256, because f's graph is built once per linearisation."""
         if self._double is None:
             y, out = self._ensure_graph()
+            if not out.requires_grad:        # f does not depend on y: J = 0
+                self._double = (None, None)
+                return self._double
             u = torch.zeros_like(out, requires_grad=True)
             with torch.enable_grad():
                 (g,) = torch.autograd.grad(out, y, u, create_graph=True, allow_unused=True)

@@ -221,6 +221,8 @@ ALIASES = {"dopri8": ("verner8", "torchdiffeq's dopri8 (Dormand-Prince 8(7)) run
                       "Verner's 8(7) pair as PETSc ships it: the same order and error control, "
                       "a different tableau")}
 _said = set()
+# torchdiffeq's names for the same schemes (no note needed).
+SAME_SCHEME = {"implicit_euler": "beuler", "trapezoid": "cn", "implicit_midpoint": "theta"}
 # torchdiffeq's methods with no counterpart here, and why.
 UNAVAILABLE = dict.fromkeys(
     ("explicit_adams", "implicit_adams", "fixed_adams"),
@@ -228,6 +230,11 @@ UNAVAILABLE = dict.fromkeys(
     "high accuracy), and beuler, cn or arkimex for stiff problems")
 UNAVAILABLE["scipy_solver"] = ("SciPy's solvers run outside PETSc, with neither distributed "
                                "states nor a discrete adjoint; use the PETSc methods below")
+UNAVAILABLE["tsit5"] = "its tableau is not registered here; dopri5 is a 5(4) pair as well"
+UNAVAILABLE.update(dict.fromkeys(
+    ("gl4", "gl6", "radauIIA3", "radauIIA5", "sdirk2", "trbdf2"),
+    "implicit Runge-Kutta methods with several implicit stages have no discrete adjoint in "
+    "PETSc 3.26; use cn, beuler or theta (one implicit stage), or arkimex"))
 
 
 def get_method(name: Optional[str]) -> Method:
@@ -235,6 +242,7 @@ def get_method(name: Optional[str]) -> Method:
     in torchdiffeq)."""
     if name is None:
         name = DEFAULT_METHOD
+    name = SAME_SCHEME.get(name, name) if isinstance(name, str) else name
     if isinstance(name, str) and name in ALIASES:
         name, note = ALIASES[name]
         if note not in _said:

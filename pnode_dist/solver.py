@@ -61,6 +61,8 @@ class StepControl:
     """How the steps are chosen for one solve."""
     step_size: float = None      # fixed steps no longer than this; None with adaptive -> TSAdapt
     first_step: float = None     # initial step of an adaptive solve
+    min_step: float = 1e-20      # TSAdapt's step limits (PETSc's defaults)
+    max_step: float = 1e20
     max_num_steps: int = 1_000_000
     rtol: float = 1e-7
     atol: float = 1e-9
@@ -365,6 +367,7 @@ class Integrator:
             self.rhs.store = GraphStore() if (self.adjoint and control.store_graphs) else None
         if self.adaptive:
             ts.setTolerances(rtol=control.rtol, atol=control.atol)
+            ts.setStepLimits(control.min_step, control.max_step)
         ts.setTime(t_out[0])
         ts.setStepNumber(0)
         ts.setMaxTime(t_out[-1])

@@ -2,6 +2,10 @@
 torchdiffeq's backprop through the same fixed-step scheme (euler, midpoint), for tuple states,
 decreasing times, 0-d states, a single time, tensors captured by closures, adjoint_params and
 odeint_adjoint; and the user's own exception behind every SolverError."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torchdiffeq
@@ -275,9 +279,64 @@ def test_torchdiffeq_method_names():
         ours = pnode_dist.odeint(lambda t, y: -y * (1 + t), y0, t, method="dopri8", rtol=1e-10,
                                  atol=1e-12)
     _same(ours[-1], y0 * torch.exp(torch.tensor(-1.5, dtype=F64)), 1e-9)
-    for name in ("explicit_adams", "implicit_adams", "fixed_adams", "scipy_solver"):
+    for name in ("explicit_adams", "implicit_adams", "fixed_adams", "scipy_solver", "tsit5",
+                 "gl4", "radauIIA5", "sdirk2", "trbdf2"):
         with pytest.raises(InputError, match=f"unknown method '{name}' \\(.*: valid methods"):
             pnode_dist.odeint(lambda t, y: -y, y0, t, method=name)
+
+
+@pytest.mark.parametrize("name,step", [
+    ("implicit_euler", lambda t, h: 1 / (1 + h * (t + h))),
+    ("trapezoid", lambda t, h: (1 - h * t / 2) / (1 + h * (t + h) / 2)),
+    ("implicit_midpoint", lambda t, h: (1 - h * (t + h / 2) / 2) / (1 + h * (t + h / 2) / 2))])
+def test_torchdiffeq_implicit_method_names(name, step):
+    """torchdiffeq's names of one-stage implicit schemes run those very schemes: y' = -t y,
+    whose one-step factors differ between them, to Newton's tolerance."""
+    y0 = torch.ones(2, 1, dtype=F64)
+    ys = pnode_dist.odeint(lambda t, y: -t * y, y0, [0.0, 1.0], method=name,
+                           options={"step_size": 0.1})
+    expected = 1.0
+    for k in range(10):
+        expected *= step(0.1 * k, 0.1)
+    _same(ys[-1], torch.full((2, 1), expected, dtype=F64), 1e-9)
+
+
+@pytest.mark.parametrize("method,options", [("dopri5", None), ("rk4", OPTS),
+                                            ("cn", OPTS), ("beuler", None)])
+def test_func_that_ignores_the_state(method, options):
+    """f(t, y) = g(t): dy(t)/dy0 = 1, as torchdiffeq gives (f's output has no graph)."""
+    y0 = torch.randn(3, 2, dtype=F64, requires_grad=True)
+    ys = pnode_dist.odeint(lambda t, y: torch.zeros_like(y) + torch.cos(t), y0, [0.0, 1.0],
+                           method=method, options=options)
+    ys[-1].sum().backward()
+    _same(y0.grad, torch.ones_like(y0))
+
+
+def test_step_limits_and_refused_torchdiffeq_options():
+    f, y0 = (lambda t, y: -y), torch.ones(2, 1, dtype=F64)
+    free, limited = {}, {}
+    pnode_dist.odeint(f, y0, [0.0, 1.0], stats=free)
+    pnode_dist.odeint(f, y0, [0.0, 1.0], stats=limited, options={"max_step": 0.02})
+    assert free["steps"] < 50 <= limited["steps"]
+    with pytest.raises(InputError, match="min_step.*exceeds"):
+        pnode_dist.odeint(f, y0, [0.0, 1.0], options={"min_step": 0.5, "max_step": 0.1})
+    for key, words in (("jump_t", "add the times"), ("norm", "weighted norm"),
+                       ("perturb", "never called with perturb"), ("interp", "interpolated")):
+        with pytest.raises(InputError, match=f"options\\['{key}'\\].*not supported: .*{words}"):
+            pnode_dist.odeint(f, y0, [0.0, 1.0], options={key: None})
+
+
+def test_no_stray_warning_under_warnings_as_errors():
+    """A fresh process with warnings as errors: the first solve (which shares read-only PETSc
+    arrays with torch) neither warns nor fails."""
+    code = ("import warnings, torch, pnode_dist\n"
+            "warnings.simplefilter('error', UserWarning)\n"
+            "ys = pnode_dist.odeint(lambda t, y: -y, torch.ones(2, 1), [0.0, 1.0], method='rk4',"
+            " options={'step_size': 0.25})\n"
+            "ys.sum()\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True,
+                          text=True, timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
 
 
 @pytest.mark.parametrize("method,options,policy", [
