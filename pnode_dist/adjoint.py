@@ -1,6 +1,7 @@
-"""The autograd bridge: forward = TS solve, backward = TSAdjointSolve (no autograd through the
-solver). Gradients reach y0 (this rank's shard) and every parameter of func (summed over ranks).
-How the forward states are kept for the adjoint is the run's business (runs.py)."""
+"""The autograd Function of odeint: forward = TS solve, backward = TSAdjointSolve (no autograd
+through the solver). Gradients reach y0 (this rank's shard) and every parameter of func (summed
+over ranks). How the forward states are kept for the adjoint is the business of the solve's
+reversal strategy (reversal.py)."""
 import torch
 
 from .device import SOLVER_DTYPE
@@ -8,24 +9,24 @@ from .parallel import allreduce_sum, check_phase
 
 
 class OdeintFunction(torch.autograd.Function):
-    """apply(problem, y0, t, *params) -> outputs [len(t), *y0.shape]; problem.new_run() gives
-    the StoredRun or CheckpointedRun of this solve, problem.rerun(y0) the run of a further
-    backward pass (the first one consumed the stored states). t: the output times when their
+    """apply(problem, y0, t, *params) -> outputs [len(t), *y0.shape]; problem.strategy() gives
+    the reversal strategy of this solve, problem.replay(y0) the one of a further backward pass
+    (the first one consumed the stored states). t: the output times when their
     gradient is wanted (else None); see time_gradient."""
 
     @staticmethod
     def forward(ctx, problem, y0, t, *params):
-        run = problem.new_run()
+        strategy = problem.strategy()
         try:
-            outputs, record = run.forward(y0.detach(), problem.t_out, problem.control,
-                                          problem.observers)
+            outputs, record = strategy.forward(y0.detach(), problem.t_out, problem.control,
+                                               problem.observers)
         except BaseException:
-            run.close()
+            strategy.close()
             raise
         finally:
             if problem.stats is not None:
-                problem.stats.update(run.stats)
-        ctx.run, ctx.record, ctx.problem = run, record, problem
+                problem.stats.update(strategy.stats)
+        ctx.strategy, ctx.record, ctx.problem = strategy, record, problem
         ctx.y0 = y0.detach()
         ctx.versions = [p._version for p in (y0,) + params]
         ctx.outputs = outputs.clone() if t is not None else None   # the user may change theirs
@@ -34,22 +35,22 @@ class OdeintFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_outputs):
-        problem, rerun = ctx.problem, ctx.run is None
-        run, ctx.run = ctx.run or problem.rerun(ctx.y0), None
+        problem, again = ctx.problem, ctx.strategy is None
+        strategy, ctx.strategy = ctx.strategy or problem.replay(ctx.y0), None
         try:
             # Before any other collective: every rank must be in this same backward pass.
             check_phase(problem.comm, f"backward of odeint call {problem.call}",
-                        _unusable(ctx, problem.params, rerun))
+                        _unusable(ctx, problem.params, again))
         except BaseException:
-            run.close()
+            strategy.close()
             raise
         grad_outputs = grad_outputs.to(SOLVER_DTYPE)
         try:
-            grad_y0, grad_params = run.backward(ctx.record, grad_outputs, problem.control)
+            grad_y0, grad_params = strategy.backward(ctx.record, grad_outputs, problem.control)
         finally:
             if problem.stats is not None:
-                problem.stats.update(run.stats)
-            run.close()
+                problem.stats.update(strategy.stats)
+            strategy.close()
         grad_t = None
         if ctx.needs_input_grad[2]:
             grad_t = time_gradient(problem, ctx.outputs, grad_outputs, grad_y0,
@@ -81,13 +82,13 @@ def time_gradient(problem, outputs, grad_outputs, grad_y0, dtype):
     return problem.time_sign * grad
 
 
-def _unusable(ctx, params, rerun):
+def _unusable(ctx, params, again):
     """Why this backward pass cannot give exact gradients (None if it can). A further
     backward pass re-runs the solve from y0, so y0 must be unchanged too."""
     if torch.is_grad_enabled():
         return ("a second derivative through odeint (backward with create_graph=True) is not "
                 "supported: the discrete adjoint runs outside autograd")
-    if rerun and ctx.y0._version != ctx.versions[0]:
+    if again and ctx.y0._version != ctx.versions[0]:
         return ("y0 was modified in place after odeint's forward pass: a further backward "
                 "pass re-runs the solve from y0 and cannot")
     if [p._version for p in params] != ctx.versions[1:]:

@@ -19,8 +19,8 @@ from .layout import BatchLayout
 from .methods import SETUP_OPTIONS, get_method
 from .options import freeze
 from .parallel import next_call, raise_collectively, resolve_comm
-from .runs import Rerun, new_run
-from .solver import Solver, StepControl
+from .reversal import ReplayAll, solve_without_gradient
+from .solver import IntegratorPool, StepControl
 
 OPTION_KEYS = ("step_size", "first_step", "min_step", "max_step", "max_num_steps") + SETUP_OPTIONS
 # torchdiffeq's options with no counterpart here, and what to do instead.
@@ -39,20 +39,20 @@ REFUSED_OPTIONS = {
 
 
 _CACHE_SIZE = 32
-# Solvers by (id(func), configuration), least recently used first. A Solver holds func itself, so
-# an id cannot be reused by another object while its entry lives; the bound keeps PETSc objects
-# of models that are gone from piling up.
-_solvers = collections.OrderedDict()
+# Integrator pools by (id(func), configuration), least recently used first. A pool holds func
+# itself, so an id cannot be reused by another object while its entry lives; the bound keeps
+# PETSc objects of models that are gone from piling up.
+_pools = collections.OrderedDict()
 
 
 @atexit.register
-def _close_grid_solvers():
-    """Solvers on a DMDA are freed before PETSc finalizes (registered after petsc4py's exit
+def _close_grid_pools():
+    """Pools on a DMDA are freed before PETSc finalizes (registered after petsc4py's exit
     handler, so this runs first), or MPICH reports the halo scatters' datatypes as leaked."""
-    for key, solver in list(_solvers.items()):
-        if isinstance(solver.layout, GridLayout):
-            solver.close()
-            del _solvers[key]
+    for key, pool in list(_pools.items()):
+        if isinstance(pool.layout, GridLayout):
+            pool.close()
+            del _pools[key]
 
 
 def _times(t):
@@ -79,6 +79,10 @@ def _times(t):
     return values, decreasing
 
 
+def _number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v)
+
+
 def _control(options, rtol, atol, store_graphs):
     options = dict(options or {})
     unknown = sorted(set(options) - set(OPTION_KEYS), key=str)
@@ -89,10 +93,18 @@ def _control(options, rtol, atol, store_graphs):
     if unknown:
         raise InputError(f"unknown options {unknown}: valid keys are {list(OPTION_KEYS)}; PETSc "
                          "settings go in petsc_options={...} or on the command line")
-    for key in ("step_size", "first_step", "min_step", "max_step"):
+    for key in ("step_size", "first_step"):
         v = options.get(key)
-        if v is not None and not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+        if v is not None and not (_number(v) and math.isfinite(v) and v > 0):
             raise InputError(f"options[{key!r}] must be a positive number; got {v!r}")
+    # TSAdapt's step limits; torchdiffeq's defaults (0, inf) mean none.
+    low, high = options.get("min_step") or 0.0, options.get("max_step", math.inf)
+    if not (_number(low) and math.isfinite(low) and low >= 0):
+        raise InputError(f"options['min_step'] must be a number >= 0; got {low!r}")
+    if not (_number(high) and high > 0):
+        raise InputError(f"options['max_step'] must be a positive number; got {high!r}")
+    if low > high:
+        raise InputError(f"options['min_step'] {low:g} exceeds options['max_step'] {high:g}")
     steps = options.get("max_num_steps", StepControl.max_num_steps)
     if not isinstance(steps, int) or steps < 1:
         raise InputError(f"options['max_num_steps'] must be a positive integer; got {steps!r}")
@@ -101,10 +113,8 @@ def _control(options, rtol, atol, store_graphs):
             raise InputError(f"{name} must be a positive number; got {v!r}")
     if not isinstance(store_graphs, bool):
         raise InputError(f"store_graphs must be True or False; got {store_graphs!r}")
-    limits = {k: float(options[k]) for k in ("min_step", "max_step") if options.get(k)}
-    if limits.get("min_step", 0.0) > limits.get("max_step", math.inf):
-        raise InputError(f"options['min_step'] {limits['min_step']:g} exceeds options['max_step'] "
-                         f"{limits['max_step']:g}")
+    limits = {k: float(v) for k, v in (("min_step", low), ("max_step", high))
+              if 0 < v < math.inf}
     return StepControl(step_size=options.get("step_size"), first_step=options.get("first_step"),
                        max_num_steps=steps, rtol=float(rtol), atol=float(atol),
                        store_graphs=store_graphs, **limits)
@@ -191,19 +201,19 @@ def _check_y0(y0):
                          "ODE block")
 
 
-def _solver(func, layout, method, adaptive, prefix, frozen_options, params, dtype, setup):
-    """The cached Solver of this configuration (created on first use)."""
+def _pool(func, layout, method, adaptive, prefix, frozen_options, params, dtype, setup):
+    """The cached IntegratorPool of this configuration (created on first use)."""
     key = (id(func), layout.key, method.name, adaptive, prefix, frozen_options, dtype,
            tuple(id(p) for p in params), setup.key)
-    solver = _solvers.get(key)
-    if solver is None:
-        solver = Solver(layout, method, func, params, dtype, prefix, frozen_options, adaptive,
-                        setup)
-        _solvers[key] = solver
-        while len(_solvers) > _CACHE_SIZE:
-            _solvers.popitem(last=False)[1].close()
-    _solvers.move_to_end(key)
-    return solver
+    pool = _pools.get(key)
+    if pool is None:
+        pool = IntegratorPool(layout, method, func, params, dtype, prefix, frozen_options,
+                              adaptive, setup)
+        _pools[key] = pool
+        while len(_pools) > _CACHE_SIZE:
+            _pools.popitem(last=False)[1].close()
+    _pools.move_to_end(key)
+    return pool
 
 
 def _policy(checkpointing):
@@ -229,9 +239,9 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, comm
     petsc_options: dict of PETSc options (without prefix) such as {'ts_rk_type': '5bs'};
                    the command line overrides them.
     options:       step_size (fixed steps, at most this long, landing on every output time),
-                   first_step, min_step, max_step (adaptive: TSAdapt's limits), max_num_steps; for implicit methods linear_solver
-                   ('gmres' or 'exact'), mass ([d, d]), theta (method='theta') and tableau
-                   (method='arkimex').
+                   first_step, min_step, max_step (adaptive: TSAdapt's limits),
+                   max_num_steps; for implicit methods linear_solver ('gmres' or 'exact'),
+                   mass ([d, d]), theta (method='theta') and tableau (method='arkimex').
     store_graphs:  keep f's autograd graph of every stage from the forward solve, so that the
                    adjoint does not re-evaluate f (about 1/4 less time; memory grows with the
                    number of stages like backprop's). Gradients are identical either way.
@@ -327,28 +337,22 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, comm
         solved_func, y_start = func, y0
     else:
         layout, solved_func, y_start = grid.layout, grid.wrap(func), grid.to_vec_order(y0)
-    solver = _solver(solved_func, layout, method_obj, adaptive, prefix, frozen, params, y0.dtype,
-                     setup)
+    pool = _pool(solved_func, layout, method_obj, adaptive, prefix, frozen, params, y0.dtype,
+                 setup)
     time_sign = -1.0 if decreasing else 1.0
     observers = conventions.StepCallbacks.of(
         user_func, lambda y: _restore(y if grid is None else grid.from_vec_order(y), spec),
         time_sign, y0.dtype)
     problem = SimpleNamespace(params=params, t_out=t_out, control=control, stats=stats,
-                              new_run=lambda: new_run(solver, policy, t_out, control),
-                              rerun=lambda y: Rerun(solver, y), comm=comm, call=call,
+                              strategy=lambda: policy.strategy(pool, t_out, control),
+                              replay=lambda y: ReplayAll(pool, y), comm=comm, call=call,
                               func=solved_func, time_sign=time_sign, observers=observers,
                               gradient_comm=layout.gradient_comm)
     if needs_grad:
         outputs = OdeintFunction.apply(problem, y_start, t if t_grad else None, *params)
     else:
-        integrator = solver.acquire(adjoint=False)
-        try:
-            outputs, _ = integrator.forward(y_start.detach(), t_out, control, observers)
-        finally:
-            solver.release(integrator)
-            if stats is not None:
-                stats.update(integrator.stats)
-        outputs = outputs.to(y0.dtype)
+        outputs = solve_without_gradient(pool, y_start.detach(), t_out, control, observers,
+                                         stats).to(y0.dtype)
     return _restore(outputs if grid is None else grid.from_vec_order(outputs), spec)
 
 

@@ -20,6 +20,7 @@ import torch
 
 from .device import SOLVER_ITEMSIZE
 from .errors import InputError
+from .guard import Recorder, guarded
 
 # Inputs PETSc hands to callbacks are locked read-only; their views are only ever read.
 warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
@@ -99,19 +100,18 @@ class GraphStore:
         return None
 
 
-class TorchRHS:
-    """f(t, y) from a torch module on the local shard of the state, for one TS."""
+class TorchRHS(Recorder):
+    """f(t, y) from a torch module on the local shard of the state, for one TS. Its callbacks
+    run guarded: their first error is recorded here (Recorder)."""
 
     def __init__(self, func, params, local_shape, module_dtype, device):
+        super().__init__()
         self.func = func
         self.device = device
         self.on_gpu = device.type == "cuda"
         self.params = list(params)
         self.shape = tuple(local_shape)
         self.dtype = module_dtype
-        self.error = None            # first exception raised inside a callback, as a message
-        self.exception = None        # ... and the exception itself (the cause of the error)
-        self.nonfinite = None        # where f or a derivative of it first gave NaN/Inf
         self.phase = "the forward solve"     # what the TS is doing (set by the Integrator)
         self._lin_t = None           # the time of the linearisation point
         self.nparams = sum(p.numel() for p in self.params)
@@ -139,10 +139,9 @@ class TorchRHS:
     def _time(self, t):
         return torch.full((), t, dtype=self.dtype, device=self.device)
 
-    def _record(self, exc, where):
-        if self.error is None:
-            self.error = f"{type(exc).__name__} in func during {where}: {exc}"
-            self.exception = exc
+    def _in_func(self, t):
+        """Where a callback at time t failed (for guarded)."""
+        return lambda: f"func during {self.phase} at t={t:g}"
 
     def _finite(self, value, what, t):
         """False if `value` holds NaN/Inf; the first time, where (`what` at t) is noted. One
@@ -167,7 +166,7 @@ class TorchRHS:
         """RHSFunction: F = f(t, X); with a GraphStore, f's graph is kept for the adjoint."""
         out_view = self.view(F, mode="w")
         self.counts["rhs"] += 1
-        try:
+        with guarded(self, self._in_func(t)) as call:
             if self.store is not None:
                 y = self.view(X).to(self.dtype, copy=True).requires_grad_(True)
                 with torch.enable_grad():
@@ -183,8 +182,7 @@ class TorchRHS:
                     self.error = (f"{self.nonfinite}: check the model and its inputs, or use "
                                   "smaller steps if the dynamics blow up")
                 out_view.zero_()
-        except Exception as exc:  # noqa: BLE001 - reported collectively after the solve
-            self._record(exc, f"{self.phase} at t={t:g}")
+        if call.failed:
             # Zeros, not NaN: a NaN would make an adaptive method's error norm fail inside
             # PETSc (whose error path leaks the TS's work Vecs); the solve runs on to its end
             # and the error is raised on every rank there.
@@ -201,14 +199,12 @@ class TorchRHS:
             if self._lin is not None:
                 self.counts["reused"] += 1
                 return
-        try:
+        self._lin = None
+        with guarded(self, self._in_func(t)):
             y = self.view(X).detach().to(self.dtype).requires_grad_(True)
             with torch.enable_grad():
                 self._lin = (y, self._evaluate(t, y))
             self._finite(self._lin[1].detach(), "func", t)
-        except Exception as exc:  # noqa: BLE001
-            self._record(exc, f"{self.phase} at t={t:g}")
-            self._lin = None
 
     def linearize_params(self, ts, t, X, Jp):
         """RHSJacobianP: PETSc calls it right after the RHSJacobian of the same stage, whose
@@ -224,11 +220,10 @@ class TorchRHS:
         self.counts["vjp"] += 1
         if not out.requires_grad:            # f depends on neither y nor the parameters
             return (None,) * len(inputs)
-        try:
+        with guarded(self, "func during a vector-Jacobian product") as call:
             grads = torch.autograd.grad(out, inputs, self.view(x).to(self.dtype),
                                         retain_graph=True, allow_unused=True)
-        except Exception as exc:  # noqa: BLE001
-            self._record(exc, "a vector-Jacobian product")
+        if call.failed:
             return None
         if self.nonfinite is None and not self.on_gpu:
             for g in grads:

@@ -1,8 +1,16 @@
-"""The checkpointing policy users pass to odeint / ODEBlock, and its resolution for one solve."""
+"""The checkpointing policy users pass to odeint / ODEBlock, and its resolution for one solve
+into a reversal strategy (reversal.py) over checkpoint tiers (store.py)."""
+import math
 from dataclasses import dataclass
 from typing import Optional
 
+from . import h5format
+from .device import SOLVER_ITEMSIZE
 from .errors import InputError
+from .reversal import Revolve, StoreAll, Uniform
+from .store import DeviceTier, DiskTier, MemoryTier, PinnedHostTier
+
+STRATEGIES = {"binomial": Revolve, "uniform": Uniform}
 
 SCHEDULES = ("auto", "all", "uniform", "binomial")
 
@@ -114,3 +122,42 @@ class Checkpointing:
                              f"{state_bytes} bytes (the largest rank's state); at least one "
                              "(y0) is needed")
         return schedule, slots
+
+    def strategy(self, pool, t_out, control):
+        """The reversal strategy of one solve of `pool`'s problem. The schedule depends only on
+        values every rank shares (the largest shard's bytes, step counts), so all ranks take
+        the same steps."""
+        layout = pool.layout
+        state_bytes = SOLVER_ITEMSIZE * max(math.prod(s) for s in layout.all_local_shapes)
+        schedule, slots = self.resolve(
+            state_bytes, pool.history.expected_steps(pool.adaptive, t_out, control),
+            pool.method.states_per_step, on_device=layout.device.type == "cuda")
+        if schedule == "all":
+            return StoreAll(pool, control)
+        return STRATEGIES[schedule](pool, self.tiers(pool), slots, state_bytes)
+
+    def tiers(self, pool):
+        """The checkpoint tiers of one solve, fastest first (as `capacities` lists them)."""
+        layout = pool.layout
+        on_device = layout.device.type == "cuda"
+        tiers = []
+        for name, capacity in self.capacities(on_device):
+            if name == "device":
+                tiers.append(DeviceTier(capacity, layout.device))
+            elif name == "host":
+                tiers.append(PinnedHostTier(capacity, layout.device, self.prefetch) if on_device
+                             else MemoryTier("host", capacity))
+            else:
+                tiers.append(self._disk_tier(pool, capacity))
+        return tiers
+
+    def _disk_tier(self, pool, capacity):
+        layout = pool.layout
+        tag, solve = pool.history.next_file()
+        name = (pool.prefix or "ode").rstrip("_") or "ode"
+        path = h5format.checkpoint_file_name(self.disk_dir, name, tag, solve, layout.rank,
+                                             layout.nranks)
+        attrs = dict(rank=layout.rank, nranks=layout.nranks, method=pool.method.name,
+                     local_shape=layout.local_shape, global_shape=layout.global_shape,
+                     dtype=str(pool.dtype).replace("torch.", ""))
+        return DiskTier(path, capacity, attrs, pool.method.name, self.prefetch, self.keep_files)

@@ -15,6 +15,7 @@ applies the inverse (or its transpose, for the adjoint) as the preconditioner.
 import torch
 
 from .bridge import TorchRHS
+from .guard import guarded
 
 
 class TorchIFunction(TorchRHS):
@@ -57,15 +58,14 @@ class TorchIFunction(TorchRHS):
         """IFunction: F = M Xdot - f(t, X)."""
         out = self.view(F, mode="w")
         self.counts["rhs"] += 1
-        try:
+        with guarded(self, self._in_func(t)) as call:
             with torch.no_grad():
                 f = self._evaluate(t, self.view(X).to(self.dtype))
                 out.copy_(self._apply_mass(self.view(Xdot)) - f)
             # Only noted: Newton may recover (a smaller step); if the solve fails, the note
             # says where the NaN came from.
             self._finite(f, "func", t)
-        except Exception as exc:  # noqa: BLE001 - reported collectively after the solve
-            self._record(exc, f"{self.phase} at t={t:g}")
+        if call.failed:
             out.fill_(float("nan"))
         F.stateIncrease()
 
@@ -73,10 +73,9 @@ class TorchIFunction(TorchRHS):
         """IJacobian: remember the shift and the point; products are computed on demand."""
         self.shift = shift
         self.counts["linearize"] += 1
-        try:
+        with guarded(self, lambda: f"func during a Jacobian evaluation at t={t:g}") as call:
             self._set_point(t, X)
-        except Exception as exc:  # noqa: BLE001
-            self._record(exc, f"a Jacobian evaluation at t={t:g}")
+        if call.failed:
             self._point = None
         self._cached_param_vjp = None
 
@@ -122,13 +121,12 @@ class TorchIFunction(TorchRHS):
     def mult(self, x, out_vec):
         """out = (shift*M - J) x."""
         out = self.view(out_vec, mode="w")
-        try:
+        with guarded(self, "func during a Jacobian-vector product") as call:
             v = self.view(x).to(self.dtype)
             jv = self.jvp(v)
             self._finite(jv, "a Jacobian-vector product of func", self._point[0])
             out.copy_(jv).neg_().add_(self._apply_mass(v), alpha=self.shift)
-        except Exception as exc:  # noqa: BLE001
-            self._record(exc, "a Jacobian-vector product")
+        if call.failed:
             out.fill_(float("nan"))
         out_vec.stateIncrease()
 
@@ -136,10 +134,8 @@ class TorchIFunction(TorchRHS):
         """out = (shift*M - J)^T x; the parameter part -(df/dtheta)^T x is kept for Jp."""
         out = self.view(out_vec, mode="w")
         lin = None
-        try:
+        with guarded(self, "func during a Jacobian evaluation"):
             lin = self._ensure_graph()
-        except Exception as exc:  # noqa: BLE001
-            self._record(exc, "a Jacobian evaluation")
         grads = self._vjp(x, with_state=True) if lin is not None else None
         if grads is None:
             out.fill_(float("nan"))
@@ -152,10 +148,8 @@ class TorchIFunction(TorchRHS):
 
     def vjp_params(self, x, y):
         """y = (dF/dtheta)^T x = -(df/dtheta)^T x."""
-        try:
+        with guarded(self, "func during a Jacobian evaluation"):
             self._ensure_graph()
-        except Exception as exc:  # noqa: BLE001
-            self._record(exc, "a Jacobian evaluation")
         super().vjp_params(x, y)
         self.view(y, self.nparams, mode="rw").neg_()
 
@@ -250,13 +244,12 @@ class BlockJacobianPC:
     def _solve(self, x, y, adjoint):
         ifun = self.ifun
         out = ifun.view(y, mode="w")
-        try:
+        with guarded(ifun, "func during the exact block solve") as call:
             lu, piv = self._factors()
             rhs = ifun.view(x).reshape(lu.shape[0], -1, 1).to(lu.dtype)
             sol = torch.linalg.lu_solve(lu, piv, rhs, adjoint=adjoint)
             out.copy_(sol.reshape(out.shape))
-        except Exception as exc:  # noqa: BLE001
-            ifun._record(exc, "the exact block solve")
+        if call.failed:
             out.fill_(float("nan"))
         y.stateIncrease()
 

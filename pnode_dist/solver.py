@@ -2,10 +2,10 @@
 the discrete adjoint between output times.
 
 An Integrator owns one TS with its Vecs and Jacobian Mats; it solves forward, re-runs recorded
-steps, and applies the adjoint. A Solver keeps a pool of them for one problem configuration, so
+steps, and applies the adjoint. An IntegratorPool keeps them for one problem configuration, so
 that several forward passes may await their backward at once (an ODE block used twice in a
-network); each differentiable solve (runs.py) leases Integrators until its backward pass (or the
-graph's destruction) returns them.
+network); each differentiable solve's reversal strategy (reversal.py) leases Integrators until
+its backward pass (or the graph's destruction) returns them.
 """
 import ctypes
 import math
@@ -19,6 +19,7 @@ import torch
 from .bridge import GraphStore, ParamJacobianMat, StateJacobianMat, touch, vec_view
 from .device import SOLVER_DTYPE, vec_type
 from .errors import InputError, SolverError
+from .guard import guarded
 from .implicit import BlockJacobianPC, IJacobianMat, IJacobianPMat
 from .options import layered_options
 from .parallel import CAUSE, CONSEQUENCE, SYMPTOM, PETSc, allreduce_sum, raise_collectively
@@ -61,8 +62,8 @@ class StepControl:
     """How the steps are chosen for one solve."""
     step_size: float = None      # fixed steps no longer than this; None with adaptive -> TSAdapt
     first_step: float = None     # initial step of an adaptive solve
-    min_step: float = 1e-20      # TSAdapt's step limits (PETSc's defaults)
-    max_step: float = 1e20
+    min_step: float = None       # TSAdapt's step limits (None: as the PETSc options set them)
+    max_step: float = None
     max_num_steps: int = 1_000_000
     rtol: float = 1e-7
     atol: float = 1e-9
@@ -81,7 +82,7 @@ class ForwardRecord:
         return len(self.times) - 1
 
 
-class _Run:
+class _Stepping:
     """Bookkeeping of one forward solve, driven by the post-step callback."""
 
     def __init__(self, t_out, control, adaptive, outputs):
@@ -132,7 +133,7 @@ class _Run:
             ts.setTimeStep(remaining / 2)
 
 
-class _Replay:
+class _Replaying:
     """A re-run of recorded steps: step i goes from times[i] to times[i + 1] (the step sizes
     PETSc's own adjoint uses, from the recorded times)."""
 
@@ -197,7 +198,8 @@ class Integrator:
                              "method with odeint's method argument and its variant with "
                              "-ts_rk_type / -ts_arkimex_type")
         self.ts = ts
-        self._run, self.observers = None, ()
+        self.step_limits = ts.getStepLimits()    # PETSc's (-ts_adapt_dt_min/max), per solve
+        self._stepping, self.observers = None, ()
         self.stats = {}
         self.capacity = None         # steps the trajectory can hold (set on first use)
         self.replayed = False        # has re-run recorded segments (see destroy)
@@ -306,20 +308,10 @@ class Integrator:
 
     def reset_errors(self):
         for p in self.parts:
-            p.error = p.exception = p.nonfinite = None
+            p.clear()
         self.failure = None
 
     # ---------------------------------------------------------------- forward
-    def _guarded(self, where, action, *args):
-        """Run a step callback of ours; an exception is recorded (and raised on every rank
-        after the solve) instead of unwinding through PETSc on this rank only."""
-        try:
-            action(*args)
-        except Exception as exc:  # noqa: BLE001 - reported collectively after the solve
-            if self.parts[0].error is None:
-                self.parts[0].error = f"{type(exc).__name__} in {where}: {exc}"
-                self.parts[0].exception = exc
-
     def _pre_step(self, ts):
         if self.observers:
             if self.on_gpu:
@@ -331,8 +323,8 @@ class Integrator:
         """Tell the observers of a step event; once anything failed, they are told no more."""
         for observer in self.observers:
             if self.error is None:
-                self._guarded(f"{observer.role} (step {step})", getattr(observer, event), step,
-                              *args)
+                with guarded(self.parts[0], lambda: f"{observer.role} (step {step})"):
+                    getattr(observer, event)(step, *args)
 
     def _post_step(self, ts):
         if ts.getConvergedReason() < 0:      # PETSc calls it after a failed step too
@@ -341,7 +333,8 @@ class Integrator:
             self.rhs.store.accept_step()
         if self.on_gpu:              # the state is read (outputs, checkpoints) every step
             touch(self.x, "r")
-        self._guarded("the step bookkeeping", self._run.post_step, self, ts)
+        with guarded(self.parts[0], "the step bookkeeping"):
+            self._stepping.post_step(self, ts)
 
     def forward(self, y0, t_out, control: StepControl, observers=()):
         """Solve from t_out[0] through every output time; returns (outputs, record).
@@ -359,33 +352,34 @@ class Integrator:
         touch(self.x, "w")
         self.x_view.copy_(y0)
         self.x.stateIncrease()
-        run = _Run(t_out, control, self.adaptive, outputs)
-        self._run = run
+        stepping = _Stepping(t_out, control, self.adaptive, outputs)
+        self._stepping = stepping
         self.reset_errors()
         self._set_phase("the forward solve")
         if self.rhs is not None:
             self.rhs.store = GraphStore() if (self.adjoint and control.store_graphs) else None
         if self.adaptive:
             ts.setTolerances(rtol=control.rtol, atol=control.atol)
-            ts.setStepLimits(control.min_step, control.max_step)
+            low, high = self.step_limits
+            ts.setStepLimits(control.min_step or low, control.max_step or high)
         ts.setTime(t_out[0])
         ts.setStepNumber(0)
         ts.setMaxTime(t_out[-1])
         ts.setMaxSteps(control.max_num_steps)
-        ts.setTimeStep(run.first_dt())
+        ts.setTimeStep(stepping.first_dt())
         ts.setConvergedReason(PETSc.TS.ConvergedReason.CONVERGED_ITERATING)
         before = self._counts()
         self.healthy = False
         try:
             failure = self._solve(self.x)
         finally:
-            self._run, self.observers = None, ()
-        self.stats = {"steps": run.record.steps, "rejected_steps": ts.getStepRejections(),
+            self._stepping, self.observers = None, ()
+        self.stats = {"steps": stepping.record.steps, "rejected_steps": ts.getStepRejections(),
                       "newton_iterations": ts.getSNESIterations(),
                       "linear_iterations": ts.getKSPIterations(), **self._counts_since(before)}
-        self._check_forward(run, outputs, failure)
+        self._check_forward(stepping, outputs, failure)
         self.healthy = True
-        return outputs, run.record
+        return outputs, stepping.record
 
     def _solve(self, x):
         """TSSolve; PETSc's own error (a step adaptor giving up, an exception that escaped a
@@ -410,30 +404,30 @@ class Integrator:
             return (CAUSE, f"{type(cause).__name__} in a callback of {what} at t={t:g}: {cause}")
         return (CONSEQUENCE, f"PETSc stopped {what} at t={t:g} with error code {exc.ierr} {hint}")
 
-    def _check_forward(self, run, outputs, failure=None):
+    def _check_forward(self, stepping, outputs, failure=None):
         error = self.error
         if error is None:
             error = failure
         reason = self.ts.getConvergedReason()
-        if error is None and not run.done:
-            error = (CONSEQUENCE, self._incomplete(run, reason))
+        if error is None and not stepping.done:
+            error = (CONSEQUENCE, self._incomplete(stepping, reason))
         if error is None and not bool(torch.isfinite(outputs).all()):
-            bad = int((~torch.isfinite(outputs.reshape(len(run.t_out), -1))).any(1).nonzero()[0])
-            error = (SYMPTOM, f"the solution became non-finite by t={run.t_out[bad]:g}: the "
+            bad = int((~torch.isfinite(outputs.reshape(len(stepping.t_out), -1))).any(1).nonzero()[0])
+            error = (SYMPTOM, f"the solution became non-finite by t={stepping.t_out[bad]:g}: the "
                      "dynamics blew up; use smaller steps (step_size or rtol/atol) or rescale "
                      "the problem")
         raise_collectively(self.layout.comm, self._explained(error), SolverError,
                            cause=self.exception)
 
-    def _incomplete(self, run, reason):
+    def _incomplete(self, stepping, reason):
         """Why a solve stopped before the last output time."""
-        t = run.record.times[-1]
+        t = stepping.record.times[-1]
         if reason == PETSc.TS.ConvergedReason.CONVERGED_ITS:
-            return (f"reached max_num_steps={run.control.max_num_steps} at t={t:g} before "
-                    f"t={run.t_out[-1]:g}: raise options['max_num_steps'] or loosen rtol/atol")
+            return (f"reached max_num_steps={stepping.control.max_num_steps} at t={t:g} before "
+                    f"t={stepping.t_out[-1]:g}: raise options['max_num_steps'] or loosen rtol/atol")
         if reason == PETSc.TS.ConvergedReason.DIVERGED_NONLINEAR_SOLVE:
             snes = self.ts.getSNES()
-            return (f"Newton's method failed in step {len(run.record.times)} from t={t:g} "
+            return (f"Newton's method failed in step {len(stepping.record.times)} from t={t:g} "
                     f"(step size {self.ts.getTimeStep():g}): "
                     f"{_reason_name(PETSc.SNES.ConvergedReason, snes.getConvergedReason())}"
                     f", residual norm {snes.getFunctionNorm():.3e}"
@@ -455,7 +449,7 @@ class Integrator:
         touch(self.x, "w")
         self.x_view.copy_(y_start)
         self.x.stateIncrease()
-        self._run = _Replay(times)
+        self._stepping = _Replaying(times)
         self._set_phase("a re-run of recorded steps for the backward pass")
         if self.rhs is not None:
             self.rhs.store = GraphStore() if (self.adjoint and keep_graphs) else None
@@ -468,7 +462,7 @@ class Integrator:
         try:
             failure = self._solve(self.x)
         finally:
-            self._run = None
+            self._stepping = None
         reason = ts.getConvergedReason()
         if (failure or reason < 0) and self.failure is None:
             self.failure = failure or (CONSEQUENCE, (
@@ -571,9 +565,40 @@ class Integrator:
         self.ts = None
 
 
-class Solver:
-    """A pool of Integrators for one problem configuration, plus what successive solves of it
-    share (the step count of the last solve, the disk-file tag)."""
+class ProblemHistory:
+    """What successive solves of one problem share: the last solve's step count (checkpoint
+    placement for adaptive steps), a solve counter and a tag for checkpoint file names."""
+
+    def __init__(self, comm):
+        self.comm = comm
+        self.last_steps = None
+        self.solves = 0
+        self._file_tag = None
+
+    def solved(self, steps):
+        self.last_steps = steps
+
+    def expected_steps(self, adaptive, t_out, control):
+        """Steps the coming solve should take: exact for fixed steps, the last solve's count
+        for adaptive ones (None before the first)."""
+        if adaptive:
+            return self.last_steps
+        slack = time_slack(t_out)
+        return sum(fixed_step_count(b - a, control.step_size, slack)
+                   for a, b in zip(t_out, t_out[1:]))
+
+    def next_file(self):
+        """(tag shared by all ranks, number of this solve) for a checkpoint file name
+        (collective on first use: rank 0's random tag, broadcast)."""
+        if self._file_tag is None:
+            self._file_tag = self.comm.tompi4py().bcast(uuid.uuid4().hex[:12], root=0)
+        self.solves += 1
+        return self._file_tag, self.solves
+
+
+class IntegratorPool:
+    """A pool of Integrators for one problem configuration (several forward passes may await
+    their backward at once), and the problem's history."""
 
     def __init__(self, layout, method, func, params, dtype, prefix, petsc_options, adaptive,
                  setup):
@@ -583,10 +608,7 @@ class Solver:
         self.setup = setup
         self._idle = {}
         self.closed = False
-        self.last_steps = None       # steps of the last forward solve (checkpoint placement)
-        self.solves = 0
-        self._file_tag = None
-
+        self.history = ProblemHistory(layout.comm)
     def acquire(self, adjoint, adaptive=None, nsteps=0):
         """An idle Integrator (trajectory or not; adaptive steps or replayed ones) whose
         trajectory holds `nsteps` steps (pooled ones that are too small are destroyed)."""
@@ -605,23 +627,16 @@ class Solver:
         return integrator
 
     def release(self, integrator):
-        """Back to the pool; one whose last solve failed (or the Solver closed) is destroyed."""
+        """Back to the pool; one whose last solve failed (or the pool closed) is destroyed."""
         if self.closed or not integrator.healthy:
             integrator.destroy()
         else:
             self._idle.setdefault((integrator.adjoint, integrator.adaptive), []).append(integrator)
 
     def close(self):
-        """Destroy the idle Integrators (the cache dropped this Solver); leased ones are
-        destroyed when their run returns them."""
+        """Destroy the idle Integrators (the cache dropped this pool); leased ones are
+        destroyed when their strategy returns them."""
         self.closed = True
         for pool in self._idle.values():
             while pool:
                 pool.pop().destroy()
-
-    def file_tag(self):
-        """A tag shared by all ranks for this problem's checkpoint files (collective on first
-        use: rank 0's random tag, broadcast)."""
-        if self._file_tag is None:
-            self._file_tag = self.layout.comm.tompi4py().bcast(uuid.uuid4().hex[:12], root=0)
-        return self._file_tag

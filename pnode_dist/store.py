@@ -25,26 +25,62 @@ class _Damaged(Exception):
     """A checkpoint read back differs from what was written."""
 
 
-class MemoryTier:
-    """Checkpoints held as tensors in host memory (or on `device`), up to `capacity` bytes
-    (None: unbounded)."""
+class Tier:
+    """Where checkpoints are kept, up to `capacity` bytes (None: unbounded). put/get/drop by
+    step position; a tier whose restores can fail (`fallible`) reports its first failure in
+    `error` instead of raising, so that every rank learns of it at the same point."""
+    name = None
+    fallible = False
 
-    def __init__(self, name, capacity, device="cpu"):
-        self.name, self.capacity, self.device = name, capacity, device
-        self.data = {}
+    def __init__(self, capacity):
+        self.capacity = capacity
         self.bytes = self.peak = self.stored = 0
+        self.error = None
 
     def has_room(self, nbytes):
         return self.capacity is None or self.bytes + nbytes <= self.capacity
-
-    def put(self, pos, state, meta):
-        self.data[pos] = state.to(self.device, copy=True)
-        self._count(state.nbytes)
 
     def _count(self, nbytes):
         self.bytes += nbytes
         self.stored += 1
         self.peak = max(self.peak, self.bytes)
+
+    def put(self, pos, state, meta):
+        raise NotImplementedError
+
+    def get(self, pos):
+        raise NotImplementedError
+
+    def drop(self, pos):
+        raise NotImplementedError
+
+    def prefetch(self, pos):
+        """Start reading `pos` back ahead of need (no-op where reads are immediate)."""
+
+    def settle(self):
+        """Wait for the writes in flight."""
+
+    def finish_forward(self, times):
+        """The forward solve ended with these step times."""
+
+    def stats(self):
+        return {f"{self.name}_bytes_peak": self.peak, f"{self.name}_checkpoints": self.stored}
+
+    def close(self):
+        self.bytes = 0
+
+
+class MemoryTier(Tier):
+    """Checkpoints held as tensors in host memory (or on `device`)."""
+
+    def __init__(self, name, capacity, device="cpu"):
+        super().__init__(capacity)
+        self.name, self.device = name, device
+        self.data = {}
+
+    def put(self, pos, state, meta):
+        self.data[pos] = state.to(self.device, copy=True)
+        self._count(state.nbytes)
 
     def get(self, pos):
         return self.data[pos]
@@ -52,21 +88,19 @@ class MemoryTier:
     def drop(self, pos):
         self.bytes -= self.data.pop(pos).nbytes
 
-    def prefetch(self, pos):
-        """Memory tiers need no read-ahead."""
-
-    def stats(self):
-        return {f"{self.name}_bytes_peak": self.peak, f"{self.name}_checkpoints": self.stored}
-
     def close(self):
         self.data.clear()
-        self.bytes = 0
+        super().close()
 
 
 class DeviceTier(MemoryTier):
     """GPU memory: room is the byte budget and what torch reports free (less a reserve)."""
 
     RESERVE = 256 << 20
+    fallible = True              # room depends on each rank's free GPU memory
+
+    def __init__(self, capacity, device):
+        super().__init__("device", capacity, device=device)
 
     def has_room(self, nbytes):
         free, _ = torch.cuda.mem_get_info(self.device)
@@ -139,7 +173,7 @@ class PinnedHostTier(MemoryTier):
         super().close()
 
 
-class DiskTier:
+class DiskTier(Tier):
     """Checkpoints in one HDF5 file of this rank (created on the first write). With
     keep_files, checkpoints the schedule frees stay in the file (for inspection); the budget
     counts only those the schedule holds. I/O errors are recorded in `error` (the first one)
@@ -151,29 +185,26 @@ class DiskTier:
     HDF5 sees it: HDF5 was seen to crash closing a file after running out of space."""
 
     name = "disk"
+    fallible = True
     MARGIN = 1 << 20             # free bytes left for HDF5's own metadata
 
     def __init__(self, path, capacity, root_attributes, method, depth, keep_files=False):
-        self.path, self.capacity, self.keep_files = path, capacity, keep_files
+        super().__init__(capacity)
+        self.path, self.keep_files = path, keep_files
         self.root_attributes, self.method, self.depth = root_attributes, method, depth
         self.file = None
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pnode-disk")
         self.writes = collections.OrderedDict()   # pos -> (state copy, future): recent writes
         self.reads = {}                            # pos -> future of a read-ahead
         self.nbytes = {}                           # pos -> bytes of the stored checkpoint
-        self.bytes = self.peak = self.stored = 0
         self.write_seconds = self.read_seconds = 0.0
         self.hits = self.misses = 0
         self.digests = {}                          # pos -> checksum of what was written
-        self.error = None
 
     def _failed(self, exc, what, hint="free disk space or choose another "
                 "Checkpointing(disk_dir=...)"):
         if self.error is None:
             self.error = (SYMPTOM, f"{what} checkpoint file {self.path} failed ({exc}): {hint}")
-
-    def has_room(self, nbytes):
-        return self.capacity is None or self.bytes + nbytes <= self.capacity
 
     # ---------------------------------------------------------------- worker-side I/O
     def _open(self):
@@ -249,9 +280,7 @@ class DiskTier:
                     rank=self.root_attributes["rank"], method=self.method)
         self.writes[pos] = (copy, self.worker.submit(self._write, pos, copy.numpy(), meta))
         self.nbytes[pos] = copy.nbytes
-        self.bytes += copy.nbytes
-        self.stored += 1
-        self.peak = max(self.peak, self.bytes)
+        self._count(copy.nbytes)
         self._settle(keep=self.depth)
 
     def prefetch(self, pos):
@@ -304,7 +333,7 @@ class DiskTier:
         except Exception as exc:  # noqa: BLE001
             self._failed(exc, "writing")
 
-    def write_step_times(self, times):
+    def finish_forward(self, times):
         """The forward's step times, next to the checkpoints (if any were written)."""
         if self.file is not None or self.writes:
             self.worker.submit(self._write_times, torch.tensor(times, dtype=torch.float64).numpy())
@@ -350,6 +379,7 @@ class CheckpointStore:
         self.tiers = tiers
         self.state_bytes = state_bytes
         self.where = {}
+        self.overflow = None         # a checkpoint no tier had room for (then not kept)
 
     def held(self):
         return sorted(self.where)
@@ -364,11 +394,12 @@ class CheckpointStore:
                                       "step_size": float(step_size)})
                 self.where[pos] = tier
                 return
-        # Raised inside a step callback on this rank only: the observer records it and the
-        # solve reports it on every rank.
-        raise RuntimeError(f"no checkpoint tier has room for the checkpoint of step {pos} "
-                           "(the slot count exceeds the byte budgets): raise a budget or lower "
-                           "Checkpointing(slots=...)")
+        # Recorded, not raised (this may run in a step callback, on this rank only): the
+        # strategy reports it on every rank.
+        if self.overflow is None:
+            self.overflow = (SYMPTOM, f"no checkpoint tier has room for the checkpoint of "
+                             f"step {pos} (the slot count exceeds the byte budgets): raise a "
+                             "budget or lower Checkpointing(slots=...)")
 
     def get(self, pos):
         return self.where[pos].get(pos)
@@ -389,25 +420,24 @@ class CheckpointStore:
 
     @property
     def fallible(self):
-        """Whether a restore can fail (a disk tier): then the backward checks, on every rank,
-        each restore before going on (tier contents differ between ranks; this does not)."""
-        return any(isinstance(t, DiskTier) for t in self.tiers)
+        """Whether a put or restore can fail on one rank only (a disk tier, GPU memory): then
+        the backward checks, on every rank, each one before going on (tier contents differ
+        between ranks; this does not)."""
+        return any(t.fallible for t in self.tiers)
 
     @property
     def error(self):
-        """The first I/O error of a tier, as (severity, message), or None."""
-        return next((t.error for t in self.tiers if getattr(t, "error", None)), None)
+        """The first error of a tier or of placement, as (severity, message), or None."""
+        return next((t.error for t in self.tiers if t.error), None) or self.overflow
 
     def settle(self):
         """Wait for the writes in flight (their errors land in `error`)."""
         for tier in self.tiers:
-            if isinstance(tier, DiskTier):
-                tier.settle()
+            tier.settle()
 
     def finish_forward(self, times):
         for tier in self.tiers:
-            if isinstance(tier, DiskTier):
-                tier.write_step_times(times)
+            tier.finish_forward(times)
 
     def stats(self):
         out = {}

@@ -1,37 +1,51 @@
-"""One differentiable solve, from its forward pass to its backward pass, under a checkpointing
-policy.
+"""Reversal strategies: how one differentiable solve keeps its forward states and reverses
+them in the backward pass. A Checkpointing policy resolves to one per solve
+(Checkpointing.strategy); each owns its forward and its backward.
 
-StoredRun:       PETSc's memory trajectory keeps every step (stages included); the adjoint
-                 walks it back.
-CheckpointedRun: the forward solve keeps only the states the schedule places in the
-                 CheckpointStore (plus y_{n-1} in a one-state tail buffer); the backward pass
-                 executes schedule.reversal_plan: it re-runs steps from checkpoints (replaying
-                 the recorded step times exactly), records the steps it is about to reverse
-                 in a trajectory Integrator, and applies their adjoint, carrying lambda and mu
-                 from one segment to the previous one.
+StoreAll:  PETSc's memory trajectory keeps every step (stages included); the adjoint walks it
+           back.
+Revolve, Uniform (Recompute): the forward solve keeps only the states the schedule places in
+           the CheckpointStore (plus y_{n-1} in a one-state tail buffer); the backward pass
+           executes schedule.reversal_plan: it re-runs steps from checkpoints (replaying the
+           recorded step times exactly), records the steps it is about to reverse in a
+           trajectory Integrator, and applies their adjoint, carrying lambda and mu from one
+           segment to the previous one. Revolve places them binomially (fewest re-runs),
+           Uniform evenly.
+ReplayAll: a further backward pass through a solve whose states were consumed.
+solve_without_gradient: a forward solve on a trajectory-free Integrator.
 """
-import math
 import time
 
-from . import h5format
-from .device import SOLVER_DTYPE, SOLVER_ITEMSIZE
+from .device import SOLVER_DTYPE
 from .errors import SolverError
 from .parallel import raise_collectively
 from .schedule import Placement, plan_advances, reversal_plan
-from .solver import fixed_step_count, time_slack
-from .store import CheckpointStore, DeviceTier, DiskTier, MemoryTier, PinnedHostTier
+from .store import CheckpointStore
 
 _PREFETCH_LOOKAHEAD = 4
 
 
-class StoredRun:
+def solve_without_gradient(pool, y0, t_out, control, observers=(), stats=None):
+    """The outputs of a forward solve whose adjoint is never wanted (its counts into stats)."""
+    integrator = pool.acquire(adjoint=False)
+    try:
+        outputs, record = integrator.forward(y0, t_out, control, observers)
+    finally:
+        pool.release(integrator)
+        if stats is not None:
+            stats.update(integrator.stats)
+    pool.history.solved(record.steps)
+    return outputs
+
+
+class StoreAll:
     """Forward and adjoint on one trajectory-recording Integrator. If the graph is dropped
     without a backward pass, the trajectory still holds the steps (petsc4py cannot reset it),
     so the Integrator is destroyed instead of returned to the pool."""
 
-    def __init__(self, solver, control):
-        self.solver, self.integrator = solver, None
-        self.integrator = solver.acquire(adjoint=True, nsteps=control.max_num_steps)
+    def __init__(self, pool, control):
+        self.pool, self.integrator = pool, None
+        self.integrator = pool.acquire(adjoint=True, nsteps=control.max_num_steps)
         self.stats = {"checkpoint_schedule": "all"}
         self.adjoint_done = False
 
@@ -40,7 +54,7 @@ class StoredRun:
             outputs, record = self.integrator.forward(y0, t_out, control, observers)
         finally:
             self.stats.update(self.integrator.stats)
-        self.solver.last_steps = record.steps
+        self.pool.history.solved(record.steps)
         return outputs, record
 
     def backward(self, record, grad_outputs, control):
@@ -53,7 +67,7 @@ class StoredRun:
         if self.integrator is None:
             return
         if self.adjoint_done:
-            self.solver.release(self.integrator)
+            self.pool.release(self.integrator)
         else:
             self.integrator.destroy()
         self.integrator = None
@@ -62,61 +76,27 @@ class StoredRun:
         self.close()
 
 
-class Rerun:
+class ReplayAll:
     """A further backward pass through a solve whose adjoint already ran (retain_graph=True,
     gradcheck, two losses on one solve): the recorded steps are re-run from y0 on a trajectory
     Integrator (the step sizes the first adjoint used), then their adjoint is applied. The same
     gradients as the first backward pass, for one more forward's time and memory."""
 
-    def __init__(self, solver, y0):
-        self.solver, self.y0 = solver, y0
+    def __init__(self, pool, y0):
+        self.pool, self.y0 = pool, y0
         self.stats = {"checkpoint_schedule": "rerun"}
 
     def backward(self, record, grad_outputs, control):
-        integrator = self.solver.acquire(adjoint=True, adaptive=False, nsteps=record.steps)
+        integrator = self.pool.acquire(adjoint=True, adaptive=False, nsteps=record.steps)
         try:
             grads = integrator.backward(record, grad_outputs, replay_from=self.y0)
         finally:
             self.stats.update(integrator.stats)
-            self.solver.release(integrator)      # destroyed unless the adjoint completed
+            self.pool.release(integrator)      # destroyed unless the adjoint completed
         return grads
 
     def close(self):
         pass
-
-
-def expected_steps(solver, t_out, control):
-    """Steps the coming solve should take: exact for fixed steps, the last solve's count for
-    adaptive ones (None before the first)."""
-    if solver.adaptive:
-        return solver.last_steps
-    slack = time_slack(t_out)
-    return sum(fixed_step_count(b - a, control.step_size, slack) for a, b in zip(t_out, t_out[1:]))
-
-
-def make_store(solver, policy, state_bytes):
-    """The tiers the policy asks for, fastest first."""
-    tiers = []
-    layout = solver.layout
-    on_device = layout.device.type == "cuda"
-    for name, capacity in policy.capacities(on_device):
-        if name == "device":
-            tiers.append(DeviceTier("device", capacity, device=layout.device))
-        elif name == "host" and on_device:
-            tiers.append(PinnedHostTier(capacity, layout.device, policy.prefetch))
-        elif name == "host":
-            tiers.append(MemoryTier("host", capacity))
-        else:
-            solver.solves += 1
-            name = (solver.prefix or "ode").rstrip("_") or "ode"
-            path = h5format.checkpoint_file_name(policy.disk_dir, name, solver.file_tag(),
-                                                 solver.solves, layout.rank, layout.nranks)
-            attrs = dict(rank=layout.rank, nranks=layout.nranks, method=solver.method.name,
-                         local_shape=layout.local_shape, global_shape=layout.global_shape,
-                         dtype=str(solver.dtype).replace("torch.", ""))
-            tiers.append(DiskTier(path, capacity, attrs, solver.method.name, policy.prefetch,
-                                  policy.keep_files))
-    return CheckpointStore(tiers, state_bytes)
 
 
 class _Keeper:
@@ -143,34 +123,38 @@ class _Keeper:
             self.store.put(pos, state, times[pos], times[pos] - times[pos - 1])
 
 
-class CheckpointedRun:
-    """Forward with a bounded CheckpointStore; backward by re-running segments."""
+class Recompute:
+    """Forward with a bounded CheckpointStore; backward by re-running segments. Subclasses
+    name the placement schedule and how many steps are recorded at once."""
+    schedule = None
+    record_span = None           # steps recorded per segment (None: a whole segment)
+    keep_graphs = False          # keep f's stage graphs of recorded steps for their adjoint
 
-    def __init__(self, solver, policy, schedule, slots, state_bytes):
-        self.solver, self.policy = solver, policy
-        self.schedule, self.slots = schedule, slots
-        self.store = make_store(solver, policy, state_bytes)
+    def __init__(self, pool, tiers, slots, state_bytes):
+        self.pool, self.slots = pool, slots
+        self.store = CheckpointStore(tiers, state_bytes)
         self.keeper = None
-        self.stats = {"checkpoint_schedule": schedule, "checkpoint_slots": slots}
+        self.stats = {"checkpoint_schedule": self.schedule, "checkpoint_slots": slots}
 
     def forward(self, y0, t_out, control, observers=()):
-        solver = self.solver
-        placement = Placement(self.schedule, self.slots, expected_steps(solver, t_out, control))
+        pool = self.pool
+        placement = Placement(self.schedule, self.slots,
+                              pool.history.expected_steps(pool.adaptive, t_out, control))
         self.keeper = _Keeper(self.store, placement)
         self.store.put(0, y0.to(SOLVER_DTYPE), t_out[0], 0.0)
-        integrator = solver.acquire(adjoint=False)
+        integrator = pool.acquire(adjoint=False)
         try:
             outputs, record = integrator.forward(y0, t_out, control,
                                                  (self.keeper,) + tuple(observers))
         finally:
             self.stats.update(integrator.stats)
-            solver.release(integrator)
-        solver.last_steps = record.steps
+            pool.release(integrator)
+        pool.history.solved(record.steps)
         for pos in [p for p in self.store.held() if p >= record.steps - 1 and p > 0]:
             self.store.drop(pos)             # y_{n-1} is in the tail buffer, y_n never needed
         self.store.finish_forward(record.times)
         self.store.settle()
-        raise_collectively(solver.layout.comm, self.store.error, SolverError)
+        raise_collectively(pool.layout.comm, self.store.error, SolverError)
         self.stats["checkpoints_held"] = len(self.store.held())
         return outputs, record
 
@@ -180,27 +164,25 @@ class CheckpointedRun:
         if pos in self.store:
             state = self.store.get(pos)
             if self.store.fallible:
-                raise_collectively(self.solver.layout.comm, self.store.error, SolverError)
+                raise_collectively(self.pool.layout.comm, self.store.error, SolverError)
             return state
         if pos == self.keeper.tail_pos:
             return self.keeper.tail
         raise RuntimeError(f"checkpoint schedule error: no state for step {pos}")
 
     def backward(self, record, grad_outputs, control):
-        solver, store = self.solver, self.store
+        pool, store = self.pool, self.store
         n, times = record.steps, record.times
         ops = reversal_plan(n, store.held(), self.slots, tail=self.keeper.tail_pos == n - 1,
-                            record_span=1 if self.schedule == "binomial" else None)
+                            record_span=self.record_span)
         restores = [op.a for op in ops if op.kind in ("record", "advance")]
         out_index = {step: k for k, step in enumerate(record.output_steps)}
         span = max(op.b - op.a for op in ops if op.kind == "record")
-        rec = solver.acquire(adjoint=True, adaptive=False, nsteps=span)
-        adv = solver.acquire(adjoint=False, adaptive=False) if plan_advances(ops) else None
+        rec = pool.acquire(adjoint=True, adaptive=False, nsteps=span)
+        adv = pool.acquire(adjoint=False, adaptive=False) if plan_advances(ops) else None
         if adv is not None:
             adv.reset_errors()
-        # Binomial records one step at a time: keeping f's stage graphs of that step costs little
-        # memory and saves re-evaluating f in its adjoint.
-        keep_graphs = control.store_graphs or self.schedule == "binomial"
+        keep_graphs = control.store_graphs or self.keep_graphs
         start = time.perf_counter()
         ok = False
         try:
@@ -215,6 +197,8 @@ class CheckpointedRun:
                     work_pos = op.b
                 elif op.kind == "store":
                     store.put(op.a, adv.x_view, times[op.a], times[op.a] - times[op.a - 1])
+                    if store.fallible:
+                        raise_collectively(pool.layout.comm, store.error, SolverError)
                 elif op.kind == "drop":
                     store.drop(op.a)
                 else:
@@ -254,7 +238,7 @@ class CheckpointedRun:
             if integrator is None:
                 continue
             if ok:
-                self.solver.release(integrator)
+                self.pool.release(integrator)
             else:
                 integrator.destroy()
 
@@ -267,13 +251,15 @@ class CheckpointedRun:
         self.close()
 
 
-def new_run(solver, policy, t_out, control):
-    """The run that `policy` asks for in this solve. The schedule depends only on values every
-    rank shares (the largest shard's bytes, step counts), so all ranks take the same steps."""
-    state_bytes = SOLVER_ITEMSIZE * max(math.prod(s) for s in solver.layout.all_local_shapes)
-    schedule, slots = policy.resolve(state_bytes, expected_steps(solver, t_out, control),
-                                     solver.method.states_per_step,
-                                     on_device=solver.layout.device.type == "cuda")
-    if schedule == "all":
-        return StoredRun(solver, control)
-    return CheckpointedRun(solver, policy, schedule, slots, state_bytes)
+class Revolve(Recompute):
+    """Binomial placement (Griewank-Walther): the fewest re-run steps for the slots. It records
+    one step at a time: keeping f's stage graphs of that step costs little memory and saves
+    re-evaluating f in its adjoint."""
+    schedule = "binomial"
+    record_span = 1
+    keep_graphs = True
+
+
+class Uniform(Recompute):
+    """Checkpoints evenly spread; each segment between them is re-run once, recorded whole."""
+    schedule = "uniform"
