@@ -28,7 +28,7 @@ import workflow  # noqa: E402
 
 import pnode_dist  # noqa: E402
 from pnode_dist import ODEBlock, allreduce_gradients, broadcast_parameters  # noqa: E402
-from pnode_dist.h5format import FileFormatError  # noqa: E402
+from pnode_dist import FileFormatError  # noqa: E402
 from pnode_dist.parallel import MPI  # noqa: E402
 
 

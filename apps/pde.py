@@ -39,7 +39,7 @@ import workflow  # noqa: E402
 
 import pnode_dist  # noqa: E402
 from pnode_dist import Grid, broadcast_parameters, odeint  # noqa: E402
-from pnode_dist.h5format import FileFormatError  # noqa: E402
+from pnode_dist import FileFormatError  # noqa: E402
 from pnode_dist.parallel import MPI  # noqa: E402
 
 EXTENT, DIFFUSION, BETA = 10.0, 0.1, 1.0

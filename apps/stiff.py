@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from pnode_dist import InputError, SolverError, broadcast_parameters, odeint
-from pnode_dist.h5format import FileFormatError
+from pnode_dist import FileFormatError
 from pnode_dist.parallel import MPI
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -6,12 +6,12 @@
 from .api import ODEBlock, odeint, odeint_adjoint
 from .checkpointing import Checkpointing
 from .device import rank_device
-from .errors import InputError, PnodeError, SolverError
+from .errors import FileFormatError, InputError, PnodeError, SolverError
 from .grid import Grid
 from .methods import IMEX, METHODS
 from .parallel import allreduce_gradients, broadcast_parameters
 
 __version__ = "0.1.0"
-__all__ = ["odeint", "odeint_adjoint", "ODEBlock", "IMEX", "Checkpointing", "Grid", "METHODS", "PnodeError", "InputError",
-           "SolverError",
-           "rank_device", "allreduce_gradients", "broadcast_parameters", "__version__"]
+__all__ = ["odeint", "odeint_adjoint", "ODEBlock", "IMEX", "Checkpointing", "Grid", "METHODS",
+           "PnodeError", "InputError", "SolverError", "FileFormatError", "rank_device",
+           "allreduce_gradients", "broadcast_parameters", "__version__"]

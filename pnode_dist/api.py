@@ -1,6 +1,5 @@
 """Public API: odeint (torchdiffeq's signature) and ODEBlock, with argument checking whose
 errors say what to do. Every check is collective: a bad argument on one rank raises on all."""
-import atexit
 import collections
 import math
 import warnings
@@ -16,6 +15,7 @@ from .device import check_device
 from .errors import InputError
 from .grid import Grid, GridLayout
 from .layout import BatchLayout
+from .lifetime import at_finalize
 from .methods import SETUP_OPTIONS, get_method
 from .options import freeze
 from .parallel import next_call, raise_collectively, resolve_comm
@@ -45,10 +45,9 @@ _CACHE_SIZE = 32
 _pools = collections.OrderedDict()
 
 
-@atexit.register
+@at_finalize
 def _close_grid_pools():
-    """Pools on a DMDA are freed before PETSc finalizes (registered after petsc4py's exit
-    handler, so this runs first), or MPICH reports the halo scatters' datatypes as leaked."""
+    """Pools on a DMDA are freed before PETSc finalizes (lifetime.py's rule 2)."""
     for key, pool in list(_pools.items()):
         if isinstance(pool.layout, GridLayout):
             pool.close()

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from .errors import InputError
-from .parallel import PETSc
+from .startup import PETSc
 
 SOLVER_DTYPE = torch.from_numpy(np.zeros(0, PETSc.ScalarType)).dtype
 SOLVER_ITEMSIZE = torch.finfo(SOLVER_DTYPE).bits // 8

@@ -1,4 +1,5 @@
-"""Exceptions raised by pnode_dist. Every one is raised on every rank of the communicator."""
+"""Exceptions raised by pnode_dist. Inside odeint and the training-state functions every one is
+raised on every rank of the communicator."""
 
 
 class PnodeError(RuntimeError):
@@ -11,3 +12,7 @@ class InputError(PnodeError, ValueError):
 
 class SolverError(PnodeError):
     """The time integration failed (non-finite state, too many steps, step rejections...)."""
+
+
+class FileFormatError(PnodeError):
+    """A file that is missing, unreadable, truncated or not written by pnode_dist."""

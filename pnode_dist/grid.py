@@ -20,7 +20,6 @@ spatial dimensions in torch order (z, y, x). The PETSc Vec stores a patch as (*s
 with the B*C values of one cell contiguous (DMDA's interleaved degrees of freedom); the solver
 sees that "vec order", and odeint converts at entry and exit.
 """
-import atexit
 import math
 import time
 import weakref
@@ -30,6 +29,7 @@ from torch import nn
 
 from .errors import InputError
 from .layout import Layout
+from .lifetime import at_finalize
 from .parallel import MPI, PETSc, raise_collectively, resolve_comm
 
 
@@ -206,9 +206,9 @@ class Grid:
 _live = weakref.WeakSet()
 
 
-@atexit.register
+@at_finalize
 def _destroy_live_grids():
-    """Registered after petsc4py's own exit handler, so it runs first."""
+    """Grids still alive at exit (lifetime.py's rule 2)."""
     for grid in list(_live):
         grid.destroy()
 

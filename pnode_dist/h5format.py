@@ -1,4 +1,4 @@
-"""HDF5 layouts written by pnode_dist, and their reading for `pnode-inspect`.
+"""HDF5 layouts written by pnode_dist (read back for `pnode-inspect` by pnode_dist.inspect).
 
 Checkpoint files (the disk tier): one file per rank and solve,
     <dir>/<name>-<run>-<solve>.rank<r>-of-<n>.h5
@@ -13,14 +13,11 @@ One file per rank: serial h5py (no parallel HDF5 build needed), no collective ca
 checkpoint (ranks write when they reach a step, without synchronising), node-local scratch
 disks work; the rank and shape attributes say how the shards form the global state.
 
-Other pnode_dist files carry their own `format` attribute; `describe` lists any of them
-generically (training states, see training_state.py, also get their checksum verified).
+Other pnode_dist files carry their own `format` attribute (training states: training_state.py).
 """
 import datetime
 import hashlib
-import math
 import os
-import stat
 
 import numpy as np
 
@@ -28,10 +25,6 @@ CHECKPOINT_FORMAT = "pnode_dist.checkpoints"
 TRAINING_STATE_FORMAT = "pnode_dist.training_state"
 FORMAT_VERSION = 1
 FORMAT_PREFIX = "pnode_dist."
-
-
-class FileFormatError(Exception):
-    """A file that is missing, unreadable, truncated or not written by pnode_dist."""
 
 
 CHECKSUM_ATTR = "sha256"              # a checkpoint dataset's checksum of its bytes
@@ -62,226 +55,3 @@ def write_root_attributes(f, *, rank, nranks, method, local_shape, global_shape,
                    nranks=nranks, method=method, local_shape=np.asarray(local_shape, np.int64),
                    global_shape=np.asarray(global_shape, np.int64), dtype=dtype,
                    created=utc_now())
-
-
-MAX_READ_BYTES = 1 << 30     # describe reads no dataset or attribute declared larger than this
-_BLOCK_BYTES = 64 << 20      # (nor larger than the file); norms are summed in blocks of this
-
-
-def _open(path):
-    """h5py.File of a regular file, read-only. The path is stat'ed first: a directory, FIFO,
-    socket or device is refused without being opened (opening a FIFO would block)."""
-    import h5py
-    try:
-        mode = os.stat(path).st_mode
-    except FileNotFoundError:
-        raise FileFormatError(f"{path}: no such file") from None
-    except (OSError, ValueError) as exc:
-        raise FileFormatError(f"{path}: cannot be read "
-                              f"({getattr(exc, 'strerror', None) or exc})") from None
-    if stat.S_ISDIR(mode):
-        raise FileFormatError(f"{path}: is a directory; pass the .h5 files inside it")
-    if not stat.S_ISREG(mode):
-        raise FileFormatError(f"{path}: not a regular file (a FIFO, socket or device); "
-                              "pnode_dist writes regular HDF5 files")
-    try:
-        return h5py.File(path, "r")
-    except Exception as exc:
-        try:
-            with open(path, "rb") as raw:
-                head = raw.read(8)
-        except OSError as why:
-            raise FileFormatError(f"{path}: cannot be read ({why.strerror or why})") from None
-        if head != b"\x89HDF\r\n\x1a\n":
-            raise FileFormatError(f"{path}: not an HDF5 file (pnode_dist writes HDF5 "
-                                  "checkpoint and training-state files)") from None
-        raise FileFormatError(f"{path}: HDF5 file cannot be read, probably truncated or "
-                              f"still being written ({exc})") from None
-
-
-def _attr(value):
-    """An HDF5 attribute as a plain, JSON-ready Python value (bytes decoded, arrays as lists,
-    anything else h5py may return, such as references, as its repr)."""
-    if isinstance(value, bytes):
-        return value.decode("utf-8", "backslashreplace")
-    if isinstance(value, np.ndarray):
-        value = value.tolist()
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, (list, tuple)):
-        return [_attr(v) for v in value]
-    if isinstance(value, bytes):
-        return _attr(value)
-    if value is None or isinstance(value, (str, bool, int, float)):
-        return value
-    return repr(value)
-
-
-def _declared_bytes(obj):
-    """Bytes a dataset or attribute declares (shape x item size), before reading anything."""
-    shape = obj.shape
-    return 0 if shape is None else math.prod(shape) * obj.dtype.itemsize
-
-
-def _attributes(obj, limit):
-    """obj's attributes as plain values; one declared larger than `limit` bytes is not read."""
-    out = {}
-    for name in obj.attrs:
-        size = _declared_bytes(obj.attrs.get_id(name))
-        out[name] = (f"<not read: declares {size} bytes>" if size > limit
-                     else _attr(obj.attrs[name]))
-    return out
-
-
-def _child(group, name):
-    """group[name] if it is an object of this file (a hard link): soft and external links,
-    which could lead to other files, FIFOs or cycles, are an error. None if absent."""
-    import h5py
-    link = group.get(name, getlink=True)
-    if link is None:
-        return None
-    if not isinstance(link, h5py.HardLink):
-        raise ValueError(f"{name!r} is a {type(link).__name__}, not an object of this file")
-    return group[name]
-
-
-def _unreadable(ds, limit):
-    """Why the data of dataset `ds` is not read (None: it can be read)."""
-    size = _declared_bytes(ds)
-    if size > limit:
-        return (f"declares {size} bytes, more than the file or the {MAX_READ_BYTES}-byte "
-                "limit")
-    if ds.is_virtual or ds.id.get_create_plist().get_external_count():
-        return "its data lies in other files"
-    return None
-
-
-def _norm(ds):
-    """2-norm of a numeric dataset (read as float64, in blocks along its first axis)."""
-    if ds.shape is None or ds.size == 0:
-        return 0.0
-    if len(ds.shape) == 0:
-        x = np.asarray(ds[()], np.float64).ravel()
-        return float(np.sqrt(x.dot(x)))
-    row = max(1, math.prod(ds.shape[1:])) * 8
-    step = max(1, _BLOCK_BYTES // row)
-    total = 0.0
-    for i in range(0, ds.shape[0], step):
-        x = np.asarray(ds[i:i + step], np.float64).ravel()
-        total += float(x.dot(x))
-    return float(np.sqrt(total))
-
-
-def describe(path):
-    """What a pnode_dist HDF5 file holds, as a JSON-ready dict. Whatever the file holds, a
-    problem is a FileFormatError naming it; no dataset or attribute declared larger than the
-    file (or MAX_READ_BYTES) is read, and no link to another file is followed. A training state
-    is opened with HDF5 only once its whole-file checksum matches (a damaged HDF5 file can make
-    the HDF5 library loop for ever)."""
-    verified = _verified_training_state(path)
-    f = _open(path)
-    try:
-        size = os.path.getsize(path)
-        limit = min(size, MAX_READ_BYTES)
-        attributes = _attributes(f, limit)
-        fmt = attributes.get("format", "")
-        if not isinstance(fmt, str) or not fmt.startswith(FORMAT_PREFIX):
-            raise FileFormatError(f"{path}: an HDF5 file not written by pnode_dist (no "
-                                  f"'format' attribute starting with {FORMAT_PREFIX!r})")
-        info = {"file": path, "bytes": size, "attributes": attributes}
-        if fmt == CHECKPOINT_FORMAT:
-            info.update(_describe_checkpoints(f, limit))
-        else:
-            info["datasets"] = _describe_datasets(f, limit)
-    except FileFormatError:
-        raise
-    except Exception as exc:         # h5py: OSError, KeyError, ValueError, TypeError, ...
-        raise FileFormatError(f"{path}: damaged pnode_dist file ({type(exc).__name__}: "
-                              f"{exc}); it was probably truncated or modified") from None
-    finally:
-        try:
-            f.close()
-        except Exception:
-            pass
-    info["format"] = fmt
-    if fmt == TRAINING_STATE_FORMAT:
-        info["checksum_status"] = "ok" if verified else (
-            "not verified: no pnode_dist checksum header (format version 1)")
-    return info
-
-
-def _verified_training_state(path):
-    """True for a training state whose checksum matches, False for any file that does not
-    start like one; FileFormatError (the file is not opened) for a damaged training state."""
-    from .training_state import MAGIC, verify
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except (OSError, ValueError):
-        return False                 # _open says why
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return False
-        head = os.read(fd, len(MAGIC))
-    finally:
-        os.close(fd)
-    if head != MAGIC:
-        return False
-    problem = verify(path)
-    if problem is not None:
-        raise FileFormatError(f"{path}: a pnode_dist training state that fails its check: "
-                              f"{problem}; not opened")
-    return True
-
-
-def _describe_checkpoints(f, limit):
-    import h5py
-    group = _child(f, "checkpoints")
-    if group is not None and not isinstance(group, h5py.Group):
-        raise ValueError("/checkpoints is not a group")
-    rows = []
-    for name in sorted(group) if group is not None else []:
-        ds = _child(group, name)
-        if not isinstance(ds, h5py.Dataset):
-            raise ValueError(f"/checkpoints/{name} is not a dataset")
-        a = _attributes(ds, limit)
-        row = {"name": name, "step": int(a["step"]), "time": float(a["time"]),
-               "step_size": float(a["step_size"]), "shape": list(ds.shape or ()),
-               "dtype": str(ds.dtype), "norm": None, "bytes": _declared_bytes(ds)}
-        why = _unreadable(ds, limit) or (None if ds.dtype.kind in "fiu" else "not numeric")
-        if why is None:
-            row["norm"] = _norm(ds)
-        else:
-            row["skipped"] = why
-        rows.append(row)
-    out = {"checkpoints": rows}
-    times = _child(f, "step_times")
-    if times is not None:
-        if not isinstance(times, h5py.Dataset) or _unreadable(times, limit) \
-                or times.dtype.kind not in "fiu" or len(times.shape or ()) != 1 \
-                or times.shape[0] == 0:
-            raise ValueError("/step_times is not a non-empty numeric 1-D dataset in the file")
-        times = np.asarray(times[()], np.float64)
-        out["steps"] = int(len(times) - 1)
-        out["t_start"], out["t_end"] = float(times[0]), float(times[-1])
-    return out
-
-
-def _describe_datasets(f, limit):
-    """Every dataset of a file: path, shape, dtype, norm (numeric), attributes; a dataset
-    whose data is not read (see _unreadable) has 'skipped' (why) instead of a norm."""
-    import h5py
-    rows = []
-
-    def visit(name, obj):
-        if isinstance(obj, h5py.Dataset):
-            row = {"name": name, "shape": list(obj.shape or ()), "dtype": str(obj.dtype),
-                   "attributes": _attributes(obj, limit)}
-            if obj.dtype.kind in "fiu" and _declared_bytes(obj):
-                why = _unreadable(obj, limit)
-                if why is None:
-                    row["norm"] = _norm(obj)
-                else:
-                    row["skipped"] = why
-            rows.append(row)
-    f.visititems(visit)
-    return rows

@@ -7,7 +7,7 @@ other solvers.
 from contextlib import contextmanager
 
 from .errors import InputError
-from .parallel import PETSc
+from .startup import PETSc
 
 
 def _normalise(key):

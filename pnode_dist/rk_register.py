@@ -12,7 +12,7 @@ import numpy as np
 
 from .errors import InputError
 from .tableaus import ButcherTableau
-from .parallel import PETSc
+from .startup import PETSc
 
 _registered = set()
 

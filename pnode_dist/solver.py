@@ -7,7 +7,6 @@ that several forward passes may await their backward at once (an ODE block used 
 network); each differentiable solve's reversal strategy (reversal.py) leases Integrators until
 its backward pass (or the graph's destruction) returns them.
 """
-import ctypes
 import math
 import time
 import uuid
@@ -20,6 +19,7 @@ from .bridge import GraphStore, ParamJacobianMat, StateJacobianMat, touch, vec_v
 from .device import SOLVER_DTYPE, vec_type
 from .errors import InputError, SolverError
 from .guard import guarded
+from .lifetime import keep_forever
 from .implicit import BlockJacobianPC, IJacobianMat, IJacobianPMat
 from .options import layered_options
 from .parallel import CAUSE, CONSEQUENCE, SYMPTOM, PETSc, allreduce_sum, raise_collectively
@@ -30,12 +30,6 @@ _MIN_CAPACITY = 1024                 # trajectory steps reserved by a replaying 
 # Newton and Krylov tolerances within reach of the solver precision (PETSc options override).
 _NEWTON_TOLERANCES = {torch.float64: {"snes_rtol": 1e-10, "snes_atol": 1e-12, "ksp_rtol": 1e-10},
                       torch.float32: {"snes_rtol": 1e-5, "snes_atol": 1e-6, "ksp_rtol": 1e-5}}
-
-
-def _keep_forever(obj):
-    """Never free `obj` (not even while the interpreter shuts down, when PETSc is still
-    initialised): one extra reference that nothing releases."""
-    ctypes.pythonapi.Py_IncRef(ctypes.py_object(obj))
 
 
 def time_slack(t_out):
@@ -547,8 +541,7 @@ class Integrator:
         return self.finish_adjoint(grad_outputs[0])
 
     def destroy(self):
-        """Free the TS now: it holds callbacks that refer back to this object, a cycle the
-        garbage collector would otherwise free in an order PETSc does not survive.
+        """Free the TS now (lifetime.py's rule 1).
 
         A TS whose method says keep_after_replay (TSTHETA) and whose memory trajectory recorded
         re-run segments is kept alive instead: with PETSc 3.26, destroying such a trajectory
@@ -557,7 +550,7 @@ class Integrator:
         if self.ts is None:
             return
         if self.adjoint and self.replayed and self.method.keep_after_replay:
-            _keep_forever(self)
+            keep_forever(self)
             return
         for p in self.parts:
             p.forget_views()

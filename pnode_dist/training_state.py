@@ -36,8 +36,9 @@ import stat
 import numpy as np
 import torch
 
+from .errors import FileFormatError
 from .h5format import TRAINING_STATE_FORMAT as FORMAT
-from .h5format import FileFormatError, utc_now
+from .h5format import utc_now
 
 VERSION = 2
 _PATTERN = "state-{:010d}.h5"
@@ -99,7 +100,7 @@ def _parse_header(head, size, check_size=True):
                         m.start(4))
 
 
-def _open_regular(path):
+def open_regular(path):
     """(fd, size, None) for a regular file opened for reading, else (None, None, problem).
     O_NONBLOCK: opening a FIFO does not wait for a writer."""
     try:
@@ -138,7 +139,7 @@ def read_header(path):
     """(run_id, None) from a state file's header ('' for a state saved without a run id), or
     (None, why it cannot be read). A bounded read of the first 512 bytes, the rest of the file
     is not checked (a truncated file still names its run); never raises."""
-    fd, size, problem = _open_regular(path)
+    fd, size, problem = open_regular(path)
     if problem is not None:
         return None, problem
     try:
@@ -154,7 +155,7 @@ def _read_verified(path, keep=False):
     """(problem, header, data): problem is None when the header is sound and the SHA-256 of the
     whole file matches it; data: the verified bytes when `keep`. Never raises, never blocks on a
     FIFO or device, reads at most the length the header states (and one byte more)."""
-    fd, size, problem = _open_regular(path)
+    fd, size, problem = open_regular(path)
     if problem is not None:
         return problem, None, None
     try:

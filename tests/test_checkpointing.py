@@ -8,7 +8,7 @@ import torch
 
 from conftest import TimeMLP
 from pnode_dist import Checkpointing, InputError, SolverError, odeint
-from pnode_dist.h5format import describe
+from pnode_dist.inspect import describe
 from pnode_dist.schedule import revolve_cost
 
 T = torch.tensor([0.0, 0.35, 1.0], dtype=torch.float64)

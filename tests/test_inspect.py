@@ -183,7 +183,8 @@ def test_huge_declared_dataset_is_not_read(tmp_path, capsys, fmt):
                                   "empty_step_times", "text_step_times", "soft_link",
                                   "format_is_array"])
 def test_malformed_files_are_file_format_errors(tmp_path, case):
-    from pnode_dist.h5format import FileFormatError, describe
+    from pnode_dist import FileFormatError
+    from pnode_dist.inspect import describe
     path = tmp_path / f"{case}.h5"
     with h5py.File(path, "w") as f:
         f.attrs["format"] = "pnode_dist.checkpoints"
@@ -206,7 +207,8 @@ def test_malformed_files_are_file_format_errors(tmp_path, case):
 
 
 def test_truncated_anywhere_is_a_file_format_error(tmp_path, checkpoint_file):
-    from pnode_dist.h5format import FileFormatError, describe
+    from pnode_dist import FileFormatError
+    from pnode_dist.inspect import describe
     whole = checkpoint_file.read_bytes()
     cut = tmp_path / "cut.h5"
     for n in (0, 8, 100, 1000, len(whole) // 2, len(whole) - 200, len(whole) - 1):

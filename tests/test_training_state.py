@@ -14,7 +14,8 @@ import torch
 
 from conftest import ROOT, TimeMLP
 from pnode_dist import training_state
-from pnode_dist.h5format import FileFormatError, describe
+from pnode_dist import FileFormatError
+from pnode_dist.inspect import describe
 from pnode_dist.parallel import MPI
 
 COMM = MPI.COMM_SELF

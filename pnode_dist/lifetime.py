@@ -1,0 +1,31 @@
+"""When pnode_dist's PETSc objects are freed. The rules, in one place:
+
+1. Explicitly, never by the garbage collector: a TS holds Python callbacks that refer back to
+   their Integrator, a cycle the collector would free in an order PETSc does not survive.
+   Integrator.destroy frees its TS; an IntegratorPool destroys its idle Integrators when the
+   odeint cache drops it, and a leased one when it comes back (or at once if it failed); a
+   StoreAll whose graph dies without a backward pass destroys its Integrator (a memory
+   trajectory cannot be reset from petsc4py); Grid.destroy frees its DMDA.
+2. Before PETSc finalizes: objects whose destruction communicates (a DMDA's halo scatters,
+   whose MPI datatypes MPICH would report as leaked) are freed by `at_finalize` handlers, which
+   run before petsc4py's own exit handler.
+3. Never, where PETSc 3.26 was seen to crash destroying them (`keep_forever`): a TSTHETA memory
+   trajectory that recorded re-run segments (Method.keep_after_replay).
+"""
+import atexit
+import ctypes
+
+from .startup import PETSc  # noqa: F401 - petsc4py's exit handler is registered first
+
+
+def at_finalize(handler):
+    """Run `handler()` at interpreter exit, before PETSc finalizes (atexit runs handlers in
+    reverse order, and petsc4py registered its own when it was imported, before this)."""
+    atexit.register(handler)
+    return handler
+
+
+def keep_forever(obj):
+    """Never free `obj` (not even while the interpreter shuts down, when PETSc is still
+    initialised): one extra reference that nothing releases."""
+    ctypes.pythonapi.Py_IncRef(ctypes.py_object(obj))
