@@ -169,8 +169,8 @@ class TorchIFunction(TorchRHS):
         self.counts["blocks"] += 1
         try:
             cols = torch.func.vmap(column)(basis)
-        except Exception:  # noqa: BLE001 - a module vmap cannot batch: one jvp per column
-            cols = torch.stack([column(v) for v in basis])
+        except Exception:  # noqa: BLE001 - vmap or forward-mode AD cannot run this func
+            cols = torch.stack([self.jvp(v) for v in basis])    # one double vjp per column
         return cols.reshape(d, batch, d).permute(1, 2, 0)
 
     def check_block_diagonal(self, blocks):

@@ -5,7 +5,8 @@ a hang or a wrong gradient, and leave the solvers usable. argv[1] picks a group 
                family and checkpointing policy), each followed by the same solve without the
                fault (must give the reference gradient: no poisoned solver); checkpoint files
                damaged between forward and backward; an exception in a torchdiffeq step
-               callback; a full checkpoint disk (PNODE_TEST_FULL_DIR,
+               callback and in f's derivative in each callback that differentiates f (the
+               guard of every callback kind); a full checkpoint disk (PNODE_TEST_FULL_DIR,
                a small tmpfs, when given); grad mode differing between ranks; lastly a backward
                skipped on one rank. Prints 'case <name>: <outcome>' per case (rank 0) and
                'all cases passed' at the end; exits 1 on any wrong outcome.
@@ -212,6 +213,58 @@ def full_disk(directory):
                solve(make_func("rk4"), "rk4", None))
 
 
+class _FailingDerivative(torch.autograd.Function):
+    """The identity, whose derivative raises once armed (on the last rank only)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        if DerivativeFault.armed and rank == LAST:
+            raise ArithmeticError(f"derivative fault on rank {rank}")
+        return grad
+
+
+class DerivativeFault(TimeMLP):
+    """TimeMLP whose derivatives (not its values) fail once armed: the fault reaches only the
+    callbacks that differentiate f (vjps, Newton's jvps, the exact block solve)."""
+    armed = False
+
+    def __init__(self):
+        super().__init__(seed=3)
+
+    def forward(self, t, y):
+        return _FailingDerivative.apply(super().forward(t, y))
+
+
+def derivative_faults():
+    """An exception in f's derivative on the last rank, in each kind of callback that
+    differentiates f, then the same solve without it."""
+    kinds = {"a vector-Jacobian product (rk4 adjoint)": ("rk4", "adjoint"),
+             "Newton's Jacobian-vector products (cn forward)": ("cn", "forward"),
+             "the transposed products (cn adjoint)": ("cn", "adjoint"),
+             "the exact block solve (beuler forward)": ("beuler", "forward")}
+    for kind, (method, phase) in kinds.items():
+        func = DerivativeFault()
+        reference = solve(func, method, None)
+
+        def faulty():
+            y0 = Y[lo:hi].clone().requires_grad_(True)
+            DerivativeFault.armed = phase == "forward"
+            try:
+                ys = odeint(func, y0, T, method=method, options=METHODS[method])
+                DerivativeFault.armed = True
+                ys.sum().backward()
+            finally:
+                DerivativeFault.armed = False
+        expect_error(f"derivative fault on rank {LAST} in {kind}", SolverError,
+                     ["ArithmeticError", "derivative fault", f"rank {LAST}"], faulty)
+        check_same("  then the same solve without the fault", solve(func, method, None),
+                   reference)
+
+
 class WithCallback(Faulty):
     """A torchdiffeq step callback that, once armed, raises on the last rank."""
     armed = False
@@ -268,6 +321,7 @@ def collective():
     if full:
         full_disk(full)
     step_callback()
+    derivative_faults()
     grad_mode()
     skipped_backward()        # last: the ranks' call counts differ from here on
     comm.Barrier()
