@@ -164,7 +164,7 @@ def main(argv=None):
     nbatches = (len(ytr) + args.batch_size - 1) // args.batch_size
     if args.quick:
         nbatches = min(nbatches, 4)
-    run = workflow.TrainingRun(args, comm, model, opt, schedule)
+    run = workflow.TrainingSession(args, comm, model, opt, schedule)
     blocks = ", ".join(f"{m}/{s or 'adaptive'}" for m, s in zip(args.method, args.steps))
     run.say(f"pnode_dist {pnode_dist.__version__}: {args.dataset} train={len(ytr)} "
             f"test={len(yte)} ranks={size} device={device} ({pnode_dist.parallel.PRECISION} "

@@ -228,7 +228,7 @@ def main(argv=None):
     torch.manual_seed(args.seed * 7919 + rank + 1)     # each rank draws its own data and noise
     opt = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=1e-5)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=args.iterations)
-    run = workflow.TrainingRun(args, comm, model, opt, sched)
+    run = workflow.TrainingSession(args, comm, model, opt, sched)
     run.say(f"pnode_dist {pnode_dist.__version__}: CNF on {args.data} (dim {dim}), trace {trace}, "
             f"{size} ranks, batch {args.batch_size}, {args.method} "
             f"{args.steps or 'adaptive'} steps")

@@ -190,7 +190,7 @@ def main(argv=None):
     broadcast_parameters(model)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=args.iterations)
-    run = workflow.TrainingRun(args, comm, model, opt, sched)
+    run = workflow.TrainingSession(args, comm, model, opt, sched)
     try:
         resumed = run.resume()
     except FileFormatError as exc:

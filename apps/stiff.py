@@ -165,7 +165,7 @@ def main(argv=None):
         policy = ode_cli.checkpoint_policy(args)
     except InputError as exc:
         return workflow.fail(comm, exc)
-    run = workflow.TrainingRun(args, comm, model, opt, sched)
+    run = workflow.TrainingSession(args, comm, model, opt, sched)
     run.say(f"Robertson: {args.trajectories} trajectories over {size} ranks, {args.points} "
             f"log-time points, {args.method} ({args.linear_solver} Newton)")
     try:

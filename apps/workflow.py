@@ -3,7 +3,7 @@
 errors), training-curve PNGs, the metrics JSON, training-state save/resume, and a clean stop on
 SIGTERM/SIGUSR1 (state saved, exit status 75 so that a job script requeues itself).
 
-Every step of TrainingRun that touches files runs on rank 0 and is collective: its outcome is
+Every step of TrainingSession that touches files runs on rank 0 and is collective: its outcome is
 broadcast, so a failure (an unwritable --out, a full disk, a damaged state, a state directory
 in use) raises the same RunError on every rank, and `reports_run_errors` turns it into one line
 and an exit status instead of a hang or a traceback."""
@@ -20,9 +20,9 @@ import time
 import uuid
 from pathlib import Path
 
-from pnode_dist import training_state
+from pnode_dist.training import state as training_state
 from pnode_dist.parallel import MPI
-from pnode_dist.preemption import REQUEUE_EXIT_CODE, StopSignals
+from pnode_dist.training.preemption import REQUEUE_EXIT_CODE, StopSignals
 
 
 def _one_line(text):
@@ -259,7 +259,7 @@ class Stopped(Exception):
     exit_code = REQUEUE_EXIT_CODE
 
 
-class TrainingRun:
+class TrainingSession:
     """One app run on `comm`: output on rank 0, training state in args.state_dir (or OUT/state),
     stop signals turned into a saved state and `Stopped` at the next iteration boundary.
 
@@ -361,7 +361,7 @@ class TrainingRun:
         args, progress, run_id) or None. Raises RunError (folders, lock, another run's states)
         or FileFormatError (a named file that is missing or damaged) on every rank."""
         if self.run_id is not None:
-            raise RuntimeError("TrainingRun.resume() is called once, at the start")
+            raise RuntimeError("TrainingSession.resume() is called once, at the start")
         try:
             run_id, path, notes = on_rank0(self.comm, self._start)
             for note in notes:
@@ -431,7 +431,7 @@ class TrainingRun:
         on every rank when it cannot be written: the temporary file is removed, the earlier
         states are kept."""
         if self.run_id is None:
-            raise RuntimeError("call TrainingRun.resume() (it starts the run) before saving")
+            raise RuntimeError("call TrainingSession.resume() (it starts the run) before saving")
         try:
             return training_state.save(self.state_dir, model=self.model,
                                        optimizer=self.optimizer, scheduler=self.scheduler,

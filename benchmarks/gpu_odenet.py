@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from overhead import replay_limit  # noqa: E402
 
 from pnode_dist import Checkpointing, METHODS, odeint, rank_device  # noqa: E402
-from pnode_dist.device import SOLVER_DTYPE  # noqa: E402
+from pnode_dist.testing import SOLVER_DTYPE  # noqa: E402
 
 
 class ConcatConv(nn.Module):

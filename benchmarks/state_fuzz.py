@@ -48,7 +48,7 @@ def state_arrays(path):
 
 def worker(reference):
     """Read case paths from stdin; answer one JSON line each: result, reason, seconds."""
-    from pnode_dist import training_state
+    from pnode_dist.training import state as training_state
     expected = state_arrays(reference)
     for line in sys.stdin:
         path = line.rstrip("\n")
@@ -103,7 +103,7 @@ def make_state(directory):
     import torch
     from mpi4py import MPI
 
-    from pnode_dist import training_state
+    from pnode_dist.training import state as training_state
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(3, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
@@ -120,7 +120,7 @@ def make_state(directory):
 
 def forge(data):
     """The damaged bytes with a correct header again (length and SHA-256 recomputed)."""
-    from pnode_dist import training_state as ts
+    from pnode_dist.training import state as ts
     digest = __import__("hashlib").sha256(ts._header_bytes(len(data), "fuzz", ts._NO_DIGEST))
     digest.update(data[ts.USERBLOCK:])
     return ts._header_bytes(len(data), "fuzz", digest.hexdigest()) + data[ts.USERBLOCK:]

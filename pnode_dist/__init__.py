@@ -5,11 +5,10 @@
 """
 from .api import ODEBlock, odeint, odeint_adjoint
 from .checkpointing import Checkpointing
-from .device import rank_device
 from .errors import FileFormatError, InputError, PnodeError, SolverError
 from .grid import Grid
 from .methods import IMEX, METHODS
-from .parallel import allreduce_gradients, broadcast_parameters
+from .parallel import allreduce_gradients, broadcast_parameters, rank_device
 
 __version__ = "0.1.0"
 __all__ = ["odeint", "odeint_adjoint", "ODEBlock", "IMEX", "Checkpointing", "Grid", "METHODS",

@@ -8,19 +8,19 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
-from .adjoint import OdeintFunction
-from . import conventions
+from ._reversal.autograd import OdeintFunction
+from ._solve import conventions
 from .checkpointing import Checkpointing
-from .device import check_device
+from ._solve.device import check_device
 from .errors import InputError
 from .grid import Grid, GridLayout
-from .layout import BatchLayout
-from .lifetime import at_finalize
+from ._distributed.layout import BatchLayout
+from ._solve.lifetime import at_finalize
 from .methods import SETUP_OPTIONS, get_method
-from .options import freeze
-from .parallel import next_call, raise_collectively, resolve_comm
-from .reversal import ReplayAll, solve_without_gradient
-from .solver import IntegratorPool, StepControl
+from ._solve.options import freeze
+from ._distributed.collective import next_call, raise_collectively, resolve_comm
+from ._reversal.strategies import ReplayAll, solve_without_gradient
+from ._solve.integrator import IntegratorPool, StepControl
 
 OPTION_KEYS = ("step_size", "first_step", "min_step", "max_step", "max_num_steps") + SETUP_OPTIONS
 # torchdiffeq's options with no counterpart here, and what to do instead.

@@ -4,11 +4,11 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
-from . import h5format
-from .device import SOLVER_ITEMSIZE
+from . import _h5format as h5format
+from ._solve.device import SOLVER_ITEMSIZE
 from .errors import InputError
-from .reversal import Revolve, StoreAll, Uniform
-from .store import DeviceTier, DiskTier, MemoryTier, PinnedHostTier
+from ._reversal.strategies import Revolve, StoreAll, Uniform
+from ._reversal.store import DeviceTier, DiskTier, MemoryTier, PinnedHostTier, Tier  # noqa: F401
 
 STRATEGIES = {"binomial": Revolve, "uniform": Uniform}
 

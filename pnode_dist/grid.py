@@ -28,9 +28,9 @@ import torch
 from torch import nn
 
 from .errors import InputError
-from .layout import Layout
-from .lifetime import at_finalize
-from .parallel import MPI, PETSc, raise_collectively, resolve_comm
+from ._distributed.layout import Layout
+from ._solve.lifetime import at_finalize
+from ._distributed.collective import MPI, PETSc, raise_collectively, resolve_comm
 
 
 class Grid:

@@ -18,8 +18,8 @@ import sys
 import numpy as np
 
 from .errors import FileFormatError
-from .h5format import CHECKPOINT_FORMAT, FORMAT_PREFIX, TRAINING_STATE_FORMAT
-from .training_state import MAGIC, open_regular, verify
+from ._h5format import CHECKPOINT_FORMAT, FORMAT_PREFIX, TRAINING_STATE_FORMAT
+from .training.state import MAGIC, open_regular, verify
 
 
 MAX_READ_BYTES = 1 << 30     # describe reads no dataset or attribute declared larger than this

@@ -10,11 +10,12 @@ from typing import Optional, Tuple
 import torch
 from torch import nn
 
-from . import tableaus as tab
-from .bridge import TorchRHS
+from ._solve import tableaus as tab
+from ._solve.tableaus import ButcherTableau, from_fractions  # noqa: F401 - for new methods
+from ._solve.explicit import TorchRHS
 from .errors import InputError
-from .implicit import TorchIFunction
-from .rk_register import ensure_registered
+from ._solve.implicit import TorchIFunction
+from ._solve.rk_register import ensure_registered
 
 LINEAR_SOLVERS = ("gmres", "exact")
 # The options of odeint's `options` dict that set up a TS (the others control the steps).

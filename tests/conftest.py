@@ -32,7 +32,7 @@ class TimeMLP(nn.Module):
 def pytest_collection_modifyitems(config, items):
     """Tests marked gpu are skipped unless torch sees a GPU and PETSc is built with CUDA."""
     import torch
-    from pnode_dist.device import petsc_has_cuda
+    from pnode_dist.testing import petsc_has_cuda
     if torch.cuda.is_available() and petsc_has_cuda():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU and a PETSc built with CUDA "
@@ -84,25 +84,11 @@ def run_mpi(nranks, script, *args, timeout=240, env=None):
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
-def recorded_steps(func, y0, t, method, options=None, rtol=1e-7, atol=1e-9, **setup):
-    """Run a forward solve on a fresh Integrator; returns (record, stats): the step times PETSc
-    accepted (for replays) and its Newton/Krylov iteration counts."""
-    from pnode_dist import METHODS
-    from pnode_dist.layout import BatchLayout
-    from pnode_dist.parallel import PETSc
-    from pnode_dist.methods import SetupConfig
-    from pnode_dist.solver import Integrator, StepControl
-    options = dict(options or {})
-    m = METHODS[method]
-    adaptive = m.adaptive and "step_size" not in options
-    layout = BatchLayout(PETSc.COMM_SELF, y0.shape, [tuple(y0.shape)], device=y0.device)
-    integ = Integrator(layout, m, func, list(func.parameters()), y0.dtype, None, (), adaptive,
-                       adjoint=False, setup=SetupConfig(**setup))
-    control = StepControl(step_size=options.get("step_size"), rtol=rtol, atol=atol)
-    _, record = integ.forward(y0, [float(v) for v in t], control)
-    stats = integ.stats
-    integ.destroy()
-    return record, stats
+def recorded_steps(*args, **kwargs):
+    """pnode_dist.testing.recorded_steps (imported when first used: after the test session's
+    PETSc set-up)."""
+    from pnode_dist.testing import recorded_steps as record
+    return record(*args, **kwargs)
 
 
 def central_difference(loss, param, idx, eps=1e-6):

@@ -7,7 +7,7 @@ import torch
 
 from conftest import ROOT, TimeMLP
 from pnode_dist import METHODS, ODEBlock, odeint
-from pnode_dist.reference import rk_replay
+from pnode_dist.testing import rk_replay
 
 T3 = torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64)
 RK4 = {"method": "rk4", "options": {"step_size": 0.1}}

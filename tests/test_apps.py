@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from conftest import RESUME_ARGS, ROOT, assert_same_state, run_mpi
-from pnode_dist import training_state
+from pnode_dist.training import state as training_state
 
 
 def test_classify_quick_two_ranks(tmp_path):

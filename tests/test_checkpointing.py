@@ -9,7 +9,7 @@ import torch
 from conftest import TimeMLP
 from pnode_dist import Checkpointing, InputError, SolverError, odeint
 from pnode_dist.inspect import describe
-from pnode_dist.schedule import revolve_cost
+from pnode_dist._reversal.schedule import revolve_cost
 
 T = torch.tensor([0.0, 0.35, 1.0], dtype=torch.float64)
 STATE_BYTES = 4 * 3 * 8

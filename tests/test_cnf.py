@@ -9,7 +9,7 @@ import torch
 
 from conftest import ROOT
 from pnode_dist import METHODS, odeint
-from pnode_dist.reference import rk_replay
+from pnode_dist.testing import rk_replay
 
 sys.path.insert(0, str(ROOT / "apps"))
 import cnf  # noqa: E402

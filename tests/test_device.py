@@ -12,9 +12,9 @@ import torch
 
 from conftest import ROOT, TimeMLP, recorded_steps, run_mpi
 from pnode_dist import Checkpointing, InputError, METHODS, odeint, rank_device
-from pnode_dist.device import SOLVER_DTYPE, petsc_has_cuda
+from pnode_dist.testing import SOLVER_DTYPE, petsc_has_cuda
 from pnode_dist.parallel import PETSc
-from pnode_dist.reference import rk_replay, theta_replay
+from pnode_dist.testing import rk_replay, theta_replay
 from precision.single_checks import check_callbacks_use_the_vec_memory
 
 SINGLE_CHECKS = ROOT / "tests" / "precision" / "single_checks.py"

@@ -8,9 +8,9 @@ import torch
 from conftest import TimeMLP
 from pnode_dist import METHODS, Checkpointing, odeint
 from pnode_dist.methods import ExplicitRK
-from pnode_dist.reference import rk_replay
-from pnode_dist.store import Tier
-from pnode_dist.tableaus import from_fractions
+from pnode_dist.testing import rk_replay
+from pnode_dist.checkpointing import Tier
+from pnode_dist.methods import from_fractions
 
 T = torch.tensor([0.0, 0.4, 1.0], dtype=torch.float64)
 

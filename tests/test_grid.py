@@ -6,7 +6,7 @@ import torch
 
 from conftest import ROOT, ConvField, Extended, run_mpi
 from pnode_dist import METHODS, Grid, InputError, odeint
-from pnode_dist.reference import rk_replay
+from pnode_dist.testing import rk_replay
 
 
 @pytest.mark.parametrize("nranks", [1, 2, 3, 4])

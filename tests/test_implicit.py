@@ -9,7 +9,7 @@ from torch import nn
 
 from conftest import TimeMLP, central_difference, recorded_steps
 from pnode_dist import IMEX, SolverError, odeint
-from pnode_dist.reference import theta_replay
+from pnode_dist.testing import theta_replay
 
 T_OUT = torch.tensor([0.0, 0.3, 0.7, 1.0], dtype=torch.float64)
 THETA = {"beuler": (1.0, False), "cn": (0.5, True), "theta": (0.7, False)}
@@ -184,8 +184,8 @@ def test_newton_failure_is_reported(mlp, y0):
 @pytest.mark.parametrize("tableau", ["a2", "l2"])
 @pytest.mark.parametrize("mode", ["fixed", "adaptive"])
 def test_arkimex_gradients_equal_backprop_of_same_tableau(tableau, mode):
-    from pnode_dist.tableaus import ARK_TABLEAUS
-    from pnode_dist.reference import ark_replay
+    from pnode_dist.testing import ARK_TABLEAUS
+    from pnode_dist.testing import ark_replay
     func = IMEX(TimeMLP(dim=2, seed=2), Linear(A_STIFF.clone()))
     y0 = torch.randn(3, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
     options = {"tableau": tableau, "linear_solver": "exact"}

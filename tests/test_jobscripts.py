@@ -7,7 +7,7 @@ import time
 import pytest
 
 from conftest import RESUME_ARGS, ROOT, assert_same_state
-from pnode_dist import training_state
+from pnode_dist.training import state as training_state
 from slurm_cluster import SlurmCluster, SlurmUnavailable
 
 JOBS = ROOT / "jobscripts"

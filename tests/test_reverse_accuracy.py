@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from pnode_dist import METHODS, odeint
-from pnode_dist.reference import rk_replay
+from pnode_dist.testing import rk_replay
 from conftest import recorded_steps
 
 T_OUT = torch.tensor([0.0, 0.3, 0.7, 1.0], dtype=torch.float64)

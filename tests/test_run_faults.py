@@ -1,4 +1,4 @@
-"""TrainingRun under faults: states belong to their run (fresh runs refuse another run's folder
+"""TrainingSession under faults: states belong to their run (fresh runs refuse another run's folder
 and delete nothing, --resume auto continues the folder's run, pruning spares other runs), a
 state directory in use by another process is refused, and file failures on rank 0 (an
 unwritable --out, a full disk during a save) end every rank promptly with one clear line."""
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import ROOT, TimeMLP, run_mpi
-from pnode_dist import training_state
+from pnode_dist.training import state as training_state
 from pnode_dist.parallel import MPI
 
 sys.path.insert(0, str(ROOT / "apps"))
@@ -27,7 +27,7 @@ def _run(out, resume=None, state_dir=None):
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     args = argparse.Namespace(out=str(out), state_dir=state_dir, resume=resume, save_every=0,
                               no_progress=True, quick=False, seed=0)
-    return workflow.TrainingRun(args, COMM, model, opt)
+    return workflow.TrainingSession(args, COMM, model, opt)
 
 
 def _listing(directory):

@@ -3,7 +3,7 @@ from functools import lru_cache
 
 import pytest
 
-from pnode_dist.schedule import (Placement, first_sweep, plan_advances, reversal_plan,
+from pnode_dist._reversal.schedule import (Placement, first_sweep, plan_advances, reversal_plan,
                                  revolve_cost, revolve_split)
 
 

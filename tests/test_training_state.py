@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import ROOT, TimeMLP
-from pnode_dist import training_state
+from pnode_dist.training import state as training_state
 from pnode_dist import FileFormatError
 from pnode_dist.inspect import describe
 from pnode_dist.parallel import MPI

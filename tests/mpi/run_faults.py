@@ -1,4 +1,4 @@
-"""Run under mpiexec: a TrainingRun whose second state save fills the state directory's disk.
+"""Run under mpiexec: a TrainingSession whose second state save fills the state directory's disk.
 Every rank must get the same RunError (printed as 'rank <r>: <message>'); the app-style
 decorator then prints one 'error:' line on rank 0 and exits with the error's status.
 argv: OUT STATE_DIR."""
@@ -26,7 +26,7 @@ def main(argv=None):
     opt = torch.optim.Adam(model.parameters())
     model(torch.randn(2, 256, dtype=torch.float64)).sum().backward()
     opt.step()
-    run = workflow.TrainingRun(args, comm, model, opt)
+    run = workflow.TrainingSession(args, comm, model, opt)
     run.resume()
     print(f"rank {comm.Get_rank()}: saved {run.save(1, 1, {})}", flush=True)
     try:

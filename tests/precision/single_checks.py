@@ -12,11 +12,11 @@ from conftest import TimeMLP, mpi_batch_problem, recorded_steps  # noqa: E402
 
 import pnode_dist  # noqa: E402
 from pnode_dist import Checkpointing, METHODS, odeint  # noqa: E402
-from pnode_dist.bridge import TorchRHS  # noqa: E402
-from pnode_dist.device import SOLVER_DTYPE  # noqa: E402
-from pnode_dist.layout import BatchLayout  # noqa: E402
+from pnode_dist._distributed.layout import BatchLayout  # noqa: E402
+from pnode_dist._solve.explicit import TorchRHS  # noqa: E402
+from pnode_dist.testing import SOLVER_DTYPE  # noqa: E402
 from pnode_dist.parallel import MPI, PETSc  # noqa: E402
-from pnode_dist.reference import rk_replay, theta_replay  # noqa: E402
+from pnode_dist.testing import rk_replay, theta_replay  # noqa: E402
 
 F32 = torch.float32
 T_OUT = torch.tensor([0.0, 0.3, 0.7, 1.0])

@@ -14,7 +14,7 @@ applies the inverse (or its transpose, for the adjoint) as the preconditioner.
 """
 import torch
 
-from .bridge import TorchRHS
+from .explicit import TorchRHS
 from .guard import guarded
 
 

@@ -16,9 +16,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from . import h5format
-from .device import SOLVER_DTYPE
-from .parallel import SYMPTOM
+from .. import _h5format as h5format
+from .._solve.device import SOLVER_DTYPE
+from .._distributed.collective import SYMPTOM
 
 
 class _Damaged(Exception):

@@ -14,7 +14,7 @@ to every rank. A signal may reach the ranks at different moments: the one-intege
 """
 import signal
 
-from .parallel import MPI
+from .._distributed.collective import MPI
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 # EX_TEMPFAIL from sysexits.h: "try again later". The job scripts requeue on this status.

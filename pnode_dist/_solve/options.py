@@ -6,8 +6,8 @@ other solvers.
 """
 from contextlib import contextmanager
 
-from .errors import InputError
-from .startup import PETSc
+from ..errors import InputError
+from .._distributed.startup import PETSc
 
 
 def _normalise(key):

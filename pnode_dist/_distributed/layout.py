@@ -8,7 +8,7 @@ import math
 
 import torch
 
-from .device import new_vec
+from .._solve.device import new_vec
 
 
 class Layout:

@@ -10,9 +10,9 @@ import ctypes
 
 import numpy as np
 
-from .errors import InputError
+from ..errors import InputError
 from .tableaus import ButcherTableau
-from .startup import PETSc
+from .._distributed.startup import PETSc
 
 _registered = set()
 

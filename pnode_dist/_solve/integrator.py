@@ -15,14 +15,16 @@ from typing import List
 
 import torch
 
-from .bridge import GraphStore, ParamJacobianMat, StateJacobianMat, touch, vec_view
+from .explicit import GraphStore, ParamJacobianMat, StateJacobianMat
+from .views import touch, vec_view
 from .device import SOLVER_DTYPE, vec_type
-from .errors import InputError, SolverError
+from ..errors import InputError, SolverError
 from .guard import guarded
 from .lifetime import keep_forever
 from .implicit import BlockJacobianPC, IJacobianMat, IJacobianPMat
 from .options import layered_options
-from .parallel import CAUSE, CONSEQUENCE, SYMPTOM, PETSc, allreduce_sum, raise_collectively
+from .._distributed.collective import (CAUSE, CONSEQUENCE, SYMPTOM, PETSc, allreduce_sum,
+                                      raise_collectively)
 
 # Times within this relative distance are the same time (PETSc's times have its precision).
 _REL_TIME_TOL = max(1e-12, 64 * torch.finfo(SOLVER_DTYPE).eps)

@@ -19,7 +19,7 @@ import sys
 
 from mpi4py import MPI
 
-from .errors import InputError
+from ..errors import InputError
 
 PRECISIONS = ("double", "single")
 

@@ -1,12 +1,20 @@
-"""Pure-torch replay of an explicit Runge-Kutta solve, differentiable by ordinary backprop.
+"""What tests and benchmarks need, instead of reaching into the internals: pure-torch replays
+of a recorded discrete solve (for reverse-accuracy checks to round-off), the step times a solve
+takes, and a few facts about the build.
 
 Given the tableau and the exact step times that a pnode_dist forward solve took (recorded by the
-solver, adaptive steps included), backprop through this replay is the gradient the discrete
-adjoint must reproduce to round-off. Used by the tests and the benchmarks; not on the hot path.
+solver), these functions redo the same discrete computation with plain torch ops, so that
+torch.autograd can backpropagate through it. That is the reference the discrete adjoint must
+match to round-off.
 """
 import torch
 
-from .tableaus import ButcherTableau
+from ._distributed.layout import BatchLayout
+from ._distributed.startup import PETSc
+from ._solve.device import SOLVER_DTYPE, petsc_has_cuda  # noqa: F401 - for the tests
+from ._solve.integrator import Integrator, StepControl
+from ._solve.tableaus import ARK_TABLEAUS, ButcherTableau  # noqa: F401
+from .methods import METHODS, SetupConfig
 
 
 def rk_step(func, t, y, h, tableau: ButcherTableau):
@@ -115,3 +123,20 @@ def ark_replay(implicit, explicit, y0, times, output_steps, tableau):
         return y
 
     return _replay(step, y0, times, output_steps)
+
+
+def recorded_steps(func, y0, t, method, options=None, rtol=1e-7, atol=1e-9, **setup):
+    """Run a forward solve on a fresh rank-local Integrator; returns (record, stats): the step
+    times PETSc accepted (for the replays above) and its Newton/Krylov iteration counts."""
+    options = dict(options or {})
+    m = METHODS[method]
+    adaptive = m.adaptive and "step_size" not in options
+    layout = BatchLayout(PETSc.COMM_SELF, y0.shape, [tuple(y0.shape)], device=y0.device)
+    integrator = Integrator(layout, m, func, list(func.parameters()), y0.dtype, None, (),
+                            adaptive, adjoint=False, setup=SetupConfig(**setup))
+    control = StepControl(step_size=options.get("step_size"), rtol=rtol, atol=atol)
+    try:
+        _, record = integrator.forward(y0, [float(v) for v in t], control)
+        return record, integrator.stats
+    finally:
+        integrator.destroy()

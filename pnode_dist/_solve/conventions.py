@@ -15,7 +15,7 @@ import collections
 import torch
 from torch import nn
 
-from .errors import InputError
+from ..errors import InputError
 
 
 class Reversed(nn.Module):

@@ -15,7 +15,7 @@
 import atexit
 import ctypes
 
-from .startup import PETSc  # noqa: F401 - petsc4py's exit handler is registered first
+from .._distributed.startup import PETSc  # noqa: F401 - petsc4py's exit handler is registered first
 
 
 def at_finalize(handler):
