@@ -177,11 +177,10 @@ class TorchRHS(Recorder):
                                         retain_graph=True, allow_unused=True)
         if call.failed:
             return None
-        if self.nonfinite is None and not self.on_gpu:
-            for g in grads:
-                if g is not None and not self._finite(g, "a vector-Jacobian product of func",
-                                                      self._lin_t):
-                    break
+        if with_state and grads[0] is not None and self.nonfinite is None:
+            # The state part only (one reduction); the parameter part is checked once, in the
+            # gradient the adjoint returns.
+            self._finite(grads[0], "a vector-Jacobian product of func", self._lin_t)
         return grads
 
     def vjp_state(self, x, y):

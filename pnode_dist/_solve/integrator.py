@@ -516,6 +516,10 @@ class Integrator:
         grad_y0 = self.lam_view + grad_first
         if error is None and not bool(torch.isfinite(grad_y0).all()):
             error = (SYMPTOM, "the adjoint produced a non-finite gradient with respect to y0")
+        if error is None and self.mu is not None and not bool(
+                torch.isfinite(vec_view(self.mu, (self.mu.getLocalSize(),), "r").sum())):
+            error = (SYMPTOM, "the adjoint produced a non-finite gradient with respect to the "
+                     "parameters")
         raise_collectively(self.layout.comm, self._explained(error), SolverError, cause=cause)
         self.healthy = True
         grad_params = None
