@@ -28,7 +28,6 @@ import workflow  # noqa: E402
 
 import pnode_dist  # noqa: E402
 from pnode_dist import ODEBlock, allreduce_gradients, broadcast_parameters  # noqa: E402
-from pnode_dist import FileFormatError  # noqa: E402
 from pnode_dist.parallel import MPI  # noqa: E402
 
 
@@ -169,58 +168,57 @@ def main(argv=None):
     run.say(f"pnode_dist {pnode_dist.__version__}: {args.dataset} train={len(ytr)} "
             f"test={len(yte)} ranks={size} device={device} ({pnode_dist.parallel.PRECISION} "
             f"solver) ODE blocks (method/steps)={blocks}")
-    progress = {"batch": 0, "total_loss": 0.0, "history": []}
-    start_epoch, iteration = 1, 0
-    try:
-        resumed = run.resume()
-    except FileFormatError as exc:
-        return run.fail(exc)
-    if resumed is not None:
-        start_epoch, iteration = resumed["epoch"], resumed["iteration"]
-        progress = resumed["progress"]
-    history = progress["history"]
+    def loop(resumed):
+        progress = {"batch": 0, "total_loss": 0.0, "history": []}
+        start_epoch, iteration = 1, 0
+        if resumed is not None:
+            start_epoch, iteration = resumed["epoch"], resumed["iteration"]
+            progress = resumed["progress"]
+        history = progress["history"]
 
-    t_start = time.perf_counter()
-    with run:
-        try:
-            for epoch in range(start_epoch, args.epochs + 1):
-                first_batch = progress["batch"] if epoch == start_epoch else 0
-                total_loss = progress["total_loss"] if epoch == start_epoch else 0.0
-                t0 = time.perf_counter()
-                perm = torch.randperm(len(ytr),
-                                      generator=torch.Generator().manual_seed(args.seed + epoch))
-                model.train()
-                for b in run.bar(range(first_batch, nbatches), f"epoch {epoch}"):
-                    idx = perm[b * args.batch_size:(b + 1) * args.batch_size].to(device)
-                    lo, hi = workflow.shard(len(idx), rank, size)
-                    xb, yb = xtr[idx[lo:hi]], ytr[idx[lo:hi]]
-                    opt.zero_grad()
-                    # Sum of every rank's loss = mean over the global batch.
-                    loss = nn.functional.cross_entropy(model(xb), yb, reduction="sum") / len(idx)
-                    loss.backward()
-                    ode_stats = [dict(block.stats) for block in model.blocks]
-                    allreduce_gradients(model.outer_parameters())
-                    opt.step()
-                    total_loss += comm.allreduce(loss.item())
-                    iteration += 1
-                    run.after_iteration(iteration, epoch, {"batch": b + 1, "total_loss": total_loss,
-                                                           "history": history})
-                schedule.step()
-                model.eval()
-                train_loss = total_loss / nbatches
-                test_acc, test_loss = evaluate(model, xte, yte, comm)
-                elapsed = time.perf_counter() - t0
-                history.append({"epoch": epoch, "train_loss": train_loss, "test_loss": test_loss,
-                                "test_accuracy": test_acc, "seconds": elapsed})
-                run.say(f"epoch {epoch:3d}  train loss {train_loss:.4f}  test loss "
-                        f"{test_loss:.4f}  test acc {100 * test_acc:6.2f}%  time {elapsed:6.1f}s")
-                if args.verbose:
-                    for i, stats in enumerate(ode_stats):
-                        run.say(f"          ODE block {i + 1}: {ode_cli.format_stats(stats)}")
-                run.plot(history, [("cross-entropy", ["train_loss", "test_loss"], True),
-                                   ("test accuracy", ["test_accuracy"], False)])
-        except workflow.Stopped as stop:
-            return stop.exit_code
+        t_start = time.perf_counter()
+        for epoch in range(start_epoch, args.epochs + 1):
+            first_batch = progress["batch"] if epoch == start_epoch else 0
+            total_loss = progress["total_loss"] if epoch == start_epoch else 0.0
+            t0 = time.perf_counter()
+            perm = torch.randperm(len(ytr),
+                                  generator=torch.Generator().manual_seed(args.seed + epoch))
+            model.train()
+            for b in run.bar(range(first_batch, nbatches), f"epoch {epoch}"):
+                idx = perm[b * args.batch_size:(b + 1) * args.batch_size].to(device)
+                lo, hi = workflow.shard(len(idx), rank, size)
+                xb, yb = xtr[idx[lo:hi]], ytr[idx[lo:hi]]
+                opt.zero_grad()
+                # Sum of every rank's loss = mean over the global batch.
+                loss = nn.functional.cross_entropy(model(xb), yb, reduction="sum") / len(idx)
+                loss.backward()
+                ode_stats = [dict(block.stats) for block in model.blocks]
+                allreduce_gradients(model.outer_parameters())
+                opt.step()
+                total_loss += comm.allreduce(loss.item())
+                iteration += 1
+                run.after_iteration(iteration, epoch, {"batch": b + 1, "total_loss": total_loss,
+                                                       "history": history})
+            schedule.step()
+            model.eval()
+            train_loss = total_loss / nbatches
+            test_acc, test_loss = evaluate(model, xte, yte, comm)
+            elapsed = time.perf_counter() - t0
+            history.append({"epoch": epoch, "train_loss": train_loss, "test_loss": test_loss,
+                            "test_accuracy": test_acc, "seconds": elapsed})
+            run.say(f"epoch {epoch:3d}  train loss {train_loss:.4f}  test loss "
+                    f"{test_loss:.4f}  test acc {100 * test_acc:6.2f}%  time {elapsed:6.1f}s")
+            if args.verbose:
+                for i, stats in enumerate(ode_stats):
+                    run.say(f"          ODE block {i + 1}: {ode_cli.format_stats(stats)}")
+            run.plot(history, [("cross-entropy", ["train_loss", "test_loss"], True),
+                               ("test accuracy", ["test_accuracy"], False)])
+        return iteration, history, t_start
+
+    status, result = run.train(loop)
+    if status:
+        return status
+    iteration, history, t_start = result
     metrics, path = run.finish(
         iteration, args.epochs + 1, {"batch": 0, "total_loss": 0.0, "history": history},
         {"dataset": args.dataset, "ranks": size, "method": args.method, "steps": args.steps,

@@ -34,7 +34,6 @@ import workflow  # noqa: E402
 
 import pnode_dist  # noqa: E402
 from pnode_dist import ODEBlock, broadcast_parameters  # noqa: E402
-from pnode_dist import FileFormatError  # noqa: E402
 from pnode_dist.parallel import MPI  # noqa: E402
 
 
@@ -232,46 +231,46 @@ def main(argv=None):
     run.say(f"pnode_dist {pnode_dist.__version__}: CNF on {args.data} (dim {dim}), trace {trace}, "
             f"{size} ranks, batch {args.batch_size}, {args.method} "
             f"{args.steps or 'adaptive'} steps")
-    try:
-        resumed = run.resume()
-    except FileFormatError as exc:
-        return run.fail(exc)
-    start, history, window = 1, [], []       # window: training losses since the last evaluation
-    if resumed is not None:
-        start = resumed["iteration"] + 1
-        history, window = resumed["progress"]["history"], resumed["progress"]["window"]
-    sample = Sampler(args, train)
-    lo, hi = workflow.shard(args.batch_size, rank, size)
-    t_start, t_eval = time.perf_counter(), time.perf_counter()
-    with run:
-        try:
-            for it in run.bar(range(start, args.iterations + 1), "training",
-                              total=args.iterations - start + 1):
-                x = sample(hi - lo)
-                if trace == "hutchinson":
-                    model.dynamics.set_noise(hi - lo, x.dtype)
-                opt.zero_grad()
-                loss = -model.log_prob(x).sum() / args.batch_size
-                loss.backward()         # the ODE block sums the parameter gradients over ranks
-                opt.step()
-                sched.step()
-                window.append(comm.allreduce(loss.item()))
-                if it % args.eval_every == 0 or it == args.iterations:
-                    nll = test_nll(model, test, comm)
-                    elapsed = time.perf_counter() - t_eval
-                    history.append({"iteration": it, "train_nll": sum(window) / len(window),
-                                    "test_nll": nll, "seconds": elapsed,
-                                    "steps": model.flow.stats.get("steps")})
-                    run.say(f"iteration {it:5d}  train nll {history[-1]['train_nll']:.4f}  "
-                            f"test nll {nll:.4f} nats  ({elapsed:.1f}s)")
-                    if args.verbose:
-                        run.say(f"          ODE: {ode_cli.format_stats(model.flow.stats)}")
-                    run.plot(history, [("negative log-likelihood (nats)",
-                                        ["train_nll", "test_nll"], False)], x="iteration")
-                    t_eval, window = time.perf_counter(), []
-                run.after_iteration(it, 1, {"history": history, "window": window})
-        except workflow.Stopped as stop:
-            return stop.exit_code
+
+    def loop(resumed):
+        start, history, window = 1, [], []   # window: training losses since the last evaluation
+        if resumed is not None:
+            start = resumed["iteration"] + 1
+            history, window = resumed["progress"]["history"], resumed["progress"]["window"]
+        sample = Sampler(args, train)
+        lo, hi = workflow.shard(args.batch_size, rank, size)
+        t_start, t_eval = time.perf_counter(), time.perf_counter()
+        for it in run.bar(range(start, args.iterations + 1), "training",
+                          total=args.iterations - start + 1):
+            x = sample(hi - lo)
+            if trace == "hutchinson":
+                model.dynamics.set_noise(hi - lo, x.dtype)
+            opt.zero_grad()
+            loss = -model.log_prob(x).sum() / args.batch_size
+            loss.backward()         # the ODE block sums the parameter gradients over ranks
+            opt.step()
+            sched.step()
+            window.append(comm.allreduce(loss.item()))
+            if it % args.eval_every == 0 or it == args.iterations:
+                nll = test_nll(model, test, comm)
+                elapsed = time.perf_counter() - t_eval
+                history.append({"iteration": it, "train_nll": sum(window) / len(window),
+                                "test_nll": nll, "seconds": elapsed,
+                                "steps": model.flow.stats.get("steps")})
+                run.say(f"iteration {it:5d}  train nll {history[-1]['train_nll']:.4f}  "
+                        f"test nll {nll:.4f} nats  ({elapsed:.1f}s)")
+                if args.verbose:
+                    run.say(f"          ODE: {ode_cli.format_stats(model.flow.stats)}")
+                run.plot(history, [("negative log-likelihood (nats)",
+                                    ["train_nll", "test_nll"], False)], x="iteration")
+                t_eval, window = time.perf_counter(), []
+            run.after_iteration(it, 1, {"history": history, "window": window})
+        return history, window, t_start
+
+    status, result = run.train(loop)
+    if status:
+        return status
+    history, window, t_start = result
     nll = history[-1]["test_nll"] if history else test_nll(model, test, comm)
     if dim == 2:
         plot_density(model, test, run.out / "density.png", comm)

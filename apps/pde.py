@@ -39,7 +39,6 @@ import workflow  # noqa: E402
 
 import pnode_dist  # noqa: E402
 from pnode_dist import Grid, broadcast_parameters, odeint  # noqa: E402
-from pnode_dist import FileFormatError  # noqa: E402
 from pnode_dist.parallel import MPI  # noqa: E402
 
 EXTENT, DIFFUSION, BETA = 10.0, 0.1, 1.0
@@ -191,14 +190,6 @@ def main(argv=None):
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=args.iterations)
     run = workflow.TrainingSession(args, comm, model, opt, sched)
-    try:
-        resumed = run.resume()
-    except FileFormatError as exc:
-        return run.fail(exc)
-    start, history, window_losses = 1, [], []
-    if resumed is not None:
-        start = resumed["iteration"] + 1
-        history, window_losses = resumed["progress"]["history"], resumed["progress"]["window"]
     options = {"step_size": 0.5 / args.steps_per_snapshot}
     cells = 2 * args.grid ** 2
 
@@ -211,39 +202,47 @@ def main(argv=None):
             pred = rollout(n_train - 1, args.snapshots - n_train)
         return relative_error(pred, data[n_train:], comm), pred
 
-    t_eval = time.perf_counter()
-    with run:
-        try:
-            for it in run.bar(range(start, args.iterations + 1), "training",
-                              total=args.iterations - start + 1):
-                first = int(torch.randint(0, n_train - args.window, ()))
-                opt.zero_grad()
-                stats = {}
-                pred = rollout(first, args.window, checkpointing=policy, stats=stats)
-                target = data[first + 1:first + 1 + args.window]
-                loss = ((pred - target) ** 2).sum() / (cells * args.window)
-                loss.backward()          # the grid layout sums the parameter gradients over ranks
-                opt.step()
-                sched.step()
-                window_losses.append(comm.allreduce(loss.item()))
-                if it % args.eval_every == 0 or it == args.iterations:
-                    err, _ = held_out_error()
-                    history.append({"iteration": it,
-                                    "train_mse": sum(window_losses) / len(window_losses),
-                                    "held_out_relative_error": err,
-                                    "seconds": time.perf_counter() - t_eval})
-                    run.say(f"iteration {it:5d}  train mse {history[-1]['train_mse']:.3e}  "
-                            f"held-out relative error {err:.3e}  "
-                            f"({history[-1]['seconds']:.1f}s)")
-                    if args.verbose:
-                        run.say(f"          ODE: {ode_cli.format_stats(stats)}")
-                    run.plot(history, [("train MSE", ["train_mse"], True),
-                                       ("held-out relative L2 error",
-                                        ["held_out_relative_error"], True)], x="iteration")
-                    t_eval, window_losses = time.perf_counter(), []
-                run.after_iteration(it, 1, {"history": history, "window": window_losses})
-        except workflow.Stopped as stop:
-            return stop.exit_code
+    def loop(resumed):
+        start, history, window_losses = 1, [], []
+        if resumed is not None:
+            start = resumed["iteration"] + 1
+            history = resumed["progress"]["history"]
+            window_losses = resumed["progress"]["window"]
+        t_eval = time.perf_counter()
+        for it in run.bar(range(start, args.iterations + 1), "training",
+                          total=args.iterations - start + 1):
+            first = int(torch.randint(0, n_train - args.window, ()))
+            opt.zero_grad()
+            stats = {}
+            pred = rollout(first, args.window, checkpointing=policy, stats=stats)
+            target = data[first + 1:first + 1 + args.window]
+            loss = ((pred - target) ** 2).sum() / (cells * args.window)
+            loss.backward()          # the grid layout sums the parameter gradients over ranks
+            opt.step()
+            sched.step()
+            window_losses.append(comm.allreduce(loss.item()))
+            if it % args.eval_every == 0 or it == args.iterations:
+                err, _ = held_out_error()
+                history.append({"iteration": it,
+                                "train_mse": sum(window_losses) / len(window_losses),
+                                "held_out_relative_error": err,
+                                "seconds": time.perf_counter() - t_eval})
+                run.say(f"iteration {it:5d}  train mse {history[-1]['train_mse']:.3e}  "
+                        f"held-out relative error {err:.3e}  "
+                        f"({history[-1]['seconds']:.1f}s)")
+                if args.verbose:
+                    run.say(f"          ODE: {ode_cli.format_stats(stats)}")
+                run.plot(history, [("train MSE", ["train_mse"], True),
+                                   ("held-out relative L2 error",
+                                    ["held_out_relative_error"], True)], x="iteration")
+                t_eval, window_losses = time.perf_counter(), []
+            run.after_iteration(it, 1, {"history": history, "window": window_losses})
+        return history, window_losses
+
+    status, result = run.train(loop)
+    if status:
+        return status
+    history, window_losses = result
     err, pred = held_out_error()
     plot_fields(grid, data[-1], pred[-1], run.out / "fields.png")
     dx = 2 * EXTENT / args.grid

@@ -26,7 +26,6 @@ import torch
 from torch import nn
 
 from pnode_dist import InputError, SolverError, broadcast_parameters, odeint
-from pnode_dist import FileFormatError
 from pnode_dist.parallel import MPI
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -168,38 +167,37 @@ def main(argv=None):
     run = workflow.TrainingSession(args, comm, model, opt, sched)
     run.say(f"Robertson: {args.trajectories} trajectories over {size} ranks, {args.points} "
             f"log-time points, {args.method} ({args.linear_solver} Newton)")
-    try:
-        resumed = run.resume()
-    except FileFormatError as exc:
-        return run.fail(exc)
-    start, history = 1, []
-    if resumed is not None:
-        start, history = resumed["iteration"] + 1, resumed["progress"]["history"]
-    t0 = time.perf_counter()
-    report_every = max(1, args.iterations // 10)
-    with run:
-        try:
-            for it in run.bar(range(start, args.iterations + 1), "training",
-                              total=args.iterations - start + 1):
-                opt.zero_grad()
-                stats = {}
-                z = odeint(model, z_data[0], taus, method=args.method, options=opts,
-                           checkpointing=policy, stats=stats, prefix="stiff_")
-                loss = ((z - z_data) ** 2).sum() / (args.trajectories * args.points)
-                loss.backward()
-                opt.step()
-                sched.step()
-                total = comm.allreduce(loss.item())
-                history.append({"iteration": it, "loss": total})
-                if it % report_every == 0 or it == 1:
-                    run.say(f"iteration {it:4d}  loss {total:.3e}  "
-                            f"({time.perf_counter() - t0:.1f}s)")
-                    if args.verbose:
-                        run.say(f"          ODE: {ode_cli.format_stats(stats)}")
-                    run.plot(history, [("loss (scaled species)", ["loss"], True)], x="iteration")
-                run.after_iteration(it, 1, {"history": history})
-        except workflow.Stopped as stop:
-            return stop.exit_code
+    def loop(resumed):
+        start, history = 1, []
+        if resumed is not None:
+            start, history = resumed["iteration"] + 1, resumed["progress"]["history"]
+        t0 = time.perf_counter()
+        report_every = max(1, args.iterations // 10)
+        for it in run.bar(range(start, args.iterations + 1), "training",
+                          total=args.iterations - start + 1):
+            opt.zero_grad()
+            stats = {}
+            z = odeint(model, z_data[0], taus, method=args.method, options=opts,
+                       checkpointing=policy, stats=stats, prefix="stiff_")
+            loss = ((z - z_data) ** 2).sum() / (args.trajectories * args.points)
+            loss.backward()
+            opt.step()
+            sched.step()
+            total = comm.allreduce(loss.item())
+            history.append({"iteration": it, "loss": total})
+            if it % report_every == 0 or it == 1:
+                run.say(f"iteration {it:4d}  loss {total:.3e}  "
+                        f"({time.perf_counter() - t0:.1f}s)")
+                if args.verbose:
+                    run.say(f"          ODE: {ode_cli.format_stats(stats)}")
+                run.plot(history, [("loss (scaled species)", ["loss"], True)], x="iteration")
+            run.after_iteration(it, 1, {"history": history})
+        return history, t0
+
+    status, result = run.train(loop)
+    if status:
+        return status
+    history, t0 = result
     final_state = run.save(args.iterations, 1, {"history": history})
     run.plot(history, [("loss (scaled species)", ["loss"], True)], x="iteration")
     with torch.no_grad():

@@ -21,6 +21,7 @@ import uuid
 from pathlib import Path
 
 from pnode_dist.training import state as training_state
+from pnode_dist import FileFormatError
 from pnode_dist.parallel import MPI
 from pnode_dist.training.preemption import REQUEUE_EXIT_CODE, StopSignals
 
@@ -446,6 +447,22 @@ class TrainingSession:
         if self._lock is not None:
             os.close(self._lock)
             self._lock = None
+
+    def train(self, loop):
+        """What every app's training shares: start the run (`resume`; a --resume file that is
+        missing or damaged is a one-line error), run `loop(resumed)` under the stop signals,
+        and turn a stop into its exit status. Returns (status, what loop returned): status 0
+        when the loop ran to its end, 75 (REQUEUE_EXIT_CODE) when a stop signal saved the
+        state, 2 when the run could not start."""
+        try:
+            resumed = self.resume()
+        except FileFormatError as exc:
+            return self.fail(exc), None
+        with self:
+            try:
+                return 0, loop(resumed)
+            except Stopped as stop:
+                return stop.exit_code, None
 
     def after_iteration(self, iteration, epoch, progress):
         """Call on every rank after each optimizer step: saves every --save-every iterations,
