@@ -8,19 +8,19 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
+from ._distributed.collective import next_call, raise_collectively, resolve_comm
+from ._distributed.layout import BatchLayout
 from ._reversal.autograd import OdeintFunction
+from ._reversal.strategies import ReplayAll, solve_without_gradient
 from ._solve import conventions
-from .checkpointing import Checkpointing
 from ._solve.device import check_device
+from ._solve.integrator import IntegratorPool, StepControl
+from ._solve.lifetime import at_finalize
+from ._solve.options import freeze
+from .checkpointing import Checkpointing
 from .errors import InputError
 from .grid import Grid, GridLayout
-from ._distributed.layout import BatchLayout
-from ._solve.lifetime import at_finalize
 from .methods import SETUP_OPTIONS, get_method
-from ._solve.options import freeze
-from ._distributed.collective import next_call, raise_collectively, resolve_comm
-from ._reversal.strategies import ReplayAll, solve_without_gradient
-from ._solve.integrator import IntegratorPool, StepControl
 
 OPTION_KEYS = ("step_size", "first_step", "min_step", "max_step", "max_num_steps") + SETUP_OPTIONS
 # torchdiffeq's options with no counterpart here, and what to do instead.

@@ -5,10 +5,10 @@ from dataclasses import dataclass
 from typing import Optional
 
 from . import _h5format as h5format
+from ._reversal.store import DeviceTier, DiskTier, MemoryTier, PinnedHostTier, Tier  # noqa: F401
+from ._reversal.strategies import Revolve, StoreAll, Uniform
 from ._solve.device import SOLVER_ITEMSIZE
 from .errors import InputError
-from ._reversal.strategies import Revolve, StoreAll, Uniform
-from ._reversal.store import DeviceTier, DiskTier, MemoryTier, PinnedHostTier, Tier  # noqa: F401
 
 STRATEGIES = {"binomial": Revolve, "uniform": Uniform}
 

@@ -27,10 +27,10 @@ import weakref
 import torch
 from torch import nn
 
-from .errors import InputError
+from ._distributed.collective import MPI, PETSc, raise_collectively, resolve_comm
 from ._distributed.layout import Layout
 from ._solve.lifetime import at_finalize
-from ._distributed.collective import MPI, PETSc, raise_collectively, resolve_comm
+from .errors import InputError
 
 
 class Grid:

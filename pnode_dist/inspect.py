@@ -17,8 +17,8 @@ import sys
 
 import numpy as np
 
-from .errors import FileFormatError
 from ._h5format import CHECKPOINT_FORMAT, FORMAT_PREFIX, TRAINING_STATE_FORMAT
+from .errors import FileFormatError
 from .training.state import MAGIC, open_regular, verify
 
 

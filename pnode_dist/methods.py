@@ -11,11 +11,11 @@ import torch
 from torch import nn
 
 from ._solve import tableaus as tab
-from ._solve.tableaus import ButcherTableau, from_fractions  # noqa: F401 - for new methods
 from ._solve.explicit import TorchRHS
-from .errors import InputError
 from ._solve.implicit import TorchIFunction
 from ._solve.rk_register import ensure_registered
+from ._solve.tableaus import ButcherTableau, from_fractions  # noqa: F401 - for new methods
+from .errors import InputError
 
 LINEAR_SOLVERS = ("gmres", "exact")
 # The options of odeint's `options` dict that set up a TS (the others control the steps).

@@ -4,8 +4,8 @@ over ranks). How the forward states are kept for the adjoint is the business of 
 reversal strategy (reversal.py)."""
 import torch
 
-from .._solve.device import SOLVER_DTYPE
 from .._distributed.collective import allreduce_sum, check_phase
+from .._solve.device import SOLVER_DTYPE
 
 
 class OdeintFunction(torch.autograd.Function):

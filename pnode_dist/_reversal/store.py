@@ -17,8 +17,8 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from .. import _h5format as h5format
-from .._solve.device import SOLVER_DTYPE
 from .._distributed.collective import SYMPTOM
+from .._solve.device import SOLVER_DTYPE
 
 
 class _Damaged(Exception):

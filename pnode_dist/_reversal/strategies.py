@@ -16,9 +16,9 @@ solve_without_gradient: a forward solve on a trajectory-free Integrator.
 """
 import time
 
+from .._distributed.collective import raise_collectively
 from .._solve.device import SOLVER_DTYPE
 from ..errors import SolverError
-from .._distributed.collective import raise_collectively
 from .schedule import Placement, plan_advances, reversal_plan
 from .store import CheckpointStore
 

@@ -12,8 +12,8 @@ it.
 import numpy as np
 import torch
 
-from ..errors import InputError
 from .._distributed.startup import PETSc
+from ..errors import InputError
 
 SOLVER_DTYPE = torch.from_numpy(np.zeros(0, PETSc.ScalarType)).dtype
 SOLVER_ITEMSIZE = torch.finfo(SOLVER_DTYPE).bits // 8

@@ -15,16 +15,16 @@ from typing import List
 
 import torch
 
-from .explicit import GraphStore, ParamJacobianMat, StateJacobianMat
-from .views import touch, vec_view
-from .device import SOLVER_DTYPE, vec_type
-from ..errors import InputError, SolverError
-from .guard import guarded
-from .lifetime import keep_forever
-from .implicit import BlockJacobianPC, IJacobianMat, IJacobianPMat
-from .options import layered_options
 from .._distributed.collective import (CAUSE, CONSEQUENCE, SYMPTOM, PETSc, allreduce_sum,
                                       raise_collectively)
+from ..errors import InputError, SolverError
+from .device import SOLVER_DTYPE, vec_type
+from .explicit import GraphStore, ParamJacobianMat, StateJacobianMat
+from .guard import guarded
+from .implicit import BlockJacobianPC, IJacobianMat, IJacobianPMat
+from .lifetime import keep_forever
+from .options import layered_options
+from .views import touch, vec_view
 
 # Times within this relative distance are the same time (PETSc's times have its precision).
 _REL_TIME_TOL = max(1e-12, 64 * torch.finfo(SOLVER_DTYPE).eps)

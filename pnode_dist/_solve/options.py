@@ -6,8 +6,8 @@ other solvers.
 """
 from contextlib import contextmanager
 
-from ..errors import InputError
 from .._distributed.startup import PETSc
+from ..errors import InputError
 
 
 def _normalise(key):

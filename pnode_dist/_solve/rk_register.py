@@ -10,9 +10,9 @@ import ctypes
 
 import numpy as np
 
+from .._distributed.startup import PETSc
 from ..errors import InputError
 from .tableaus import ButcherTableau
-from .._distributed.startup import PETSc
 
 _registered = set()
 

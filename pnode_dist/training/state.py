@@ -36,9 +36,9 @@ import stat
 import numpy as np
 import torch
 
-from ..errors import FileFormatError
 from .._h5format import TRAINING_STATE_FORMAT as FORMAT
 from .._h5format import utc_now
+from ..errors import FileFormatError
 
 VERSION = 2
 _PATTERN = "state-{:010d}.h5"
