@@ -271,7 +271,7 @@ class DiskTier(Tier):
             _, (_, future) = self.writes.popitem(last=False)
             try:
                 future.result()
-            except Exception as exc:  # noqa: BLE001 - reported collectively by the run
+            except Exception as exc:  # noqa: BLE001 - reported collectively by the strategy
                 self._failed(exc, "writing")
 
     def put(self, pos, state, meta):
