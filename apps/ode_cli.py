@@ -1,5 +1,7 @@
 """Command-line options the apps share for their ODE blocks: the checkpointing policy and the
 verbose report of what the last backward pass did."""
+import os
+
 import pnode_dist
 from pnode_dist import METHODS
 from workflow import directory, nonnegative_int, positive_int
@@ -26,8 +28,10 @@ def add_checkpoint_arguments(parser):
                    help="checkpoints kept at once (y0 included); default: what the budgets hold")
     g.add_argument("--host-bytes", type=nonnegative_int, default=None,
                    help="host-memory budget per rank")
-    g.add_argument("--disk-dir", type=directory, default=None,
-                   help="directory for the HDF5 tier (checkpoints beyond the host budget)")
+    g.add_argument("--disk-dir", type=directory, default=os.environ.get("PNODE_SCRATCH"),
+                   help="directory for the HDF5 tier (checkpoints beyond the host budget); "
+                        "default $PNODE_SCRATCH, which jobscripts/run_app.sh sets to the job's "
+                        "node-local scratch")
     g.add_argument("--keep-checkpoints", action="store_true",
                    help="keep the HDF5 checkpoint files for pnode-inspect")
     g.add_argument("--verbose", action="store_true",
@@ -42,7 +46,9 @@ def check_checkpoint_arguments(parser, args):
     if args.checkpoint in ("uniform", "binomial") and args.slots is None \
             and (args.host_bytes is None or args.disk_dir is not None):
         parser.error(f"--checkpoint {args.checkpoint} needs --slots, or --host-bytes without "
-                     "--disk-dir (an unbounded disk tier gives no slot count)")
+                     "--disk-dir (an unbounded disk tier gives no slot count)"
+                     + (f"; --disk-dir is {args.disk_dir} from $PNODE_SCRATCH"
+                        if args.disk_dir == os.environ.get("PNODE_SCRATCH") else ""))
     if args.keep_checkpoints and args.disk_dir is None:
         parser.error("--keep-checkpoints keeps the HDF5 files of --disk-dir: give --disk-dir")
     try:

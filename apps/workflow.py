@@ -284,6 +284,7 @@ class TrainingSession:
         self.out = Path(args.out)
         self.state_dir = Path(args.state_dir or self.out / "state")
         self.signals = StopSignals()
+        self.hosts = comm.allgather(socket.gethostname())   # rank -> host, in metrics.json
         self.run_id = None                      # set by resume()
         self._lock = None                       # rank 0: the fd holding STATE_DIR/.lock
         self._plot_warned = set()
@@ -333,14 +334,15 @@ class TrainingSession:
         plt.close(fig)
 
     def write_metrics(self, metrics):
-        """OUT/metrics.json (collective: rank 0 writes it atomically, with the run id and the
-        run's arguments added); returns its path. RunError on every rank when it fails."""
+        """OUT/metrics.json (collective: rank 0 writes it atomically, with the run id, each
+        rank's host name and the run's arguments added); returns its path. RunError on every rank when it fails."""
         path = self.out / "metrics.json"
 
         def write():
             self.out.mkdir(parents=True, exist_ok=True)
             _write_atomically(path, json.dumps(
-                {**metrics, "run_id": self.run_id, "args": vars(self.args)}, indent=2,
+                {**metrics, "run_id": self.run_id, "hosts": self.hosts,
+                 "args": vars(self.args)}, indent=2,
                 default=str))
         on_rank0(self.comm, write, what=f"cannot write {path}", exit_code=1)
         return path
@@ -365,6 +367,9 @@ class TrainingSession:
             raise RuntimeError("TrainingSession.resume() is called once, at the start")
         try:
             run_id, path, notes = on_rank0(self.comm, self._start)
+            if len(set(self.hosts)) > 1:
+                self.say(f"ranks on {len(set(self.hosts))} hosts: " + ", ".join(
+                    f"{host} ({self.hosts.count(host)})" for host in dict.fromkeys(self.hosts)))
             for note in notes:
                 self.say(note)
             if path is None:

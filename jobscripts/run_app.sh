@@ -6,6 +6,14 @@
 # - Launcher: PNODE_LAUNCHER=srun (default; one task per MPI rank, PMI2) or mpiexec (MPICH's
 #   Hydra, which starts its proxies through SLURM inside the allocation).
 # - Environment: the virtual environment $PNODE_VENV (default .venv in the submit directory).
+# - Files: training states and outputs go to the shared file system (above); the HDF5 tier of
+#   the checkpoints (used beyond --host-bytes) goes to node-local scratch, $PNODE_SCRATCH =
+#   ${PNODE_LOCAL_DIR:-${TMPDIR:-/tmp}}/pnode-<job id>, the same path on every node, made on
+#   every node before the launch and removed from every node at the end (--disk-dir overrides).
+# - A lost node: when the launch fails and a node of the job no longer answers, the job waits
+#   for SLURM to notice (it cancels the job with NODE_FAIL and requeues it, see #SBATCH
+#   --requeue) and requeues itself if SLURM has not after twice its SlurmdTimeout; the next
+#   start resumes from the newest valid training state on whatever nodes it gets.
 # - Stopping early: SIGUSR1 (from `#SBATCH --signal=B:USR1@<seconds>`) or SIGTERM (the time
 #   limit) reaching this script is forwarded to the app, which saves its training state at the
 #   next iteration and exits with status 75. The job then requeues itself (`scontrol requeue`,
@@ -54,8 +62,22 @@ case ${PNODE_LAUNCHER:-srun} in
            launch=(mpiexec -n "$SLURM_NTASKS") ;;
   *)       echo "PNODE_LAUNCHER must be srun or mpiexec, not '$PNODE_LAUNCHER'" >&2; exit 2 ;;
 esac
+nodes=${SLURM_JOB_NUM_NODES:-1}
+on_every_node() {                # one task per node of the job, bounded in time
+  timeout "$1" srun --nodes="$nodes" --ntasks="$nodes" --ntasks-per-node=1 --kill-on-bad-exit=1 \
+    "${@:2}"
+}
+limit=$(scontrol show config 2>/dev/null | awk '$1 == "SlurmdTimeout" {print 2 * $3}')
+limit=${limit:-600}              # how long a lost node may go unnoticed by SLURM
+export PNODE_SCRATCH=${PNODE_LOCAL_DIR:-${TMPDIR:-/tmp}}/pnode-$SLURM_JOB_ID
+remove_scratch() { on_every_node 60 rm -rf "$PNODE_SCRATCH" >/dev/null 2>&1; }
+trap remove_scratch EXIT
+on_every_node 120 mkdir -p "$PNODE_SCRATCH" \
+  || { echo "cannot create the node-local scratch $PNODE_SCRATCH on every node" >&2; exit 2; }
+
 echo "job $SLURM_JOB_ID (start $(( ${SLURM_RESTART_COUNT:-0} + 1 ))) on ${SLURM_JOB_NODELIST:-?}:" \
-     "$app with ${SLURM_NTASKS:-?} ranks via ${launch[0]}, output in $out"
+     "$app with ${SLURM_NTASKS:-?} ranks via ${launch[0]}, output in $out," \
+     "node-local scratch $PNODE_SCRATCH"
 
 "${launch[@]}" python "apps/$app.py" --out "$out" --no-progress --resume auto "$@" &
 app_pid=$!
@@ -70,6 +92,18 @@ done
 if [ -f "$out/metrics.json" ] && [ "$status" -eq 0 ]; then
   echo "$app finished: $out/metrics.json"
   exit 0
+fi
+lost_node() {                    # true when a node of this job no longer answers
+  [ "$nodes" -gt 1 ] && ! on_every_node 60 true >/dev/null 2>&1
+}
+if [ "$status" -ne 0 ] && [ "$status" -ne 75 ] && [ -z "$stop_signal" ] && lost_node; then
+  echo "$app ended with status $status and a node of job $SLURM_JOB_ID does not answer:" \
+       "waiting up to $limit s for SLURM to requeue the job"
+  for (( waited = 0; waited < limit; waited++ )); do
+    [ -z "$stop_signal" ] || exit 0    # SLURM cancelled the job (NODE_FAIL) and requeues it
+    sleep 1
+  done
+  stop_signal=NODE                 # SLURM did not: requeue below
 fi
 if [ "$status" -eq 75 ] || [ -n "$stop_signal" ]; then
   echo "$app stopped before the end (status $status): requeueing job $SLURM_JOB_ID"
