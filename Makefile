@@ -29,6 +29,7 @@ bench: setup
 	$(PY) benchmarks/grid_scaling.py
 	$(PY) benchmarks/precision.py
 	$(PY) benchmarks/faults.py
+	$(PY) benchmarks/multinode.py
 	$(PY) benchmarks/state_fuzz.py
 
 # A relocatable CUDA PETSc + petsc4py for GPU nodes, built here without a GPU (tools/gpu_bundle.sh).

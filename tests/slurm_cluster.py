@@ -390,6 +390,22 @@ class NetworkCluster(SlurmCluster):
             _kill(int(pid), signal.SIGKILL)
         self.slurmd[node].wait(timeout=10)
 
+    def wait_restarted(self, job_id, timeout):
+        """Wait until the job, requeued, has left the queue again (its next start); returns
+        its fields then. (A requeued job counts the restart while its first start is still
+        completing, then waits in PENDING for at least cred_expire seconds.)"""
+        deadline = time.monotonic() + timeout
+        requeued = False
+        while time.monotonic() < deadline:
+            info = self.job(job_id)
+            state = info.get("JobState")
+            requeued = requeued or (state == "PENDING" and int(info.get("Restarts") or 0) >= 1)
+            if requeued and state != "PENDING":
+                return info
+            time.sleep(0.1)
+        raise TimeoutError(f"job {job_id} did not run again in {timeout}s: {self.job(job_id)}\n"
+                           f"{self.log('slurmctld')}")
+
     def restart_node(self, node, timeout=60):
         """The node boots again (its scratch empty): a new slurmd on the same address; returns
         when SLURM has it back in service (ReturnToService=2)."""
