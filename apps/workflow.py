@@ -335,7 +335,8 @@ class TrainingSession:
 
     def write_metrics(self, metrics):
         """OUT/metrics.json (collective: rank 0 writes it atomically, with the run id, each
-        rank's host name and the run's arguments added); returns its path. RunError on every rank when it fails."""
+        rank's host name and the run's arguments added); returns its path. RunError on every
+        rank when it fails."""
         path = self.out / "metrics.json"
 
         def write():

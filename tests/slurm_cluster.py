@@ -60,6 +60,7 @@ class SlurmCluster:
         self.nodes = ["localhost"]
         self.controller = "localhost"
         self.slurmd_timeout = 300
+        self.kill_wait = 10                     # SIGTERM -> SIGKILL when a job is cancelled
 
     def log(self, name):
         """The tail of a daemon's log (slurmctld, slurmd.<node>, munged)."""
@@ -142,7 +143,7 @@ SchedulerType=sched/builtin
 SchedulerParameters=batch_sched_delay=0,sched_interval=1
 ReturnToService=2
 JobRequeue=1
-KillWait=10
+KillWait={self.kill_wait}
 MinJobAge=300
 SlurmdTimeout={self.slurmd_timeout}
 MessageTimeout=5
@@ -328,6 +329,7 @@ class NetworkCluster(SlurmCluster):
         self.controller_address = f"{subnet}.1"
         self.controller = f"{socket.gethostname()}({self.controller_address})"
         self.cpus, self.slurmd_timeout, self.scratch_mib = cpus, slurmd_timeout, scratch_mib
+        self.kill_wait = 3
         self.scratch = self.dir / "scratch"      # empty here; a tmpfs inside each node
         self.scratch.mkdir()
         self.slurmd = {}

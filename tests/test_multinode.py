@@ -169,6 +169,17 @@ def test_node_failure_requeues_and_resumes_exactly(cluster, tmp_path, classify_r
     assert not list(state_dir.glob("*.tmp")), list(state_dir.iterdir())
 
 
+def test_app_error_on_two_nodes_fails_the_job(cluster, tmp_path):
+    """An error of the app itself, every node alive: the job fails with the app's status and
+    is not requeued (run_app.sh's lost-node check finds both nodes answering)."""
+    job = _submit(cluster, tmp_path, "classify-multinode.sbatch", "--quick", "--resume",
+                  str(tmp_path / "missing.h5"))
+    info = cluster.wait(job, timeout=120)
+    log = (tmp_path / f"slurm-{job}.out").read_text()
+    assert info["JobState"] == "FAILED" and info["ExitCode"] == "2:0", log
+    assert info["Restarts"] == "0" and "does not answer" not in log, log
+
+
 def test_a_killed_test_run_leaves_nothing(tmp_path):
     """A test process SIGKILLed with its cluster up: the next cluster's start removes that
     cluster's daemons, namespaces, links and directory (remove_stale_clusters)."""
