@@ -12,7 +12,6 @@ the most steps / at the fewest (flat: <= 1.05), disk / memory time (<= 1.2).
 """
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -21,6 +20,8 @@ import time
 
 import torch
 from torch import nn
+
+from front import status_bytes
 
 DIM, HIDDEN = 64, 128
 
@@ -80,7 +81,7 @@ def child(mode, steps, slots, batch, reps):
         out = {"time": statistics.median(times),
                "recomputed": stats.get("recomputed_steps", 0),
                "store_mib": stats.get("host_bytes_peak", 0) / 2 ** 20}
-    out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    out["peak_rss_mib"] = status_bytes("VmHWM") / 2 ** 20
     print(json.dumps(out))
 
 

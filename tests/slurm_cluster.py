@@ -1,12 +1,16 @@
-"""A real single-node SLURM on localhost for the job-script tests, started from Debian's
-slurmctld, slurmd and munge in a temporary directory and torn down by PID.
+"""Real SLURM clusters for the tests, started from Debian's slurmctld, slurmd and munge in a
+temporary directory and torn down by PID (and, for namespaces and links, by name):
+SlurmCluster, one node on localhost (the job-script tests); NetworkCluster, several nodes made
+of network, UTS, mount, IPC and PID namespaces on a bridge (the multi-node tests).
 
 Facts this relies on (measured on the project's machines): munged needs its socket in a
 directory whose parents are all world-searchable (a short /tmp dir of mode 755; the key's dir
 0700); RealMemory must not exceed what `slurmd -C` reports; slurmd starts with `-N localhost`;
 MpiDefault=pmi2 for srun MPI launches; batch_sched_delay=0 starts jobs within about a second;
 a requeued job may start again after cred_expire seconds, but only at the next pass of the main
-scheduler (sched_interval, 60 s by default: 1 s here).
+scheduler (sched_interval, 60 s by default: 1 s here); a node whose slurmd stops answering
+is marked down after SlurmdTimeout plus a ping period, its jobs cancelled (NODE_FAIL) and, with
+--requeue, requeued; a restarted slurmd returns it to service (ReturnToService=2).
 """
 import os
 import re
