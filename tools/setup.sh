@@ -13,9 +13,10 @@ say() { echo "[setup] $*"; }
 
 # 1. Debian packages: MPICH, LAPACK/BLAS, patchelf (PETSc's wheel install uses it), the
 #    Fashion-MNIST data set (IDX files under /usr/share/datasets/fashion-mnist) for the apps, and
-#    SLURM + munge for the job-script tests (they start their own daemons; none is enabled here).
+#    SLURM + munge for the job-script tests (they start their own daemons; none is enabled here),
+#    iproute2 and util-linux (ip, nsenter, unshare) for the multi-node tests' namespaces.
 DEB_PKGS="mpich libmpich-dev liblapack-dev libblas-dev patchelf dataset-fashion-mnist
-          slurmctld slurmd slurm-client munge"
+          slurmctld slurmd slurm-client munge iproute2 util-linux"
 missing=""
 for p in $DEB_PKGS; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
 if [ -n "$missing" ]; then
