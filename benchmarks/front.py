@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from memory import status_bytes  # noqa: E402
 from overhead import MLP, replay_limit  # noqa: E402
 
 BATCH, DIM = 256, 32
@@ -74,16 +75,6 @@ def _case():
     torch.set_num_threads(1)
     torch.manual_seed(0)
     return MLP(DIM).double(), torch.randn(BATCH, DIM, dtype=torch.float64)
-
-
-def status_bytes(field):
-    """VmRSS (now) or VmHWM (high-water mark) of this process. Not getrusage's ru_maxrss: Linux
-    carries that over an exec, so a child would report its parent's peak when it was forked."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no {field} in /proc/self/status")
 
 
 def memory_child(name, steps):

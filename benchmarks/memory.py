@@ -21,9 +21,17 @@ import time
 import torch
 from torch import nn
 
-from front import status_bytes
-
 DIM, HIDDEN = 64, 128
+
+
+def status_bytes(field):
+    """VmRSS (now) or VmHWM (high-water mark) of this process. Not getrusage's ru_maxrss: Linux
+    carries that over an exec, so a child would report its parent's peak when it was forked."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
 
 
 class MLP(nn.Module):
