@@ -110,8 +110,9 @@ def _control(options, rtol, atol, store_graphs):
     for name, v in (("rtol", rtol), ("atol", atol)):
         if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
             raise InputError(f"{name} must be a positive number; got {v!r}")
-    if not isinstance(store_graphs, bool):
-        raise InputError(f"store_graphs must be True or False; got {store_graphs!r}")
+    if store_graphs is not None and not isinstance(store_graphs, bool):
+        raise InputError(f"store_graphs must be True, False or None (the checkpointing policy "
+                         f"decides); got {store_graphs!r}")
     limits = {k: float(v) for k, v in (("min_step", low), ("max_step", high))
               if 0 < v < math.inf}
     return StepControl(step_size=options.get("step_size"), first_step=options.get("first_step"),
@@ -225,7 +226,7 @@ def _policy(checkpointing):
 
 
 def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, comm=None,
-           prefix=None, petsc_options=None, store_graphs=False, checkpointing=None, stats=None,
+           prefix=None, petsc_options=None, store_graphs=None, checkpointing=None, stats=None,
            grid=None, adjoint_params=None, event_fn=None):
     """Solve dy/dt = func(t, y) from y(t[0]) = y0; returns y at every time of t,
     shape [len(t), *y0.shape]. Same signature and meaning as torchdiffeq.odeint (y0 may be a
@@ -243,10 +244,13 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, comm
                    mass ([d, d]), theta (method='theta') and tableau (method='arkimex').
     store_graphs:  keep f's autograd graph of every stage from the forward solve, so that the
                    adjoint does not re-evaluate f (about 1/4 less time; memory grows with the
-                   number of stages like backprop's). Gradients are identical either way.
-    checkpointing: a pnode_dist.Checkpointing policy bounding the memory the forward states
-                   take (schedule, slots, byte budgets per tier, disk directory); by default
-                   every step is kept in memory.
+                   number of stages like backprop's). None (default): the checkpointing
+                   policy keeps them when they fit its budget; False: never. Gradients are
+                   identical either way.
+    checkpointing: a pnode_dist.Checkpointing policy: what the forward keeps for the backward
+                   pass (schedule, slots, byte budgets, disk directory). By default, per solve,
+                   the fastest strategy whose memory fits half the free memory (see
+                   Checkpointing: 'auto').
     grid:          a pnode_dist.Grid: y0 is this rank's patch of a field on a DMDA-distributed
                    grid (instead of a batch shard), func is written for whole fields and
                    evaluated on patches with halos (see pnode_dist.grid).
@@ -258,8 +262,11 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, comm
     stats:         a dict that receives this rank's counts: steps, rejected_steps,
                    newton_iterations, linear_iterations, f_evaluations, jvps, vjps... of the
                    forward solve,
-                   adjoint_* counts once the backward pass ran, and with checkpointing the
-                   schedule, recomputed_steps, bytes per tier, disk read/write seconds.
+                   adjoint_* counts once the backward pass ran; checkpoint_schedule (the
+                   strategy), memory_budget, memory_estimate and memory_used (bytes held at
+                   most, counted at the measured sizes), spilled_at_step (a solve that
+                   outgrew its plan), and for checkpoints recomputed_steps, bytes per tier,
+                   disk read/write seconds.
     The solver state has PETSc's precision (float64, or float32 with PNODE_PRECISION=single)
     and lives where y0 does: on this rank's GPU (pnode_dist.rank_device()) in CUDA Vecs. func
     is evaluated in its own dtype (a cast per call if it differs from the solver's).
@@ -317,7 +324,7 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, comm
                      "t": t_out, "method": method_obj.name, "options": (control, setup.key),
                      "prefix": prefix, "petsc_options": frozen,
                      "checkpointing": (policy.schedule, policy.slots, policy.host_bytes,
-                                       policy.device_bytes, policy.disk_bytes,
+                                       policy.device_bytes, policy.disk_bytes, policy.memory,
                                        policy.disk_dir is None),
                      "the shape of y0 after its leading dimension": tuple(y0.shape[1:])
                      if grid is None else grid.global_shape,
@@ -343,7 +350,7 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, comm
         user_func, lambda y: _restore(y if grid is None else grid.from_vec_order(y), spec),
         time_sign, y0.dtype)
     problem = SimpleNamespace(params=params, t_out=t_out, control=control, stats=stats,
-                              strategy=lambda: policy.strategy(pool, t_out, control),
+                              strategy=lambda: policy.strategy(pool, t_out, control, y_start),
                               replay=lambda y: ReplayAll(pool, y), comm=comm, call=call,
                               func=solved_func, time_sign=time_sign, observers=observers,
                               gradient_comm=layout.gradient_comm)
@@ -398,7 +405,7 @@ class ODEBlock(nn.Module):
     the counts of the last forward (and, once it ran, backward) pass."""
 
     def __init__(self, func, t=(0.0, 1.0), *, method=None, rtol=1e-7, atol=1e-9, options=None,
-                 comm=None, prefix=None, petsc_options=None, store_graphs=False,
+                 comm=None, prefix=None, petsc_options=None, store_graphs=None,
                  checkpointing=None, return_all=False, grid=None):
         super().__init__()
         self.func = func

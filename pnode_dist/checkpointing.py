@@ -5,14 +5,65 @@ from dataclasses import dataclass
 from typing import Optional
 
 from . import _h5format as h5format
+from ._reversal import budget
 from ._reversal.store import DeviceTier, DiskTier, MemoryTier, PinnedHostTier, Tier  # noqa: F401
-from ._reversal.strategies import Revolve, StoreAll, Uniform
+from ._reversal.strategies import Revolve, Spill, StoreAll, Uniform
 from ._solve.device import SOLVER_ITEMSIZE
 from .errors import InputError
 
-STRATEGIES = {"binomial": Revolve, "uniform": Uniform}
+STRATEGIES = {"states": Revolve, "binomial": Revolve, "uniform": Uniform}
 
 SCHEDULES = ("auto", "all", "uniform", "binomial")
+
+
+@dataclass(frozen=True)
+class StepCost:
+    """Bytes a solve keeps per step, from the measured sizes: `state` one state, `graph` one
+    stored stage graph of f; `per_step` states PETSc's trajectory keeps per step, `graphs` f
+    evaluations per step whose graphs can be kept."""
+    state: int
+    graph: int
+    per_step: int
+    graphs: int
+
+    @property
+    def state_step(self):
+        """One step in PETSc's memory trajectory (its solution and stages)."""
+        return self.per_step * self.state
+
+    @property
+    def graph_step(self):
+        """One step with f's stage graphs."""
+        return self.state_step + self.graphs * self.graph
+
+    @property
+    def record(self):
+        """What reversing one step from a checkpoint holds besides the checkpoints: the step
+        re-run with its graphs and the one-state tail buffer."""
+        return self.graph_step + self.state
+
+
+def _in_memory(caps, state):
+    """Slots the memory tiers of `caps` hold."""
+    return sum(cap // state for name, cap in caps if name != "disk" and cap is not None)
+
+
+def _sizes(pool, t, y):
+    """The problem's measured Sizes, measured at its first differentiable solve, at (t, y)
+    (collective: every rank is in the same solve)."""
+    if pool.sizes is None:
+        layout, method, func, params = pool.args[:4]
+        state = SOLVER_ITEMSIZE * max(math.prod(s) for s in layout.all_local_shapes)
+        graphed = func if method.graphs_per_step else None
+        graphed = getattr(graphed, "explicit", graphed)          # an IMEX pair's RHS part
+        pool.sizes = budget.measure(layout, state, graphed, params, t,
+                                    y.detach().to(pool.dtype))
+    return pool.sizes
+
+
+def _plan_stats(plan):
+    return {"checkpoint_schedule": plan.schedule, "memory_budget": plan.budget,
+            "memory_estimate": plan.estimate}
 
 
 def _byte_count(name, value):
@@ -24,19 +75,37 @@ def _byte_count(name, value):
 
 
 @dataclass(frozen=True)
+class Plan:
+    """What one solve keeps for its backward pass (Checkpointing.plan)."""
+    schedule: str                # 'graphs', 'all', 'states', 'binomial' or 'uniform'
+    slots: Optional[int] = None  # checkpoint slots (states, binomial, uniform)
+    budget: Optional[int] = None     # bytes the reversal may hold in memory (None: no limit)
+    estimate: Optional[int] = None   # bytes it should hold (None: the step count is unknown)
+    head_limit: Optional[int] = None     # graphs/all: bytes after which the forward spills
+
+
+@dataclass(frozen=True)
 class Checkpointing:
     """How the forward solve keeps states for the backward pass.
 
-    schedule:     'all'      PETSc's memory trajectory: every step with its stages (fastest)
+    schedule:     'auto'     the fastest of these whose memory fits the budget, per solve:
+                             'graphs' (every step, its stages and f's stage graphs: no f
+                             re-evaluation in the adjoint), 'all', 'states' (every state
+                             without stages: each step re-run once, with its graphs, right
+                             before its adjoint), 'binomial' with as many slots as fit
+                  'all'      PETSc's memory trajectory: every step with its stages
                   'uniform'  `slots` checkpoints evenly spread; each segment between them is
                              re-run once, recorded, and its adjoint applied
                   'binomial' revolve (Griewank-Walther): the fewest re-run steps for `slots`
-                  'auto'     'all' when it fits host_bytes (or no budget is given), else
-                             'binomial' (or 'binomial' whenever slots is given); for a state
-                             on a GPU, whose 'all' trajectory is in GPU memory, device_bytes
-                             takes host_bytes' place in this choice
+    memory:       the budget of 'auto' in bytes per rank: what the kept states and graphs may
+                  take (GPU memory for a state on a GPU). Default: host_bytes (device_bytes on
+                  a GPU) if given, else half the memory free when the problem is first solved
+                  (MemAvailable shared by this solve's ranks on the node; torch's free GPU
+                  memory). An adaptive solve is planned for the previous solve's step count in
+                  3/4 of it; a solve that outgrows its plan stops keeping graphs, then
+                  continues with binomial checkpoints in what is left ('spilled' in stats)
     slots:        checkpoint states kept at once (y0's included); by default as many as the
-                  byte budgets hold
+                  byte budgets hold (with slots, 'auto' means 'binomial')
     host_bytes, device_bytes, disk_bytes: budget of each tier (None: unlimited). The device
                   tier serves states on a GPU when device_bytes is given, and is also bounded
                   by the free GPU memory; host memory is then page-locked, with copies that
@@ -47,6 +116,7 @@ class Checkpointing:
     """
     schedule: str = "auto"
     slots: Optional[int] = None
+    memory: Optional[int] = None
     host_bytes: Optional[int] = None
     device_bytes: Optional[int] = None
     disk_dir: Optional[str] = None
@@ -62,8 +132,11 @@ class Checkpointing:
                                        or not isinstance(self.slots, int) or self.slots < 1):
             raise InputError(f"Checkpointing(slots=...) must be an integer >= 1 (y0 takes one "
                              f"slot); got {self.slots!r}")
-        for name in ("host_bytes", "device_bytes", "disk_bytes"):
+        for name in ("memory", "host_bytes", "device_bytes", "disk_bytes"):
             _byte_count(name, getattr(self, name))
+        if self.memory is not None and (self.schedule != "auto" or self.slots is not None):
+            raise InputError("Checkpointing(memory=...) is the budget of schedule='auto' "
+                             "without slots; the other schedules take slots or tier budgets")
         if self.disk_dir is not None and not isinstance(self.disk_dir, str):
             raise InputError(f"Checkpointing(disk_dir=...) must be a directory path (str); got "
                              f"{type(self.disk_dir).__name__}")
@@ -83,6 +156,11 @@ class Checkpointing:
             raise InputError("Checkpointing(schedule='all') stores every step: slots applies "
                              "to 'uniform' and 'binomial'")
 
+    @property
+    def measures(self):
+        """Whether plans need the problem's measured Sizes ('auto' without slots)."""
+        return self.schedule == "auto" and self.slots is None
+
     def capacities(self, on_device):
         """Byte budget of each tier in use, fastest first: [(name, bytes or None)]."""
         tiers = [("device", self.device_bytes)] if on_device and self.device_bytes is not None \
@@ -92,56 +170,121 @@ class Checkpointing:
             tiers.append(("disk", self.disk_bytes))
         return tiers
 
-    def resolve(self, state_bytes, expected_steps, states_per_step, on_device=False):
-        """(schedule, slots) for one solve: the schedule 'auto' stands for, and the slot count
-        the budgets allow. Raises InputError if the budgets cannot hold what is asked."""
+    def budget(self, on_device, sizes):
+        """The byte budget of 'auto' (see `memory`)."""
+        if self.memory is not None:
+            return self.memory
+        given = self.device_bytes if on_device else self.host_bytes
+        if given is not None:
+            return given
+        return sizes.device_free if on_device else sizes.host_free
+
+    def _checkpoint_capacities(self, on_device, sizes, cost, budget):
+        """Tier budgets of 'auto''s checkpoints: an unbounded host tier gets the budget (on a
+        GPU: the default host budget) less, on the CPU, the step being re-run."""
         caps = self.capacities(on_device)
-        all_cap = self.device_bytes if on_device else self.host_bytes    # where 'all' keeps it
-        schedule = self.schedule
-        if schedule == "auto":
-            if self.slots is not None:
-                schedule = "binomial"
-            elif all_cap is None:
-                schedule = "all"
-            elif expected_steps and expected_steps * states_per_step * state_bytes <= all_cap:
-                schedule = "all"
-            else:
-                schedule = "binomial"
-        if schedule == "all":
-            return "all", None
-        fits = None
+        if self.host_bytes is None:
+            host = sizes.host_free if on_device else max(0, budget - cost.record)
+            caps = [(name, host if name == "host" else cap) for name, cap in caps]
+        return caps
+
+    def plan(self, cost, expected_steps, adaptive, on_device, sizes=None, graphs=None):
+        """The Plan of one solve. cost: the method's StepCost at the agreed sizes;
+        expected_steps: exact for fixed steps, the previous solve's count for adaptive ones
+        (None before the first); sizes: the problem's measured Sizes ('auto' without slots);
+        graphs: the user's store_graphs (None: the plan decides). Raises InputError if the
+        budgets cannot hold what is asked."""
+        if self.schedule == "all":
+            return Plan("all")
+        if not self.measures:
+            schedule = "binomial" if self.schedule == "auto" else self.schedule
+            return Plan(schedule, self._slots(cost, self.capacities(on_device)))
+        budget = self.budget(on_device, sizes)
+        # What a solve that outgrows its plan keeps for its binomial tail: with adaptive steps
+        # a quarter of the budget, and at least the re-run step and four checkpoints.
+        reserve = max(budget // 4 if adaptive else 0, cost.record + 4 * cost.state)
+        room = budget - reserve
+        n = expected_steps
+        ladder = [("all", cost.state_step)]
+        if graphs is not False and cost.graph_step > cost.state_step:
+            ladder.insert(0, ("graphs", cost.graph_step))
+        for schedule, per_step in ladder:
+            if (n is None and room >= per_step) or (n is not None and n * per_step <= room):
+                return Plan(schedule, budget=budget, head_limit=room,
+                            estimate=None if n is None else n * per_step)
+        if not on_device and self.host_bytes is None and budget < cost.record + cost.state:
+            raise InputError(f"Checkpointing: a budget of {budget} bytes cannot reverse a step: "
+                             f"that holds {cost.record + cost.state} bytes (y0, the step re-run "
+                             "with its graphs, one more state): raise Checkpointing(memory=...)")
+        caps = self._checkpoint_capacities(on_device, sizes, cost, budget)
+        slots = min(self._slots(cost, caps, fill=n + 1), n + 1)
+        return Plan("states" if slots == n + 1 else "binomial", slots, budget=budget,
+                    estimate=min(slots, _in_memory(caps, cost.state)) * cost.state
+                    + cost.record)
+
+    def _slots(self, cost, caps, fill=None):
+        """The slot count: `slots` if given, else what the tiers hold (`fill` if a tier is
+        unbounded); an InputError if they hold none."""
+        fits = fill
         if all(cap is not None for _, cap in caps):
-            fits = sum(cap // state_bytes for _, cap in caps)
+            fits = sum(cap // cost.state for _, cap in caps)
         slots = self.slots if self.slots is not None else fits
         if fits is not None and slots > fits:
-            raise InputError(f"Checkpointing: {slots} slots of {state_bytes} bytes do not fit "
+            raise InputError(f"Checkpointing: {slots} slots of {cost.state} bytes do not fit "
                              f"the tier budgets {dict(caps)} (room for {fits}): raise a budget "
                              "or lower slots")
-        if slots < 1:
+        if slots is None or slots < 1:
             raise InputError(f"Checkpointing: the budgets {dict(caps)} hold no checkpoint of "
-                             f"{state_bytes} bytes (the largest rank's state); at least one "
+                             f"{cost.state} bytes (the largest rank's state); at least one "
                              "(y0) is needed")
-        return schedule, slots
+        return slots
 
-    def strategy(self, pool, t_out, control):
-        """The reversal strategy of one solve of `pool`'s problem. The schedule depends only on
-        values every rank shares (the largest shard's bytes, step counts), so all ranks take
-        the same steps."""
+    def strategy(self, pool, t_out, control, y0):
+        """The reversal strategy of one solve of `pool`'s problem. The plan depends only on
+        values every rank shares (the agreed sizes, step counts), so all ranks take the same
+        steps."""
         layout = pool.layout
-        state_bytes = SOLVER_ITEMSIZE * max(math.prod(s) for s in layout.all_local_shapes)
-        schedule, slots = self.resolve(
-            state_bytes, pool.history.expected_steps(pool.adaptive, t_out, control),
-            pool.method.states_per_step, on_device=layout.device.type == "cuda")
-        if schedule == "all":
-            return StoreAll(pool, control)
-        return STRATEGIES[schedule](pool, self.tiers(pool), slots, state_bytes)
+        on_device = layout.device.type == "cuda"
+        sizes = _sizes(pool, t_out[0], y0) if self.measures else None
+        state = sizes.state if sizes is not None else \
+            SOLVER_ITEMSIZE * max(math.prod(s) for s in layout.all_local_shapes)
+        cost = StepCost(state, sizes.graph if sizes is not None else 0,
+                        pool.method.states_per_step, pool.method.graphs_per_step)
+        expected = pool.history.expected_steps(pool.adaptive, t_out, control)
+        plan = self.plan(cost, expected, pool.adaptive, on_device, sizes, control.store_graphs)
+        if plan.schedule in ("graphs", "all"):
+            if plan.head_limit is None or control.store_graphs:  # graphs whatever they take
+                return StoreAll(pool, control, plan.schedule == "graphs" or
+                                bool(control.store_graphs))
+            head = StoreAll(pool, control, plan.schedule == "graphs", cost, plan.head_limit,
+                            expected)
+            head.stats.update(_plan_stats(plan))
+            return Spill(head, lambda used: self._tail(pool, cost, plan, sizes, on_device, used,
+                                                       control), expected)
+        if self.measures:
+            tiers = self.tiers(pool, self._checkpoint_capacities(on_device, sizes, cost,
+                                                                 plan.budget))
+        else:
+            tiers = self.tiers(pool)
+        strategy = STRATEGIES[plan.schedule](pool, tiers, plan.slots, state,
+                                             overhead=cost.record if self.measures else 0)
+        strategy.stats.update(_plan_stats(plan))
+        return strategy
 
-    def tiers(self, pool):
-        """The checkpoint tiers of one solve, fastest first (as `capacities` lists them)."""
+    def _tail(self, pool, cost, plan, sizes, on_device, used, control):
+        """The binomial strategy that continues a solve which outgrew its plan, in the budget
+        the head left (`used` bytes taken)."""
+        caps = self._checkpoint_capacities(on_device, sizes, cost, plan.budget - used)
+        slots = self._slots(cost, caps, fill=control.max_num_steps + 1)
+        return Revolve(pool, self.tiers(pool, caps), slots, cost.state, overhead=cost.record)
+
+    def tiers(self, pool, capacities=None):
+        """The checkpoint tiers of one solve, fastest first: `capacities` [(name, bytes)], by
+        default the policy's own (as `capacities` lists them)."""
         layout = pool.layout
         on_device = layout.device.type == "cuda"
         tiers = []
-        for name, capacity in self.capacities(on_device):
+        for name, capacity in capacities or self.capacities(on_device):
             if name == "device":
                 tiers.append(DeviceTier(capacity, layout.device))
             elif name == "host":

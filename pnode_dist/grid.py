@@ -284,6 +284,7 @@ class HaloAdd(torch.autograd.Function):
 
 class GridLayout(Layout):
     """The Layout of a DMDA-distributed field: the DMDA's global Vec, patches in vec order."""
+    evaluates_collectively = True
 
     def __init__(self, grid):
         super().__init__(grid.comm, grid.vec_shape, grid.gradient_comm)

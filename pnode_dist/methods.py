@@ -92,6 +92,8 @@ class Method:
         """States PETSc's memory trajectory keeps per step (checkpointing 'auto' estimates)."""
         raise NotImplementedError
 
+    graphs_per_step = 0          # f evaluations per step whose graphs a GraphStore can keep
+
 
 class ExplicitRK(Method):
     """An explicit Runge-Kutta tableau, run by PETSc's TSRK (registered with it first when
@@ -116,6 +118,10 @@ class ExplicitRK(Method):
     @property
     def states_per_step(self):
         return self.tableau.stages + 1
+
+    @property
+    def graphs_per_step(self):
+        return self.tableau.stages
 
 
 class Theta(Method):
@@ -164,6 +170,7 @@ class ARKIMEX(Method):
     options = ("linear_solver", "tableau")
     on_grids = False
     states_per_step = 6
+    graphs_per_step = 5          # the explicit part's stages (the largest tableau's)
     ORDERS = {"1bee": 1, "a2": 2, "l2": 2, "ars122": 2, "2c": 2, "2d": 2, "2e": 2,
               "prssp2": 2, "3": 3, "bpr3": 3, "ars443": 3, "4": 4, "5": 5}
 

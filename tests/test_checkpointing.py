@@ -1,7 +1,10 @@
 """Bounded-memory backward passes: every schedule and tier mix gives the store-everything
 gradients, the binomial schedule re-runs exactly revolve's optimum, budgets hold, tiers spill,
 and the disk files hold what the forward computed."""
+import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -15,11 +18,11 @@ T = torch.tensor([0.0, 0.35, 1.0], dtype=torch.float64)
 STATE_BYTES = 4 * 3 * 8
 
 
-def _gradients(func, y0, method, options, policy, rtol=1e-6, t=T):
+def _gradients(func, y0, method, options, policy, rtol=1e-6, t=T, store_graphs=None):
     y = y0.clone().requires_grad_(True)
     stats = {}
     ys = odeint(func, y, t, method=method, options=options, rtol=rtol, atol=rtol * 1e-2,
-                checkpointing=policy, stats=stats)
+                checkpointing=policy, stats=stats, store_graphs=store_graphs)
     weights = torch.linspace(-1, 1, ys.numel(), dtype=ys.dtype).view_as(ys)
     for p in func.parameters():
         p.grad = None
@@ -95,13 +98,112 @@ def test_byte_budget_bounds_the_store_and_spills_to_disk(tmp_path, y0):
     assert float((g - ref).abs().max() / ref.abs().max()) <= 1e-14
 
 
-def test_auto_keeps_everything_when_it_fits(y0):
+def test_auto_with_a_host_budget_keeps_everything_when_it_fits(y0):
     func = TimeMLP()
     opts = {"step_size": 0.1}
     _, _, small = _gradients(func, y0, "rk4", opts, Checkpointing(host_bytes=10 ** 9))
+    _, _, no_graphs = _gradients(func, y0, "rk4", opts, Checkpointing(schedule="all"))
     _, _, tight = _gradients(func, y0, "rk4", opts, Checkpointing(host_bytes=4 * STATE_BYTES))
-    assert small["checkpoint_schedule"] == "all"
+    assert small["checkpoint_schedule"] == "graphs" and small["memory_budget"] == 10 ** 9
+    assert no_graphs["checkpoint_schedule"] == "all"
     assert tight["checkpoint_schedule"] == "binomial" and tight["checkpoint_slots"] == 4
+
+
+def _cost(func, y0, method, t0=0.0):
+    """The StepCost the policy should derive, from sizes measured here independently."""
+    from pnode_dist.checkpointing import StepCost
+    from pnode_dist.methods import METHODS
+    from pnode_dist._reversal.budget import graph_bytes
+    m = METHODS[method]
+    return StepCost(y0.nbytes, graph_bytes(func, list(func.parameters()), t0, y0),
+                    m.states_per_step, m.graphs_per_step)
+
+
+def test_default_picks_the_fastest_strategy_that_fits(y0):
+    """No argument: stored graphs within half the free memory. Smaller budgets step down the
+    ladder graphs > all > states > binomial; each plan's estimate is what the measured sizes
+    give, what it holds stays within the budget, and the gradients stay the same."""
+    from pnode_dist._reversal.budget import available_host_bytes
+    func, n = TimeMLP(), 20
+    opts = {"step_size": 1.0 / n}
+    t = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    _, ref, default = _gradients(func, y0, "rk4", opts, None, t=t)
+    cost = _cost(func, y0, "rk4")
+    assert cost.graph > 2 * y0.nbytes            # the tanh layer's saved output at least
+    assert default["checkpoint_schedule"] == "graphs"
+    assert 0 < default["memory_budget"] <= available_host_bytes() // 2 * 1.1
+    assert default["memory_estimate"] == default["memory_used"] == n * cost.graph_step
+    assert default["adjoint_f_evaluations"] == 0
+    reserve = cost.record + 4 * cost.state
+    budgets = {"graphs": n * cost.graph_step + reserve,
+               "all": n * cost.graph_step + reserve - 1,
+               "states": n * cost.state_step + reserve - 1,
+               "binomial": cost.record + 6 * cost.state}
+    for expected, budget in budgets.items():
+        _, g, stats = _gradients(func, y0, "rk4", opts, Checkpointing(memory=budget), t=t)
+        assert stats["checkpoint_schedule"] == expected, (expected, stats)
+        assert stats["memory_budget"] == budget
+        assert stats["memory_used"] <= stats["memory_estimate"] <= budget
+        assert float((g - ref).abs().max() / ref.abs().max()) <= 1e-14, expected
+    assert stats["checkpoint_slots"] == 6 and stats["recomputed_steps"] > 0
+    with pytest.raises(InputError, match="cannot reverse a step"):
+        _gradients(func, y0, "rk4", opts, Checkpointing(memory=cost.record), t=t)
+    _, _, never = _gradients(func, y0, "rk4", opts, None, t=t, store_graphs=False)
+    assert never["checkpoint_schedule"] == "all"
+
+
+def test_a_solve_that_outgrows_its_plan_spills_within_the_budget(y0):
+    """An adaptive solve is planned for the previous solve's step count. When a solve takes
+    more steps, the forward stops keeping graphs, then continues with binomial checkpoints
+    in what the budget has left: the gradients are still those of the same steps."""
+    func, twin = TimeMLP(), TimeMLP()                # same weights, separate solver caches
+    cost = _cost(func, y0, "dopri5")
+    budget = 10 * cost.graph_step
+    policy = Checkpointing(memory=budget)
+    for t_end, spills in ((1.0, False), (8.0, True)):
+        t = torch.tensor([0.0, 0.3 * t_end, t_end], dtype=torch.float64)
+        _, g, stats = _gradients(func, y0, "dopri5", None, policy, t=t)
+        _, ref, ref_stats = _gradients(twin, y0, "dopri5", None, Checkpointing(schedule="all"),
+                                       t=t)
+        assert stats["steps"] == ref_stats["steps"]
+        assert stats["memory_used"] <= budget
+        assert ("spilled_at_step" in stats) == spills, stats
+        assert float((g - ref).abs().max() / ref.abs().max()) <= 1e-14
+    assert 0 < stats["spilled_at_step"] < stats["steps"]
+    assert stats["recomputed_steps"] >= 0 and stats["checkpoint_slots"] >= 4
+
+
+_MEASURE_GRAPHS = """
+import json, torch
+from pnode_dist import odeint
+def resident():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+torch.manual_seed(0)
+func = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.Tanh(),
+                           torch.nn.Linear(256, 64)).double()
+y0 = torch.randn(512, 64, dtype=torch.float64, requires_grad=True)
+t = torch.tensor([0.0, 1.0], dtype=torch.float64)
+kw = dict(method="rk4", options={"step_size": 0.05})
+with torch.no_grad():
+    odeint(lambda t, y: func(y), y0, t, **kw)
+stats = {}
+before = resident()
+ys = odeint(lambda t, y: func(y), y0, t, stats=stats, **kw)
+print(json.dumps([resident() - before, stats]))
+"""
+
+
+def test_graph_estimate_matches_the_memory_taken():
+    """The planned bytes of stored graphs against the growth of the resident set while the
+    forward holds them, in a fresh process (whose allocator has no freed memory to reuse) and
+    a problem large enough for its noise not to matter."""
+    proc = subprocess.run([sys.executable, "-c", _MEASURE_GRAPHS], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    grown, stats = json.loads(proc.stdout.splitlines()[-1])
+    assert stats["checkpoint_schedule"] == "graphs"
+    assert 0.8 <= grown / stats["memory_estimate"] <= 1.25, (grown, stats["memory_estimate"])
 
 
 def test_kept_files_hold_the_forward_states(tmp_path, y0):

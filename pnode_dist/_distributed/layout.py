@@ -16,6 +16,7 @@ class Layout:
     Vec (every rank its own copy), the sizes of the Jacobian Mats, the communicator over
     which parameter gradients are summed (the solve's own by default), and the torch device
     where the Vecs live (host Vecs, or CUDA Vecs for a state on a GPU)."""
+    evaluates_collectively = False   # an evaluation of f communicates (halo exchanges)
 
     def __init__(self, comm, local_shape, gradient_comm=None, device=None):
         self.comm = comm

@@ -15,9 +15,13 @@ ReplayAll: a further backward pass through a solve whose states were consumed.
 solve_without_gradient: a forward solve on a trajectory-free Integrator.
 """
 import time
+from dataclasses import replace
+
+import torch
 
 from .._distributed.collective import raise_collectively
 from .._solve.device import SOLVER_DTYPE
+from .._solve.integrator import ForwardRecord
 from ..errors import SolverError
 from .schedule import Placement, plan_advances, reversal_plan
 from .store import CheckpointStore
@@ -39,21 +43,30 @@ def solve_without_gradient(pool, y0, t_out, control, observers=(), stats=None):
 
 
 class StoreAll:
-    """Forward and adjoint on one trajectory-recording Integrator. If the graph is dropped
-    without a backward pass, the trajectory still holds the steps (petsc4py cannot reset it),
-    so the Integrator is destroyed instead of returned to the pool."""
+    """Forward and adjoint on one trajectory-recording Integrator (with f's stage graphs kept
+    too if `graphs`). If the graph is dropped without a backward pass, the trajectory still
+    holds the steps (petsc4py cannot reset it), so the Integrator is destroyed instead of
+    returned to the pool. With a `limit` (bytes, counted by `cost`: a StepCost), the forward
+    stops keeping graphs, then stops altogether, before what it holds would exceed it (Spill
+    continues such a solve)."""
 
-    def __init__(self, pool, control):
+    def __init__(self, pool, control, graphs=False, cost=None, limit=None, expected=None):
         self.pool, self.integrator = pool, None
         self.integrator = pool.acquire(adjoint=True, nsteps=control.max_num_steps)
-        self.stats = {"checkpoint_schedule": "all"}
+        self.graphs = graphs
+        self.limit = None if limit is None else _Limit(self.integrator, cost, limit, expected)
+        self.stats = {"checkpoint_schedule": "graphs" if graphs else "all"}
         self.adjoint_done = False
 
     def forward(self, y0, t_out, control, observers=()):
+        limit = (self.limit,) if self.limit is not None else ()
         try:
-            outputs, record = self.integrator.forward(y0, t_out, control, observers)
+            outputs, record = self.integrator.forward(y0, t_out, control,
+                                                      limit + tuple(observers), self.graphs)
         finally:
             self.stats.update(self.integrator.stats)
+        if self.limit is not None:
+            self.stats["memory_used"] = self.limit.used
         self.pool.history.solved(record.steps)
         return outputs, record
 
@@ -74,6 +87,119 @@ class StoreAll:
 
     def __del__(self):
         self.close()
+
+
+class _Limit:
+    """Forward-solve observer of a StoreAll with a byte limit: counts what the trajectory and
+    the graph store hold after each step. Graphs are kept while they leave room for the
+    trajectory of the steps still expected; then the store closes (the adjoint re-evaluates f
+    where it kept none). Before the next step could pass the limit, the solve is asked to
+    stop."""
+    role = "keeping the memory budget"
+
+    def __init__(self, integrator, cost, limit, expected=None):
+        self.integrator, self.cost, self.limit = integrator, cost, limit
+        self.expected = expected or 0
+        self.used = 0
+
+    def starting(self, pos, t, dt, state):
+        pass
+
+    def accepted(self, pos, times, state):
+        cost, store = self.cost, self.integrator.graph_store
+        graphs = store.size * cost.graph if store is not None else 0
+        held = pos * cost.state_step + graphs
+        self.used = max(self.used, held)
+        ahead = max(self.expected - pos - 1, 0) * cost.state_step
+        if store is not None and not store.closed and \
+                held + cost.graph_step + ahead > self.limit:
+            store.closed = True
+        if held + cost.graph_step > self.limit and (store is None or store.closed) and \
+                held + cost.state_step > self.limit:
+            self.integrator.stop_requested = True
+
+
+class Spill:
+    """A StoreAll head whose forward stopped at its byte limit, continued by a binomial tail
+    (`make_tail(bytes the head holds)`) from the state where it stopped; the backward pass
+    applies the tail's adjoint, then the head's from there. The same discrete solve: the tail
+    starts with the step size the head's controller proposed (fixed steps: the same steps)."""
+
+    def __init__(self, head, make_tail, expected_steps):
+        self.head, self.make_tail, self.tail = head, make_tail, None
+        self.expected = expected_steps
+        self.stats = head.stats
+        self.head_record = self.tail_record = None
+
+    def forward(self, y0, t_out, control, observers=()):
+        outputs, record = self.head.forward(y0, t_out, control, observers)
+        if not record.stopped:
+            return outputs, record
+        self.head_record = record
+        k = len(record.output_steps)             # outputs 0..k-1 are the head's
+        integrator = self.head.integrator
+        y_stop = integrator.x_view.clone()
+        tail_t = [record.times[-1]] + list(t_out[k:])
+        tail_control = replace(control, first_step=integrator.ts.getTimeStep())
+        pool = self.head.pool
+        left = None if self.expected is None else max(self.expected - record.steps, 0)
+        pool.history.solved(left or None)        # the tail's expectation (adaptive steps)
+        self.tail = self.make_tail(self.head.limit.used)
+        try:
+            tail_outputs, tail = self.tail.forward(y_stop, tail_t, tail_control, observers)
+        finally:
+            self._merge_stats()
+        self.tail_record = tail
+        outputs[k:] = tail_outputs[1:]
+        pool.history.solved(record.steps + tail.steps)
+        return outputs, ForwardRecord(
+            times=record.times + tail.times[1:],
+            output_steps=record.output_steps + [record.steps + s for s in tail.output_steps[1:]])
+
+    def _merge_stats(self):
+        """stats: the head's counts plus the tail's (the head's plan); memory_used is what
+        both held at most, together."""
+        merged = dict(self.head.stats)
+        for key, value in self.tail.stats.items():
+            if key in merged and isinstance(value, int) and key not in _NOT_SUMMED:
+                merged[key] += value
+            elif key not in _PLAN_KEYS:
+                merged[key] = value
+        merged["memory_used"] = self.head.limit.used + self.tail.stats.get("memory_used", 0)
+        merged["spilled_at_step"] = self.head_record.steps
+        self.stats = merged
+
+    def backward(self, record, grad_outputs, control):
+        if self.tail is None:
+            return self.head.backward(record, grad_outputs, control)
+        head = self.head_record
+        k = len(head.output_steps)
+        tail_grads = torch.cat([torch.zeros_like(grad_outputs[:1]), grad_outputs[k:]])
+        grad_stop, grad_params = self.tail.backward(self.tail_record, tail_grads, control)
+        head_grads = grad_outputs[:k].clone()
+        steps = list(head.output_steps)
+        if steps[-1] == head.steps:          # stopped on an output time
+            head_grads[-1] += grad_stop
+        else:
+            steps.append(head.steps)
+            head_grads = torch.cat([head_grads, grad_stop[None]])
+        try:
+            grad_y0, head_params = self.head.backward(ForwardRecord(head.times, steps),
+                                                      head_grads, control)
+        finally:
+            self._merge_stats()
+        if grad_params is not None:
+            grad_params = grad_params + head_params
+        return grad_y0, grad_params
+
+    def close(self):
+        self.head.close()
+        if self.tail is not None:
+            self.tail.close()
+
+
+_NOT_SUMMED = ("checkpoint_slots", "checkpoints_held", "memory_used")
+_PLAN_KEYS = ("checkpoint_schedule", "memory_budget", "memory_estimate")
 
 
 class ReplayAll:
@@ -130,8 +256,9 @@ class Recompute:
     record_span = None           # steps recorded per segment (None: a whole segment)
     keep_graphs = False          # keep f's stage graphs of recorded steps for their adjoint
 
-    def __init__(self, pool, tiers, slots, state_bytes):
+    def __init__(self, pool, tiers, slots, state_bytes, overhead=0):
         self.pool, self.slots = pool, slots
+        self.overhead = overhead     # bytes held besides the checkpoints (memory_used)
         self.store = CheckpointStore(tiers, state_bytes)
         self.keeper = None
         self.stats = {"checkpoint_schedule": self.schedule, "checkpoint_slots": slots}
@@ -182,7 +309,7 @@ class Recompute:
         adv = pool.acquire(adjoint=False, adaptive=False) if plan_advances(ops) else None
         if adv is not None:
             adv.reset_errors()
-        keep_graphs = control.store_graphs or self.keep_graphs
+        keep_graphs = bool(control.store_graphs) or self.keep_graphs
         start = time.perf_counter()
         ok = False
         try:
@@ -218,6 +345,9 @@ class Recompute:
         self.stats.update(rec.stats)
         self.stats.update(recomputed_steps=plan_advances(ops), recorded_steps=n,
                           backward_seconds=time.perf_counter() - start, **store.stats())
+        if self.overhead:
+            self.stats["memory_used"] = self.overhead + sum(
+                self.stats.get(f"{tier}_bytes_peak", 0) for tier in ("host", "device"))
         return grads
 
     @staticmethod

@@ -13,6 +13,7 @@ Callbacks run once per stage and step: they reuse cached tensor views of the TS'
 keeps its work Vecs for its whole life, and one TorchRHS serves one TS only; views.py).
 """
 import torch
+from mpi4py import MPI
 
 from ..errors import InputError
 from .guard import Recorder, guarded
@@ -30,6 +31,12 @@ class GraphStore:
         self.entries = []            # (t, y_leaf, f(t, y_leaf))
         self.pending = []            # evaluations of the step being attempted
         self.cursor = -1
+        self.closed = False          # keeps no more graphs (its memory budget is reached)
+
+    @property
+    def size(self):
+        """Graphs held (those of the step being attempted included)."""
+        return len(self.entries) + len(self.pending)
 
     def add(self, t, y, out):
         self.pending.append((t, y, out))
@@ -71,6 +78,7 @@ class TorchRHS(Recorder):
         self._lin = None             # (y_leaf, f(t, y_leaf)) at the current linearisation point
         self._cached_param_vjp = None
         self.store = None            # a GraphStore while a forward solve keeps f's graphs
+        self.agree_comm = None       # where f communicates: ranks agree on using a graph
         self.counts = dict.fromkeys(("rhs", "linearize", "reused", "vjp"), 0)
 
     # ---------------------------------------------------------------- helpers
@@ -119,7 +127,7 @@ class TorchRHS(Recorder):
         out_view = self.view(F, mode="w")
         self.counts["rhs"] += 1
         with guarded(self, self._in_func(t)) as call:
-            if self.store is not None:
+            if self.store is not None and not self.store.closed:
                 y = self.view(X).to(self.dtype, copy=True).requires_grad_(True)
                 with torch.enable_grad():
                     out = self._evaluate(t, y)
@@ -148,6 +156,9 @@ class TorchRHS(Recorder):
         self._lin_t = t
         if self.store is not None:
             self._lin = self.store.find(t, self.view(X).to(self.dtype))
+            if self.agree_comm is not None:      # f communicates: every rank hits, or none
+                if not self.agree_comm.allreduce(self._lin is not None, op=MPI.LAND):
+                    self._lin = None
             if self._lin is not None:
                 self.counts["reused"] += 1
                 return

@@ -63,7 +63,7 @@ class StepControl:
     max_num_steps: int = 1_000_000
     rtol: float = 1e-7
     atol: float = 1e-9
-    store_graphs: bool = False   # keep f's stage graphs for the adjoint (faster, more memory)
+    store_graphs: bool = None    # keep f's stage graphs for the adjoint (None: the policy says)
 
 
 @dataclass
@@ -72,6 +72,7 @@ class ForwardRecord:
     that ends at each output time."""
     times: List[float] = field(default_factory=list)
     output_steps: List[int] = field(default_factory=list)
+    stopped: bool = False        # ended early, before the last output time (stop_requested)
 
     @property
     def steps(self):
@@ -99,8 +100,8 @@ class _Stepping:
         span = self.t_out[1] - self.t_out[0]
         if not self.adaptive:
             return span / self.fixed_steps(self.t_out[0])
-        dt = self.control.first_step or (self.t_out[-1] - self.t_out[0]) * 1e-2
-        return min(dt, span)
+        return _landing(self.control.first_step or (self.t_out[-1] - self.t_out[0]) * 1e-2,
+                        span)
 
     def post_step(self, integrator, ts):
         """Record the accepted step, copy outputs, choose the next step."""
@@ -118,15 +119,27 @@ class _Stepping:
                 ts.setConvergedReason(PETSc.TS.ConvergedReason.CONVERGED_USER)
                 return
             target = self.t_out[self.k]
+        if integrator.stop_requested:
+            self.record.stopped = True
+            ts.setConvergedReason(PETSc.TS.ConvergedReason.CONVERGED_USER)
+            return
         remaining = target - t
         if not self.adaptive:
             ts.setTimeStep(remaining / self.fixed_steps(t))
             return
         dt = ts.getTimeStep()
-        if remaining <= 1.01 * dt:
-            ts.setTimeStep(remaining)
-        elif remaining < 2 * dt:
-            ts.setTimeStep(remaining / 2)
+        if _landing(dt, remaining) != dt:
+            ts.setTimeStep(_landing(dt, remaining))
+
+
+def _landing(dt, remaining):
+    """The adaptive step dt adjusted to land on an output time `remaining` ahead: the whole
+    distance when dt (nearly) covers it, half of it when it is less than two steps."""
+    if remaining <= 1.01 * dt:
+        return remaining
+    if remaining < 2 * dt:
+        return remaining / 2
+    return dt
 
 
 class _Replaying:
@@ -205,6 +218,9 @@ class Integrator:
         # is collective.
         self.healthy = True
         self.failure = None          # (CONSEQUENCE, why) a solve, re-run or adjoint failed
+        self.stop_requested = False  # set by an observer: end the forward solve after this step
+        if self.rhs is not None and layout.nranks > 1 and layout.evaluates_collectively:
+            self.rhs.agree_comm = layout.comm.tompi4py()
 
     def reserve(self, nsteps):
         """Size the memory trajectory for solves of up to `nsteps` steps. PETSc sizes its stack
@@ -332,13 +348,20 @@ class Integrator:
         with guarded(self.parts[0], "the step bookkeeping"):
             self._stepping.post_step(self, ts)
 
-    def forward(self, y0, t_out, control: StepControl, observers=()):
+    @property
+    def graph_store(self):
+        """The GraphStore of the forward solve or re-run under way (None if none)."""
+        return self.rhs.store if self.rhs is not None else None
+
+    def forward(self, y0, t_out, control: StepControl, observers=(), graphs=False):
         """Solve from t_out[0] through every output time; returns (outputs, record).
         outputs has shape [len(t_out), *local_shape], in the solver precision, on the
         layout's device.
         observers (checkpoint placement, the user's step callbacks): observer.starting(step,
         t, dt, state) before each step, observer.accepted(step, times, state) after each
-        accepted one; `role` names them in errors."""
+        accepted one; `role` names them in errors; one may set `stop_requested` to end the
+        solve after the step (record.stopped; outputs after the last time reached are unset).
+        graphs: keep f's stage graphs for the adjoint (a trajectory Integrator only)."""
         ts = self.ts
         self.reserve(control.max_num_steps)
         self.observers = tuple(observers)
@@ -353,7 +376,8 @@ class Integrator:
         self.reset_errors()
         self._set_phase("the forward solve")
         if self.rhs is not None:
-            self.rhs.store = GraphStore() if (self.adjoint and control.store_graphs) else None
+            self.rhs.store = GraphStore() if (self.adjoint and graphs) else None
+        self.stop_requested = False
         if self.adaptive:
             ts.setTolerances(rtol=control.rtol, atol=control.atol)
             low, high = self.step_limits
@@ -405,10 +429,11 @@ class Integrator:
         if error is None:
             error = failure
         reason = self.ts.getConvergedReason()
-        if error is None and not stepping.done:
+        if error is None and not (stepping.done or stepping.record.stopped):
             error = (CONSEQUENCE, self._incomplete(stepping, reason))
-        if error is None and not bool(torch.isfinite(outputs).all()):
-            bad = int((~torch.isfinite(outputs.reshape(len(stepping.t_out), -1))).any(1).nonzero()[0])
+        reached = outputs[:stepping.k]
+        if error is None and not bool(torch.isfinite(reached).all()):
+            bad = int((~torch.isfinite(reached.reshape(stepping.k, -1))).any(1).nonzero()[0])
             error = (SYMPTOM, f"the solution became non-finite by t={stepping.t_out[bad]:g}: the "
                      "dynamics blew up; use smaller steps (step_size or rtol/atol) or rescale "
                      "the problem")
@@ -608,6 +633,8 @@ class IntegratorPool:
         self._idle = {}
         self.closed = False
         self.history = ProblemHistory(layout.comm)
+        self.sizes = None            # the problem's measured Sizes (set by checkpointing)
+
     def acquire(self, adjoint, adaptive=None, nsteps=0):
         """An idle Integrator (trajectory or not; adaptive steps or replayed ones) whose
         trajectory holds `nsteps` steps (pooled ones that are too small are destroyed)."""

@@ -19,7 +19,7 @@ rank, size = comm.Get_rank(), comm.Get_size()
 counts, lo, hi, y_all, t = mpi_batch_problem(comm)
 disk = comm.bcast(tempfile.mkdtemp(prefix="pnode-ckpt-") if rank == 0 else None, root=0)
 STATE = 8 * 3 * max(counts)
-POLICIES = {"all": None,
+POLICIES = {"default": None, "all": Checkpointing(schedule="all"),
             "binomial-disk": Checkpointing(schedule="binomial", slots=3, host_bytes=STATE,
                                            disk_dir=disk),
             "uniform-disk": Checkpointing(schedule="uniform", slots=3, host_bytes=0,

@@ -129,7 +129,7 @@ def check_same(name, a, b):
 
 
 def policies(disk):
-    return {"all": None,
+    return {"all": Checkpointing(schedule="all"),
             "binomial-host": Checkpointing(schedule="binomial", slots=3),
             "binomial-disk": Checkpointing(schedule="binomial", slots=3, host_bytes=0,
                                            disk_dir=disk)}
