@@ -21,9 +21,13 @@ def check_steps(parser, method, steps, option="--steps"):
 def add_checkpoint_arguments(parser):
     g = parser.add_argument_group("memory (checkpointing of the forward states)")
     g.add_argument("--checkpoint", choices=pnode_dist.checkpointing.SCHEDULES, default="auto",
-                   help="'all' keeps every step in memory; 'binomial' re-runs the fewest steps "
-                        "for --slots; 'uniform' spreads --slots checkpoints evenly; 'auto' "
-                        "keeps all unless --host-bytes is too small (default)")
+                   help="'auto' (default): the fastest strategy within --memory (stored graphs, "
+                        "all steps, all states, binomial); 'all' keeps every step in memory; "
+                        "'binomial' re-runs the fewest steps for --slots; 'uniform' spreads "
+                        "--slots checkpoints evenly")
+    g.add_argument("--memory", type=nonnegative_int, default=None,
+                   help="bytes per rank 'auto' may keep for the backward pass (default: "
+                        "--host-bytes if given, else half the free memory)")
     g.add_argument("--slots", type=positive_int, default=None,
                    help="checkpoints kept at once (y0 included); default: what the budgets hold")
     g.add_argument("--host-bytes", type=nonnegative_int, default=None,
@@ -60,13 +64,14 @@ def check_checkpoint_arguments(parser, args):
 def checkpoint_policy(args):
     """The Checkpointing policy the options describe (an InputError says what is wrong)."""
     return pnode_dist.Checkpointing(schedule=args.checkpoint, slots=args.slots,
-                                    host_bytes=args.host_bytes, disk_dir=args.disk_dir,
-                                    keep_files=args.keep_checkpoints)
+                                    memory=args.memory, host_bytes=args.host_bytes,
+                                    disk_dir=args.disk_dir, keep_files=args.keep_checkpoints)
 
 
 def format_stats(stats):
     """One line of the solver statistics that matter for time and memory."""
     keys = ("steps", "recomputed_steps", "checkpoint_schedule", "checkpoint_slots",
+            "memory_budget", "memory_estimate", "memory_used", "spilled_at_step",
             "host_bytes_peak", "disk_bytes_peak", "disk_write_seconds", "disk_read_seconds",
             "disk_prefetch_hits", "disk_prefetch_misses", "newton_iterations")
     parts = []

@@ -39,6 +39,7 @@ import workflow  # noqa: E402
 
 import pnode_dist  # noqa: E402
 from pnode_dist import Grid, broadcast_parameters, odeint  # noqa: E402
+from pnode_dist.checkpointing import StepCost  # noqa: E402
 from pnode_dist.parallel import MPI  # noqa: E402
 
 EXTENT, DIFFUSION, BETA = 10.0, 0.1, 1.0
@@ -171,8 +172,10 @@ def main(argv=None):
         policy = ode_cli.checkpoint_policy(args)
         state_bytes = 8 * math.prod(grid.local_shape)
         # Before the reference data: does the largest patch fit the per-rank budget at all?
-        policy.resolve(comm.allreduce(state_bytes, op=MPI.MAX),
-                       args.window * args.steps_per_snapshot, 1)
+        if policy.host_bytes is not None or not policy.measures:
+            largest = comm.allreduce(state_bytes, op=MPI.MAX)
+            policy.plan(StepCost(largest, 0, 1, 0), args.window * args.steps_per_snapshot,
+                        adaptive=False, on_device=False)
     except pnode_dist.InputError as exc:
         return workflow.fail(comm, f"{exc}; a {args.grid}^2 field needs more ranks for this "
                                    "budget" if "hold no checkpoint" in str(exc) else exc)

@@ -28,6 +28,8 @@ from overhead import MLP, replay_limit  # noqa: E402
 
 BATCH, DIM = 256, 32
 SLOTS = (20, 5)
+BUDGETS_MIB = (64, 16, 4)          # Checkpointing(memory=...) levels
+PEERS = ("torchdiffeq backprop", "torchdiffeq odeint_adjoint")
 
 
 def settings():
@@ -36,16 +38,16 @@ def settings():
     t = torch.tensor([0.0, 1.0], dtype=torch.float64)
 
     def pnode(**kwargs):
-        def make(func, y0, steps):
+        def make(func, y0, steps, stats=None):
             def run():
                 y = y0.clone().requires_grad_(True)
                 odeint(func, y, t, method="rk4", options={"step_size": 1.0 / steps},
-                       **kwargs)[-1].square().sum().backward()
+                       stats=stats, **kwargs)[-1].square().sum().backward()
             return run
         return make
 
     def torchdiffeq(adjoint):
-        def make(func, y0, steps):
+        def make(func, y0, steps, stats=None):
             import torchdiffeq as tdq
             solver = tdq.odeint_adjoint if adjoint else tdq.odeint
 
@@ -56,15 +58,16 @@ def settings():
             return run
         return make
 
-    def limit(func, y0, steps):
+    def limit(func, y0, steps, stats=None):
         return lambda: replay_limit(func, y0, 1.0 / steps, steps, METHODS["rk4"].tableau)
 
-    out = {"default": pnode(), "store_graphs": pnode(store_graphs=True)}
+    out = {"default": pnode(), "store_graphs": pnode(store_graphs=True),
+           "all, no graphs": pnode(checkpointing=Checkpointing(schedule="all"))}
+    for mib in BUDGETS_MIB:
+        out[f"memory={mib} MiB"] = pnode(checkpointing=Checkpointing(memory=mib << 20))
     for slots in SLOTS:
         out[f"binomial({slots})"] = pnode(checkpointing=Checkpointing(schedule="binomial",
                                                                       slots=slots))
-    out[f"binomial({SLOTS[0]}) + store_graphs"] = pnode(
-        store_graphs=True, checkpointing=Checkpointing(schedule="binomial", slots=SLOTS[0]))
     out["torchdiffeq backprop"] = torchdiffeq(False)
     out["torchdiffeq odeint_adjoint"] = torchdiffeq(True)
     out["replay limit"] = limit
@@ -83,9 +86,12 @@ def memory_child(name, steps):
     make = settings()[name]
     make(func, y0, 1)()                        # warm-up: imports, PETSc, first allocations
     base = status_bytes("VmRSS")
-    make(func, y0, steps)()
+    stats = {}
+    make(func, y0, steps, stats)()
     peak = status_bytes("VmHWM") - base
-    print(json.dumps({"peak_bytes": max(peak, 0)}))
+    print(json.dumps({"peak_bytes": max(peak, 0),
+                      "plan": stats.get("checkpoint_schedule"),
+                      "budget": stats.get("memory_budget")}))
 
 
 def memory(name, steps):
@@ -94,7 +100,7 @@ def memory(name, steps):
                           env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=1800)
     if proc.returncode != 0:
         raise SystemExit(f"{name} at {steps} steps failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])["peak_bytes"]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def times(steps, reps):
@@ -111,6 +117,31 @@ def times(steps, reps):
             run()
             samples[name].append(time.perf_counter() - t0)
     return {name: statistics.median(v) for name, v in samples.items()}
+
+
+def targets(rows, budget):
+    """The front's targets: the default within 1.1x of the fastest setting that fits its
+    budget; at every peer's point, a pnode_dist setting with <= its memory at <= 1.1x its time,
+    or <= its time at <= 1.1x its memory."""
+    mine = {n: v for n, v in rows.items() if not n.startswith(("torchdiffeq", "replay"))}
+    fitting = {n: v for n, v in mine.items() if v[1] <= budget}
+    fastest = min(fitting, key=lambda n: fitting[n][0])
+    ratio = rows["default"][0] / fitting[fastest][0]
+    print(f"{'':12}target: default {ratio:.2f}x the time of the fastest setting within its "
+          f"budget ({fastest}) [{'met' if ratio <= 1.1 else 'NOT met'}]")
+    for peer in PEERS:
+        s0, m0 = rows[peer]
+        best = [(s / s0, m / m0, n) for n, (s, m) in mine.items()
+                if (m <= m0 and s <= 1.1 * s0) or (s <= s0 and m <= 1.1 * m0)]
+        if best:
+            s, m, n = min(best)
+            print(f"{'':12}target at {peer}: {n} at {s:.2f}x its time, {m:.2f}x its memory "
+                  "[met]")
+        else:
+            s, m, n = min((s / s0, m / m0, n) for n, (s, m) in mine.items() if m <= m0) \
+                if any(m <= m0 for _, m in mine.values()) else (float("nan"),) * 2 + ("-",)
+            print(f"{'':12}target at {peer}: NOT met; within its memory the fastest is {n} "
+                  f"at {s:.2f}x its time")
 
 
 def plot(results, path):
@@ -148,13 +179,16 @@ def main():
     results = {}
     for steps in args.steps:
         seconds = times(steps, args.reps)
-        rows = results[steps] = {name: (s, memory(name, steps)) for name, s in seconds.items()}
+        points = {name: memory(name, steps) for name in seconds}
+        rows = results[steps] = {name: (s, points[name]["peak_bytes"])
+                                 for name, s in seconds.items()}
         base_s, base_m = rows["torchdiffeq backprop"]
         print(f"\n{steps} steps: {'setting':34} {'s/iter':>8} {'/backprop':>9} "
-              f"{'peak MiB':>9} {'/backprop':>9}")
+              f"{'peak MiB':>9} {'/backprop':>9}  plan")
         for name, (s, m) in rows.items():
             print(f"{'':12}{name:34} {s:8.3f} {s / base_s:9.2f} {m / 2 ** 20:9.1f} "
-                  f"{m / base_m:9.2f}", flush=True)
+                  f"{m / base_m:9.2f}  {points[name]['plan'] or ''}", flush=True)
+        targets(rows, points["default"]["budget"])
     plot(results, args.plot)
     print(f"\nplot: {args.plot}")
 

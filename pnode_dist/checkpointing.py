@@ -191,9 +191,9 @@ class Checkpointing:
     def plan(self, cost, expected_steps, adaptive, on_device, sizes=None, graphs=None):
         """The Plan of one solve. cost: the method's StepCost at the agreed sizes;
         expected_steps: exact for fixed steps, the previous solve's count for adaptive ones
-        (None before the first); sizes: the problem's measured Sizes ('auto' without slots);
-        graphs: the user's store_graphs (None: the plan decides). Raises InputError if the
-        budgets cannot hold what is asked."""
+        (None before the first); sizes: the problem's measured Sizes (needed by 'auto' only
+        without a memory or host/device_bytes budget); graphs: the user's store_graphs (None:
+        the plan decides). Raises InputError if the budgets cannot hold what is asked."""
         if self.schedule == "all":
             return Plan("all")
         if not self.measures:
