@@ -14,6 +14,7 @@ from .errors import InputError
 STRATEGIES = {"states": Revolve, "binomial": Revolve, "uniform": Uniform}
 
 SCHEDULES = ("auto", "all", "uniform", "binomial")
+_UNKNOWN_STEPS = 1_000_000       # slots of an unbounded tier before any step count is known
 
 
 @dataclass(frozen=True)
@@ -217,8 +218,9 @@ class Checkpointing:
                              f"that holds {cost.record + cost.state} bytes (y0, the step re-run "
                              "with its graphs, one more state): raise Checkpointing(memory=...)")
         caps = self._checkpoint_capacities(on_device, sizes, cost, budget)
-        slots = min(self._slots(cost, caps, fill=n + 1), n + 1)
-        return Plan("states" if slots == n + 1 else "binomial", slots, budget=budget,
+        steps = n if n is not None else _UNKNOWN_STEPS
+        slots = min(self._slots(cost, caps, fill=steps + 1), steps + 1)
+        return Plan("states" if slots == steps + 1 else "binomial", slots, budget=budget,
                     estimate=min(slots, _in_memory(caps, cost.state)) * cost.state
                     + cost.record)
 
@@ -274,7 +276,9 @@ class Checkpointing:
     def _tail(self, pool, cost, plan, sizes, on_device, used, control):
         """The binomial strategy that continues a solve which outgrew its plan, in the budget
         the head left (`used` bytes taken)."""
-        caps = self._checkpoint_capacities(on_device, sizes, cost, plan.budget - used)
+        left = max(0, plan.budget - used - cost.record)
+        caps = [(name, left if name == "host" and not on_device else cap)
+                for name, cap in self._checkpoint_capacities(on_device, sizes, cost, 0)]
         slots = self._slots(cost, caps, fill=control.max_num_steps + 1)
         return Revolve(pool, self.tiers(pool, caps), slots, cost.state, overhead=cost.record)
 

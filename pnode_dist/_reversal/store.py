@@ -71,25 +71,47 @@ class Tier:
 
 
 class MemoryTier(Tier):
-    """Checkpoints held as tensors in host memory (or on `device`)."""
+    """Checkpoints held as tensors in host memory (or on `device`). On the host they are rows
+    of slabs of about SLAB bytes, allocated as needed and reused once dropped: one small
+    tensor per checkpoint, allocated between the solve's temporaries, fragmented the heap
+    (resident memory 2-4x the checkpoints' bytes, measured at 1000 steps of 64 KiB)."""
+
+    SLAB = 4 << 20
 
     def __init__(self, name, capacity, device="cpu"):
         super().__init__(capacity)
         self.name, self.device = name, device
         self.data = {}
+        self.slabbed = torch.device(device).type == "cpu"
+        self.free = []               # unused slab rows
+
+    def _row(self, state):
+        """A tensor to copy `state` into."""
+        if not self.slabbed:
+            return torch.empty_like(state, device=self.device)
+        if self.free and (self.free[-1].shape, self.free[-1].dtype) == (state.shape,
+                                                                        state.dtype):
+            return self.free.pop()
+        rows = max(1, self.SLAB // max(1, state.nbytes))
+        self.free = list(torch.empty((rows,) + tuple(state.shape), dtype=state.dtype).unbind(0))
+        return self.free.pop()
 
     def put(self, pos, state, meta):
-        self.data[pos] = state.to(self.device, copy=True)
+        self.data[pos] = self._row(state).copy_(state)
         self._count(state.nbytes)
 
     def get(self, pos):
         return self.data[pos]
 
     def drop(self, pos):
-        self.bytes -= self.data.pop(pos).nbytes
+        row = self.data.pop(pos)
+        self.bytes -= row.nbytes
+        if self.slabbed:
+            self.free.append(row)
 
     def close(self):
         self.data.clear()
+        self.free.clear()
         super().close()
 
 
@@ -115,6 +137,7 @@ class PinnedHostTier(MemoryTier):
 
     def __init__(self, capacity, device, depth):
         super().__init__("host", capacity)
+        self.slabbed = False         # page-locked tensors of its own (put)
         self.gpu, self.depth = device, depth
         self.stream = torch.cuda.Stream(device)
         self.copied = {}             # pos -> event: the device-to-host copy is done

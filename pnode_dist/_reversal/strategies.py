@@ -114,8 +114,8 @@ class _Limit:
         if store is not None and not store.closed and \
                 held + cost.graph_step + ahead > self.limit:
             store.closed = True
-        if held + cost.graph_step > self.limit and (store is None or store.closed) and \
-                held + cost.state_step > self.limit:
+        keeps_graphs = store is not None and not store.closed
+        if held + (cost.graph_step if keeps_graphs else cost.state_step) > self.limit:
             self.integrator.stop_requested = True
 
 
