@@ -1,6 +1,8 @@
 """Run under mpiexec: bounded-memory schedules (binomial and uniform, host and disk tiers) give
 the gradients of the store-everything run on the same ranks (<= 1e-14 relative) and of the
-whole batch on one rank (<= 1e-12), and leave no files behind. Exits non-zero on a mismatch."""
+whole batch on one rank (<= 1e-12), and leave no files behind. The memory-aware default plans
+alike on every rank, and a solve that outgrows its plan spills at the same step on every rank
+with the store-everything gradients. Exits non-zero on a mismatch."""
 import os
 import shutil
 import sys
@@ -51,6 +53,37 @@ for method, options in CASES:
         worst_ranks = max(worst_ranks, rel(g, gradients(method, options, policy, "serial")))
         if rel(g, ref) > 1e-14:
             print(f"rank {rank} {method} {name}: {rel(g, ref):.2e} from store-all", flush=True)
+
+
+def planned(f, policy, t_end):
+    """An adaptive dopri5 solve of f to t_end on the uneven shards: (gradients, stats)."""
+    f.zero_grad()
+    y0 = y_all[lo:hi].clone().requires_grad_(True)
+    stats = {}
+    times = torch.tensor([0.0, 0.3 * t_end, t_end], dtype=torch.float64)
+    ys = odeint(f, y0, times, method="dopri5", rtol=1e-6, atol=1e-8, checkpointing=policy,
+                stats=stats)
+    (ys.sin() * torch.arange(1, 4, dtype=ys.dtype).view(3, 1, 1)).sum().backward()
+    return torch.cat([y0.grad.reshape(-1)] + [p.grad.reshape(-1) for p in f.parameters()]), stats
+
+
+# The memory-aware default plans alike on every rank (agreed sizes and budget), and a solve
+# that outgrows its plan spills at the same step on every rank, with the same gradients.
+_, default = planned(TimeMLP(seed=4), None, 1.0)
+budget = 2 * default["memory_used"]  # a budget the longer solve outgrows
+f, twin = TimeMLP(seed=4), TimeMLP(seed=4)      # same weights, separate solver caches
+plans = []
+for t_end in (1.0, 8.0):
+    g, stats = planned(f, Checkpointing(memory=budget), t_end)
+    ref, _ = planned(twin, Checkpointing(schedule="all"), t_end)
+    worst_schedule = max(worst_schedule, rel(g, ref))
+    plans.append((stats["checkpoint_schedule"], stats["memory_budget"],
+                  stats.get("spilled_at_step"), stats["memory_used"] <= budget))
+everyone = comm.allgather((default["checkpoint_schedule"], default["memory_budget"], plans))
+spilled = plans[-1][2] is not None and all(p[3] for p in plans)
+if any(e != everyone[0] for e in everyone) or not spilled:
+    print(f"rank {rank}: plans differ or no spill within the budget: {everyone}", flush=True)
+    worst_schedule = 1.0
 comm.Barrier()                       # the serial solves of other ranks may still be running
 leftover = len(os.listdir(disk))
 worst_schedule = comm.allreduce(worst_schedule, op=MPI.MAX)
