@@ -8,9 +8,9 @@ forward + backward per iteration. Memory: each (setting, steps) point runs in it
 "peak" is the growth of the resident set during its iterations over the resident set after a
 one-step warm-up of the same setting (imports, PETSc, workspaces excluded). Time: all settings
 of one step count run interleaved in one process (each round in a rotated order), median of
---reps (x 100/steps below 100 steps). Prints a table per step
-count (time and peak, each also as a ratio to torchdiffeq backprop) and writes a plot of time
-against peak memory, one marker per setting.
+--reps rounds (x 100/steps below 100 steps). Prints a table per step count (time and peak, each
+also as a ratio to torchdiffeq backprop, and the plan 'auto' chose), checks the targets of the
+memory-aware default, and writes a plot of time against peak memory, one marker per setting.
 """
 import argparse
 import json
