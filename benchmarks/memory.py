@@ -66,7 +66,7 @@ def child(mode, steps, slots, batch, reps):
     func = MLP().double()
     y0 = torch.randn(batch, DIM, dtype=torch.float64)
     disk = tempfile.mkdtemp(prefix="pnode-bench-")
-    policies = {"store-all": None, "torchdiffeq": None,
+    policies = {"store-all": Checkpointing(schedule="all"), "torchdiffeq": None,
                 "binomial": Checkpointing(schedule="binomial", slots=slots),
                 "disk": Checkpointing(schedule="binomial", slots=slots, host_bytes=0,
                                       disk_dir=disk)}
