@@ -58,8 +58,8 @@ def graph_bytes(func, params, t, y):
     excluded.add(y.untyped_storage().data_ptr())
     with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
         out = func(torch.full((), t, dtype=y.dtype, device=y.device), y)
-    if not out.requires_grad:
-        return 0
+    if not isinstance(out, torch.Tensor) or out.shape != y.shape or not out.requires_grad:
+        return 0                     # keeps no graph (a wrong output is the solve's to report)
     return sum(found.values()) + y.nbytes + out.nbytes
 
 
