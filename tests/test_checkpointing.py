@@ -1,6 +1,7 @@
 """Bounded-memory backward passes: every schedule and tier mix gives the store-everything
 gradients, the binomial schedule re-runs exactly revolve's optimum, budgets hold, tiers spill,
-and the disk files hold what the forward computed."""
+the memory-aware default plans within its budget from measured sizes (and spills a solve that
+outgrows the plan), and the disk files hold what the forward computed."""
 import json
 import os
 import subprocess
