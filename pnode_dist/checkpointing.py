@@ -49,12 +49,11 @@ def _in_memory(caps, state):
     return sum(cap // state for name, cap in caps if name != "disk" and cap is not None)
 
 
-def _sizes(pool, t, y):
-    """The problem's measured Sizes, measured at its first differentiable solve, at (t, y)
-    (collective: every rank is in the same solve)."""
+def _sizes(pool, state, t, y):
+    """The problem's measured Sizes (`state`: the largest shard's bytes), measured at its
+    first differentiable solve, at (t, y) (collective: every rank is in the same solve)."""
     if pool.sizes is None:
         layout, method, func, params = pool.args[:4]
-        state = SOLVER_ITEMSIZE * max(math.prod(s) for s in layout.all_local_shapes)
         graphed = func if method.graphs_per_step else None
         graphed = getattr(graphed, "explicit", graphed)          # an IMEX pair's RHS part
         pool.sizes = budget.measure(layout, state, graphed, params, t,
@@ -247,9 +246,8 @@ class Checkpointing:
         steps."""
         layout = pool.layout
         on_device = layout.device.type == "cuda"
-        sizes = _sizes(pool, t_out[0], y0) if self.measures else None
-        state = sizes.state if sizes is not None else \
-            SOLVER_ITEMSIZE * max(math.prod(s) for s in layout.all_local_shapes)
+        state = SOLVER_ITEMSIZE * max(math.prod(s) for s in layout.all_local_shapes)
+        sizes = _sizes(pool, state, t_out[0], y0) if self.measures else None
         cost = StepCost(state, sizes.graph if sizes is not None else 0,
                         pool.method.states_per_step, pool.method.graphs_per_step)
         expected = pool.history.expected_steps(pool.adaptive, t_out, control)

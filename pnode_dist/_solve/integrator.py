@@ -128,8 +128,9 @@ class _Stepping:
             ts.setTimeStep(remaining / self.fixed_steps(t))
             return
         dt = ts.getTimeStep()
-        if _landing(dt, remaining) != dt:
-            ts.setTimeStep(_landing(dt, remaining))
+        landed = _landing(dt, remaining)
+        if landed != dt:
+            ts.setTimeStep(landed)
 
 
 def _landing(dt, remaining):
