@@ -10,7 +10,9 @@ File layout (format version 2, one file per save, written by rank 0):
   root attributes: format, format_version, run_id, iteration, epoch, nranks, created,
                    args (JSON), progress (JSON: the caller's counters such as the batch position)
   /model/<name>             parameters and buffers (state_dict order)
-  /optimizer/state/<i>/<k>  tensors of the optimizer state; other values in attributes
+  /optimizer/state/<i>/<k>  tensors of the optimizer state (a list of tensors, such as
+                            L-BFGS's history: a group of datasets 0..length-1, None entries
+                            absent); other values in attributes
   /optimizer attributes     param_groups (JSON)
   /scheduler attributes     state (JSON), when a scheduler is given
   /rng/rank_<r>             torch's CPU generator state of rank r
@@ -366,19 +368,43 @@ def _write_optimizer(group, state_dict):
         g = states.create_group(str(index))
         for key, value in entries.items():
             if isinstance(value, torch.Tensor):
-                _tensor_dataset(g, key, value)
-                g[key].attrs["torch_dtype"] = str(value.dtype).replace("torch.", "")
+                _optimizer_tensor(g, key, value)
+            elif _tensor_list(value):           # L-BFGS's history: lists of tensors and None
+                items = g.create_group(key)
+                items.attrs["length"] = len(value)
+                for i, item in enumerate(value):
+                    if item is not None:
+                        _optimizer_tensor(items, str(i), item)
             else:
                 g.attrs[key] = json.dumps(value)
 
 
+def _tensor_list(value):
+    return (isinstance(value, (list, tuple))
+            and any(isinstance(v, torch.Tensor) for v in value)
+            and all(v is None or isinstance(v, torch.Tensor) for v in value))
+
+
+def _optimizer_tensor(group, name, tensor):
+    _tensor_dataset(group, name, tensor)
+    group[name].attrs["torch_dtype"] = str(tensor.dtype).replace("torch.", "")
+
+
+def _read_optimizer_tensor(ds):
+    return torch.from_numpy(np.array(ds[()])).to(getattr(torch, ds.attrs["torch_dtype"]))
+
+
 def _read_optimizer(group):
+    import h5py
     state = {}
     for index, g in group["state"].items():
         entries = {k: json.loads(v) for k, v in g.attrs.items()}
-        for key, ds in g.items():
-            dtype = getattr(torch, ds.attrs["torch_dtype"])
-            entries[key] = torch.from_numpy(np.array(ds[()])).to(dtype)
+        for key, item in g.items():
+            if isinstance(item, h5py.Group):
+                entries[key] = [_read_optimizer_tensor(item[str(i)]) if str(i) in item else None
+                                for i in range(int(item.attrs["length"]))]
+            else:
+                entries[key] = _read_optimizer_tensor(item)
         state[int(index)] = entries
     return {"state": state, "param_groups": json.loads(group.attrs["param_groups"])}
 
