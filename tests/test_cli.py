@@ -9,7 +9,7 @@ import pytest
 
 from conftest import ROOT, run_mpi
 
-APPS = ("classify", "cnf", "stiff", "pde")
+APPS = ("classify", "cnf", "stiff", "pde", "pendulum")
 _modules = {}
 
 
@@ -45,11 +45,14 @@ PER_APP = {
             ["--batch-size", "0"], ["--rtol", "-1e-5"], ["--trace", "approx"]],
     "stiff": [["--iterations", "0"], ["--points", "1"], ["--substeps", "0"],
               ["--trajectories", "0"], ["--method", "rk4"], ["--hidden", "0"],
-              ["--linear-solver", "lu"]],
+              ["--linear-solver", "lu"], ["--model", "kinetic"], ["--held-out", "0"]],
     "pde": [["--iterations", "0"], ["--grid", "1"], ["--window", "0"],
             ["--snapshots", "5", "--window", "4"], ["--quick", "--window", "8"],
             ["--steps-per-snapshot", "0"], ["--proc-sizes", "0", "1"], ["--proc-sizes", "2", "2"],
             ["--eval-every", "0"], ["--method", "foo"], ["--hidden", "-2"]],
+    "pendulum": [["--iterations", "0"], ["--points", "1"], ["--substeps", "0"],
+                 ["--trajectories", "0"], ["--method", "rk4"], ["--duration", "0"],
+                 ["--initial-g", "-1"], ["--initial-c", "-0.5"], ["--lr-g", "nan"]],
 }
 CASES = [(app, args) for app in APPS for args in COMMON + PER_APP[app]]
 
@@ -70,7 +73,8 @@ def test_nonsense_is_one_line_and_status_2(app, args, capsys):
     ("classify", ["--checkpoint", "binomial", "--slots", "3", "--host-bytes", "0", "--disk-dir",
                   "/tmp/x", "--keep-checkpoints", "--limit", "1"]),
     ("cnf", ["--method", "bosh3", "--steps", "0", "--layers", "0"]), ("cnf", ["--quick"]),
-    ("stiff", ["--points", "2", "--method", "beuler"]),
+    ("stiff", ["--points", "2", "--method", "beuler"]), ("stiff", ["--model", "mlp", "--quick"]),
+    ("pendulum", ["--quick", "--method", "beuler"]),
     ("pde", ["--quick"]), ("pde", ["--window", "1", "--snapshots", "3", "--proc-sizes", "1", "1"]),
 ])
 def test_sensible_command_lines_parse(app, args, capsys):

@@ -38,6 +38,7 @@ def _log(tmp_path, job_id):
     ("classify.sbatch", "classify", "srun", ()),
     ("cnf.sbatch", "cnf", "mpiexec", ()),
     ("stiff.sbatch", "stiff", "srun", ()),
+    ("pendulum.sbatch", "pendulum", "mpiexec", ()),
     ("pde.sbatch", "pde", "srun", ("--nodes=1", "--ntasks-per-node=2")),
     # The two-node script on this one node: its launch and requeue logic, not two nodes.
     ("classify-multinode.sbatch", "classify", "mpiexec", ("--nodes=1", "--ntasks-per-node=2")),
