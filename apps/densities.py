@@ -60,6 +60,31 @@ def sample_toy(name, n, generator=None, dtype=torch.float64):
     raise ValueError(f"unknown 2-D density {name!r}: choose one of {', '.join(TOY)}")
 
 
+def true_log_density(name, x):
+    """log p(x) [n] of the 2-D density `name` where it has a closed form (8gaussians,
+    checkerboard), else None."""
+    if name == "8gaussians":
+        angle = torch.arange(8, dtype=x.dtype) * (math.pi / 4)
+        centres = 2.0 * torch.stack([torch.cos(angle), torch.sin(angle)], dim=1)
+        sq = ((x[:, None, :] - centres[None]) ** 2).sum(-1) / (2 * 0.2 ** 2)
+        return torch.logsumexp(-sq, dim=1) - math.log(8 * 2 * math.pi * 0.2 ** 2)
+    if name == "checkerboard":
+        column, row = torch.floor(x[:, 0] + 2.0), torch.floor(x[:, 1] + 2.0)
+        inside = (x.abs() <= 2.0).all(dim=1) & (column % 2 == row % 2)
+        return torch.where(inside, -math.log(8.0), -math.inf)
+    return None
+
+
+def true_entropy(name, n=1_000_000, seed=12345):
+    """The density's entropy E[-log p(x)] (the best possible NLL) by Monte Carlo with n samples,
+    and its standard error; None where log p has no closed form."""
+    x = sample_toy(name, n, torch.Generator().manual_seed(seed))
+    logp = true_log_density(name, x)
+    if logp is None:
+        return None
+    return float(-logp.mean()), float(logp.std() / math.sqrt(n))
+
+
 def load_tabular(name, seed=0, dtype=torch.float64):
     """(train [N, D], test [M, D]) of the table `name`, preprocessed as described above."""
     if name != "breast-cancer":
