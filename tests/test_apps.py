@@ -28,6 +28,17 @@ def test_classify_quick_two_ranks(tmp_path):
     assert (tmp_path / "curves.png").stat().st_size > 1000
 
 
+def test_classify_learns_on_a_small_budget(tmp_path):
+    """Learning happens: 640 digits, 6 epochs (seconds): the test loss falls at least 3-fold
+    from the first epoch's and the accuracy passes 60% (chance: 10%)."""
+    proc = run_mpi(2, ROOT / "apps" / "classify.py", "--limit", "640", "--epochs", "6",
+                   "--no-progress", "--out", tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    history = json.loads((tmp_path / "metrics.json").read_text())["history"]
+    assert history[-1]["test_loss"] < history[0]["test_loss"] / 3, history
+    assert history[-1]["test_accuracy"] > 0.6, history
+
+
 def test_classify_reports_missing_dataset(tmp_path):
     import os
     import subprocess
