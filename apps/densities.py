@@ -7,6 +7,9 @@ and the training state's RNG states make a resumed run draw the same points):
   moons         two interleaved half circles with Gaussian noise
   pinwheel      five curved arms (a radial Gaussian bent by an angle growing with the radius)
 
+For 8gaussians and checkerboard, true_log_density gives log p(x) in closed form and
+true_entropy the entropy (the best NLL any model can reach) by Monte Carlo.
+
 Tabular stand-in for FFJORD's tables (POWER, GAS, HEPMASS, MINIBOONE, BSDS300 need downloads):
   breast-cancer scikit-learn's bundled Wisconsin diagnostic breast-cancer table: 569 rows of 30
                 continuous measurements, the largest real-valued table that ships with

@@ -21,7 +21,7 @@ Afterwards the app reports, for held-out initial states, each species' largest r
 and how much time an explicit method (dopri5) needs versus the implicit one for the same
 accuracy, and that dopri5 cannot integrate the learned model over the whole span.
 
-    mpiexec -n 2 .venv/bin/python apps/stiff.py            # about three minutes
+    mpiexec -n 2 .venv/bin/python apps/stiff.py            # about two minutes
     .venv/bin/python apps/stiff.py --quick                  # smoke test
 
 Outputs in OUT: metrics.json, curves.png (loss per iteration), fit.png, training states in
@@ -270,6 +270,7 @@ def main(argv=None):
         closure.calls += 1
         return torch.tensor(comm.allreduce(loss.item()), dtype=torch.float64)
 
+    closure.calls = 0
     def loop(resumed):
         start, history = 1, []
         if resumed is not None:
