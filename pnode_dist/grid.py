@@ -166,6 +166,16 @@ class Grid:
                 + tuple(range(front, front + self.ndim)))
         return v.permute(perm)
 
+    def with_halo(self, patch):
+        """This rank's patch [B?, C, *local] extended by `halo` cells of its neighbours' values
+        per side (zeros beyond a non-periodic boundary), differentiable; collective. For
+        losses that read neighbouring cells, such as finite differences of a field."""
+        if tuple(patch.shape) != self.local_shape:
+            raise InputError(f"patch must have this rank's shape {self.local_shape}; got "
+                             f"{tuple(patch.shape)}")
+        padded = HaloExchange.apply(self, self.to_vec_order(patch))
+        return self.from_vec_order(padded, self.ghost_spatial)
+
     # -------------------------------------------------------------- func on patches
     def wrap(self, func):
         """The module the solver evaluates: func on patch + halo, interior kept (cached)."""

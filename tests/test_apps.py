@@ -268,15 +268,20 @@ def test_resume_from_a_damaged_file_is_a_clear_error(tmp_path):
         assert proc.stderr.count("error:") == 1            # reported once, by rank 0
 
 
-def test_pde_quick_two_ranks(tmp_path):
+def test_pde_quick_two_ranks_learns(tmp_path):
+    """20 iterations: the held-out error falls 4x below the untrained model's (measured 6.3x)
+    and u's stencil, learned from zero, closes 40% of its gap to D/dx^2 Laplacian (measured
+    64%)."""
     proc = run_mpi(2, ROOT / "apps" / "pde.py", "--quick", "--no-progress", "--out", tmp_path,
                    timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["ranks"] == 2 and metrics["local_shape"] == [2, 32, 64]
+    assert metrics["stencil"] == "cross" and metrics["reaction"] == "equivariant"
     history = metrics["history"]
-    assert history[-1]["train_mse"] < history[0]["train_mse"]
-    assert history[-1]["held_out_relative_error"] < history[0]["held_out_relative_error"]
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    assert metrics["held_out_relative_error"] < metrics["initial_held_out_relative_error"] / 4
+    assert metrics["stencil_relative_error"] < 0.6, metrics["learned_stencil_u"]
     assert (tmp_path / "fields.png").exists() and (tmp_path / "curves.png").exists()
 
 

@@ -49,7 +49,10 @@ PER_APP = {
     "pde": [["--iterations", "0"], ["--grid", "1"], ["--window", "0"],
             ["--snapshots", "5", "--window", "4"], ["--quick", "--window", "8"],
             ["--steps-per-snapshot", "0"], ["--proc-sizes", "0", "1"], ["--proc-sizes", "2", "2"],
-            ["--eval-every", "0"], ["--method", "foo"], ["--hidden", "-2"]],
+            ["--eval-every", "0"], ["--method", "foo"], ["--hidden", "-2"],
+            ["--stencil", "hex"], ["--reaction", "linear"], ["--warmup", "600"],
+            ["--iterations", "10", "--warmup", "10"], ["--h1-weight", "-1"],
+            ["--stencil-lr", "0"]],
     "pendulum": [["--iterations", "0"], ["--points", "1"], ["--substeps", "0"],
                  ["--trajectories", "0"], ["--method", "rk4"], ["--duration", "0"],
                  ["--initial-g", "-1"], ["--initial-c", "-0.5"], ["--lr-g", "nan"]],
@@ -76,6 +79,7 @@ def test_nonsense_is_one_line_and_status_2(app, args, capsys):
     ("stiff", ["--points", "2", "--method", "beuler"]), ("stiff", ["--model", "mlp", "--quick"]),
     ("pendulum", ["--quick", "--method", "beuler"]),
     ("pde", ["--quick"]), ("pde", ["--window", "1", "--snapshots", "3", "--proc-sizes", "1", "1"]),
+    ("pde", ["--stencil", "free", "--reaction", "mlp", "--h1-weight", "0", "--warmup", "0"]),
 ])
 def test_sensible_command_lines_parse(app, args, capsys):
     _app(app).parse_args(args)
