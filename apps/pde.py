@@ -20,7 +20,7 @@ predict the next --window snapshots; the loss is the squared error of the fields
 grid.with_halo). The report is the relative L2 error of a rollout over the last quarter (held
 out).
 
-    mpiexec -n 2 .venv/bin/python apps/pde.py                # 64 x 64, about 3.5 minutes
+    mpiexec -n 2 .venv/bin/python apps/pde.py                # 64 x 64, about four minutes
     mpiexec -n 2 .venv/bin/python apps/pde.py --quick         # smoke test
 
 Memory: --host-bytes is the per-rank budget for the forward states the backward needs. A field
@@ -138,7 +138,7 @@ class LearnedRD(nn.Module):
         return self.stencil(y) + self.reaction(y)
 
 
-def gradient_mse(grid, error):
+def difference_error(grid, error):
     """Sum over this rank's cells of the squared forward differences of error [T, 2, h, w]
     along both axes (periodic: every difference of the field counted once over the ranks)."""
     total = 0.0
@@ -174,7 +174,8 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=workflow.positive_float, default=1e-2,
                    help="Adam's learning rate of the reaction")
     p.add_argument("--stencil-lr", type=workflow.positive_float, default=0.5,
-                   help="Adam's learning rate of the stencil (its weights are near D/dx^2 = 1)")
+                   help="Adam's learning rate of the stencil (its weights are D/dx^2-sized: 1.02 "
+                        "on the 64^2 grid)")
     p.add_argument("--warmup", type=workflow.nonnegative_int, default=None,
                    help="iterations of linear learning-rate warm-up before the cosine decay "
                         "(default: a tenth of --iterations, at most 20)")
@@ -319,7 +320,7 @@ def main(argv=None):
             target = data[first + 1:first + 1 + args.window]
             loss = ((pred - target) ** 2).sum()
             if args.h1_weight:
-                loss = loss + args.h1_weight * gradient_mse(grid, pred - target)
+                loss = loss + args.h1_weight * difference_error(grid, pred - target)
             loss = loss / (cells * args.window)
             loss.backward()          # the grid layout sums the parameter gradients over ranks
             opt.step()
