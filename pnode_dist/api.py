@@ -20,16 +20,21 @@ from ._solve.options import freeze
 from .checkpointing import Checkpointing
 from .errors import InputError
 from .grid import Grid, GridLayout
-from .methods import SETUP_OPTIONS, get_method
+from .methods import METHODS, SETUP_OPTIONS, get_method
 
-OPTION_KEYS = ("step_size", "first_step", "min_step", "max_step", "max_num_steps") + SETUP_OPTIONS
+OPTION_KEYS = ("step_size", "first_step", "min_step", "max_step", "max_num_steps",
+               "outputs") + SETUP_OPTIONS
+OUTPUT_MODES = ("interpolate", "land")
 # torchdiffeq's options with no counterpart here, and what to do instead.
-_STEPS_LAND = "steps land on every time of t: add the times there"
+_STEPS_LAND = ("with options['outputs']='land' the steps land on every time of t: add the "
+               "times there")
 REFUSED_OPTIONS = {
     "jump_t": _STEPS_LAND, "step_t": _STEPS_LAND, "grid_constructor": _STEPS_LAND,
-    "interp": "steps land on every output time, so nothing is interpolated",
-    "perturb": "func is never called with perturb=: steps land on every time of t, so a "
-               "discontinuity placed there is met from both sides",
+    "interp": "adaptive methods interpolate with their own dense output (options['outputs']); "
+              "fixed steps land on every output time",
+    "perturb": "func is never called with perturb=: with options['outputs']='land' the steps "
+               "land on every time of t, so a discontinuity placed there is met from both "
+               "sides",
     "norm": "PETSc's TSAdapt measures the local error in its own weighted norm of rtol/atol",
     "safety": "use petsc_options={'ts_adapt_safety': ...}",
     "ifactor": "use petsc_options={'ts_adapt_clip': 'low,high'}",
@@ -82,7 +87,22 @@ def _number(v):
     return isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v)
 
 
-def _control(options, rtol, atol, store_graphs):
+def _output_mode(options, method, adaptive):
+    """Whether the output times are interpolated (see odeint's options['outputs'])."""
+    mode = options.get("outputs")
+    if mode is None:
+        return method.interpolates and adaptive
+    if mode not in OUTPUT_MODES:
+        raise InputError(f"options['outputs'] must be one of {list(OUTPUT_MODES)}; got {mode!r}")
+    if mode == "interpolate" and not (method.interpolates and adaptive):
+        usable = sorted(m.name for m in METHODS.values() if m.interpolates)
+        raise InputError(f"options['outputs']='interpolate' needs adaptive steps (no "
+                         f"step_size) and a method with a dense output of its order: "
+                         f"{', '.join(usable)}; {method.name!r} steps onto the output times")
+    return mode == "interpolate"
+
+
+def _control(options, rtol, atol, store_graphs, method):
     options = dict(options or {})
     unknown = sorted(set(options) - set(OPTION_KEYS), key=str)
     refused = [k for k in unknown if k in REFUSED_OPTIONS]
@@ -115,9 +135,11 @@ def _control(options, rtol, atol, store_graphs):
                          f"decides); got {store_graphs!r}")
     limits = {k: float(v) for k, v in (("min_step", low), ("max_step", high))
               if 0 < v < math.inf}
+    adaptive = method.adaptive and options.get("step_size") is None
     return StepControl(step_size=options.get("step_size"), first_step=options.get("first_step"),
                        max_num_steps=steps, rtol=float(rtol), atol=float(atol),
-                       store_graphs=store_graphs, **limits)
+                       store_graphs=store_graphs,
+                       interpolate=_output_mode(options, method, adaptive), **limits)
 
 
 def _parameters(func, y0, t0, adjoint_params=None, module=True):
@@ -239,8 +261,14 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, comm
     petsc_options: dict of PETSc options (without prefix) such as {'ts_rk_type': '5bs'};
                    the command line overrides them.
     options:       step_size (fixed steps, at most this long, landing on every output time),
-                   first_step, min_step, max_step (adaptive: TSAdapt's limits),
-                   max_num_steps; for implicit methods linear_solver ('gmres' or 'exact'),
+                   first_step (default: chosen from f at t[0] for explicit methods),
+                   min_step, max_step (adaptive: TSAdapt's limits), max_num_steps;
+                   outputs: 'interpolate' (the default for dopri5, bosh3, adaptive_heun,
+                   fehlberg2: steps follow the error control alone, each output time is
+                   evaluated by the method's dense output, its gradient exact through it) or
+                   'land' (every output time ends a step: right when f jumps there; the
+                   default for the other methods); for implicit methods linear_solver
+                   ('gmres' or 'exact'),
                    mass ([d, d]), theta (method='theta') and tableau (method='arkimex').
     store_graphs:  keep f's autograd graph of every stage from the forward solve, so that the
                    adjoint does not re-evaluate f (about 1/4 less time; memory grows with the
@@ -301,7 +329,7 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, comm
         method_obj = get_method(method)
         if method_obj.kind == "imex" and func is not user_func:
             raise InputError("method='arkimex' takes a tensor y0 and increasing t")
-        control = _control(options, rtol, atol, store_graphs)
+        control = _control(options, rtol, atol, store_graphs, method_obj)
         setup = method_obj.setup(options or {}, func, y0)
         frozen = freeze(petsc_options)
         if prefix is not None and not (isinstance(prefix, str) and prefix.replace("_", "").isalnum()):

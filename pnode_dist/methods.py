@@ -51,6 +51,7 @@ class IMEX(nn.Module):
 
 class Method:
     """One integration method as PETSc runs it. Subclasses say how."""
+    interpolates = False         # evaluates output times by its dense output (ExplicitRK)
     kind = None                  # 'explicit' (RHS form), 'implicit' (IFunction), 'imex' (both)
     options: Tuple[str, ...] = ()    # the SETUP_OPTIONS it accepts
     on_grids = True              # usable with a pnode_dist.Grid
@@ -97,15 +98,26 @@ class Method:
 
 class ExplicitRK(Method):
     """An explicit Runge-Kutta tableau, run by PETSc's TSRK (registered with it first when
-    PETSc does not ship it)."""
+    PETSc does not ship it). An adaptive one with a continuous extension (`dense`, of order
+    `dense_order`; 'petsc': the one PETSc ships with the tableau) evaluates output times by
+    interpolation instead of stepping onto them."""
     kind = "explicit"
     ts_types = ("rk",)
 
-    def __init__(self, name, subtype, order, adaptive, tableau, register=False, embedded=None):
+    def __init__(self, name, subtype, order, adaptive, tableau, register=False, embedded=None,
+                 dense=None, dense_order=None):
         super().__init__(name, order, adaptive)
         self.subtype, self.tableau = subtype, tableau
         self.register = register    # a tableau PETSc does not ship: registered at first use
         self.embedded = embedded    # weights of the error estimate's formula (registered ones)
+        self.dense = dense          # DenseOutput registered with the tableau ('petsc': shipped)
+        self.dense_order = dense_order
+
+    @property
+    def interpolates(self):
+        """Output times by interpolation is the default: an adaptive method whose dense output
+        is at most one order below the method (dopri5's, as torchdiffeq's)."""
+        return self.adaptive and self.dense is not None and self.dense_order >= self.order - 1
 
     def parts(self, func, params, shape, dtype, device, setup):
         return TorchRHS(func, params, shape, dtype, device), None
@@ -203,17 +215,24 @@ METHODS = {
         ExplicitRK("euler", "1fe", 1, False, tab.EULER),
         ExplicitRK("midpoint", "2b", 2, False, tab.MIDPOINT),
         ExplicitRK("rk4", "4", 4, False, tab.RK4),
-        ExplicitRK("bosh3", "3bs", 3, True, tab.BOSH3),
-        ExplicitRK("dopri5", "5dp", 5, True, tab.DOPRI5),
+        # PETSc's 3bs, registered again with its Hermite interpolant (FSAL: cubic, order 3).
+        ExplicitRK("bosh3", "pnode_bosh3", 3, True, tab.BOSH3, register=True,
+                   embedded=tab.BOSH3_EMBEDDED, dense=tab.hermite(tab.BOSH3, fsal=True),
+                   dense_order=3),
+        # PETSc's 5dp with the continuous extension PETSc ships with it (order 4).
+        ExplicitRK("dopri5", "5dp", 5, True, tab.DOPRI5, dense="petsc", dense_order=4),
         # torchdiffeq's other explicit methods: Heun (PETSc's 2a), the rest registered with
         # PETSc (rk_register). torchdiffeq's 'rk4' is the 3/8 rule: here 'rk4_38'.
         ExplicitRK("heun2", "2a", 2, False, tab.HEUN),
-        ExplicitRK("adaptive_heun", "2a", 2, True, tab.HEUN),
+        ExplicitRK("adaptive_heun", "pnode_adaptive_heun", 2, True, tab.HEUN, register=True,
+                   embedded=tab.HEUN_EMBEDDED, dense=tab.hermite(tab.HEUN, fsal=False),
+                   dense_order=2),
         ExplicitRK("heun3", "pnode_heun3", 3, False, tab.HEUN3, register=True),
         ExplicitRK("rk4_38", "pnode_rk4_38", 4, False, tab.RK4_38, register=True),
         ExplicitRK("fehlberg2", "pnode_fehlberg2", 2, True, tab.FEHLBERG2, register=True,
-                   embedded=tab.FEHLBERG2_EMBEDDED),
-        # Verner's pairs as PETSc ships them.
+                   embedded=tab.FEHLBERG2_EMBEDDED,
+                   dense=tab.hermite(tab.FEHLBERG2, fsal=False), dense_order=2),
+        # Verner's pairs as PETSc ships them (no dense output: they step onto output times).
         ExplicitRK("verner6", "6vr", 6, True, tab.PetscTableau("6vr")),
         ExplicitRK("verner7", "7vr", 7, True, tab.PetscTableau("7vr")),
         ExplicitRK("verner8", "8vr", 8, True, tab.PetscTableau("8vr")),

@@ -12,7 +12,9 @@ import torch
 from ._distributed.layout import BatchLayout
 from ._distributed.startup import PETSc
 from ._solve.device import SOLVER_DTYPE, petsc_has_cuda  # noqa: F401 - for the tests
+from ._solve.dense import interpolate_step
 from ._solve.integrator import Integrator, StepControl
+from ._solve.rk_register import ensure_registered, petsc_tableau
 from ._solve.tableaus import ARK_TABLEAUS, ButcherTableau  # noqa: F401
 from .methods import METHODS, SetupConfig
 
@@ -47,6 +49,31 @@ def _replay(step, y0, times, output_steps):
 def rk_replay(func, y0, times, output_steps, tableau: ButcherTableau):
     """Explicit RK through the recorded step times (see _replay)."""
     return _replay(lambda t, h, y: rk_step(func, t, y, h, tableau), y0, times, output_steps)
+
+
+def rk_record_replay(func, y0, record, method):
+    """Explicit RK through a recorded solve's steps, its outputs as the solve made them: the
+    state where an output ended a step, the method's dense output where it lies inside one
+    (record.dense_times). [len(outputs), *y0.shape]."""
+    m = METHODS[method]
+    ensure_registered(m)
+    tableau, dense = petsc_tableau(m.subtype, dense=True)
+
+    def f(t, y):
+        return func(torch.tensor(t, dtype=y.dtype), y)
+
+    states, y = [y0], y0
+    for n in range(1, len(record.times)):
+        y = rk_step(func, record.times[n - 1], y, record.times[n] - record.times[n - 1], tableau)
+        states.append(y)
+    outs = []
+    for pos, t in zip(record.output_steps, record.dense_times):
+        if t is None:
+            outs.append(states[pos])
+        else:
+            outs.append(interpolate_step(f, record.times[pos], record.times[pos + 1],
+                                         states[pos], [t], tableau, dense)[0])
+    return torch.stack(outs)
 
 
 def _implicit_solve(residual, z0, iters=50):
@@ -134,7 +161,9 @@ def recorded_steps(func, y0, t, method, options=None, rtol=1e-7, atol=1e-9, **se
     layout = BatchLayout(PETSc.COMM_SELF, y0.shape, [tuple(y0.shape)], device=y0.device)
     integrator = Integrator(layout, m, func, list(func.parameters()), y0.dtype, None, (),
                             adaptive, adjoint=False, setup=SetupConfig(**setup))
-    control = StepControl(step_size=options.get("step_size"), rtol=rtol, atol=atol)
+    interpolate = options.get("outputs", "interpolate" if m.interpolates else "land")
+    control = StepControl(step_size=options.get("step_size"), rtol=rtol, atol=atol,
+                          interpolate=adaptive and interpolate == "interpolate")
     try:
         _, record = integrator.forward(y0, [float(v) for v in t], control)
         return record, integrator.stats

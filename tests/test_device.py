@@ -14,7 +14,7 @@ from conftest import ROOT, TimeMLP, recorded_steps, run_mpi
 from pnode_dist import Checkpointing, InputError, METHODS, odeint, rank_device
 from pnode_dist.testing import SOLVER_DTYPE, petsc_has_cuda
 from pnode_dist.parallel import PETSc
-from pnode_dist.testing import rk_replay, theta_replay
+from pnode_dist.testing import rk_record_replay, theta_replay
 from precision.single_checks import check_callbacks_use_the_vec_memory
 
 SINGLE_CHECKS = ROOT / "tests" / "precision" / "single_checks.py"
@@ -108,7 +108,7 @@ def test_gpu_reverse_accuracy(method, options, y0):
     if method == "cn":
         ref = theta_replay(mlp, y, record.times, record.output_steps, 0.5, True)
     else:
-        ref = rk_replay(mlp, y, record.times, record.output_steps, METHODS[method].tableau)
+        ref = rk_record_replay(mlp, y, record, method)
     grads_ref = torch.autograd.grad(_loss(ref), [y] + list(mlp.parameters()))
     tol = 1e-9 if method == "cn" else 1e-12
     assert _rel(ys.detach(), ref.detach()) < tol

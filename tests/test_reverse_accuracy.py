@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from pnode_dist import METHODS, odeint
-from pnode_dist.testing import rk_replay
+from pnode_dist.testing import rk_record_replay
 from conftest import recorded_steps
 
 T_OUT = torch.tensor([0.0, 0.3, 0.7, 1.0], dtype=torch.float64)
@@ -26,7 +26,7 @@ def _pnode_and_replay(mlp, y0, method, options, store_graphs, rtol=1e-6, atol=1e
     # The steps PETSc took, recorded by a forward solve with the same settings.
     record = _last_record(mlp, y0, method, options, rtol, atol)
     y0b = y0.clone().requires_grad_(True)
-    ys_ref = rk_replay(mlp, y0b, record.times, record.output_steps, METHODS[method].tableau)
+    ys_ref = rk_record_replay(mlp, y0b, record, method)
     grads_ref = torch.autograd.grad(_loss(ys_ref), [y0b] + params)
     return ys, grads, ys_ref, grads_ref, record
 

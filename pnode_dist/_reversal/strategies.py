@@ -21,7 +21,7 @@ import torch
 
 from .._distributed.collective import raise_collectively
 from .._solve.device import SOLVER_DTYPE
-from .._solve.integrator import ForwardRecord
+from .._solve.integrator import Cotangents, ForwardRecord
 from ..errors import SolverError
 from .schedule import Placement, plan_advances, reversal_plan
 from .store import CheckpointStore
@@ -154,7 +154,9 @@ class Spill:
         pool.history.solved(record.steps + tail.steps)
         return outputs, ForwardRecord(
             times=record.times + tail.times[1:],
-            output_steps=record.output_steps + [record.steps + s for s in tail.output_steps[1:]])
+            output_steps=record.output_steps + [record.steps + s for s in tail.output_steps[1:]],
+            dense_times=record.dense_times + tail.dense_times[1:],
+            starts={**record.starts, **{record.steps + n: y for n, y in tail.starts.items()}})
 
     def _merge_stats(self):
         """stats: the head's counts plus the tail's (the head's plan); memory_used is what
@@ -177,15 +179,16 @@ class Spill:
         tail_grads = torch.cat([torch.zeros_like(grad_outputs[:1]), grad_outputs[k:]])
         grad_stop, grad_params = self.tail.backward(self.tail_record, tail_grads, control)
         head_grads = grad_outputs[:k].clone()
-        steps = list(head.output_steps)
-        if steps[-1] == head.steps:          # stopped on an output time
+        steps, dense_times = list(head.output_steps), list(head.dense_times)
+        if steps[-1] == head.steps and dense_times[-1] is None:  # stopped on an output time
             head_grads[-1] += grad_stop
         else:
             steps.append(head.steps)
+            dense_times.append(None)
             head_grads = torch.cat([head_grads, grad_stop[None]])
         try:
-            grad_y0, head_params = self.head.backward(ForwardRecord(head.times, steps),
-                                                      head_grads, control)
+            grad_y0, head_params = self.head.backward(
+                ForwardRecord(head.times, steps, dense_times, head.starts), head_grads, control)
         finally:
             self._merge_stats()
         if grad_params is not None:
@@ -303,7 +306,6 @@ class Recompute:
         ops = reversal_plan(n, store.held(), self.slots, tail=self.keeper.tail_pos == n - 1,
                             record_span=self.record_span)
         restores = [op.a for op in ops if op.kind in ("record", "advance")]
-        out_index = {step: k for k, step in enumerate(record.output_steps)}
         span = max(op.b - op.a for op in ops if op.kind == "record")
         rec = pool.acquire(adjoint=True, adaptive=False, nsteps=span)
         adv = pool.acquire(adjoint=False, adaptive=False) if plan_advances(ops) else None
@@ -313,7 +315,8 @@ class Recompute:
         start = time.perf_counter()
         ok = False
         try:
-            rec.start_adjoint(grad_outputs[-1])
+            cotangents = Cotangents(rec, record, grad_outputs)
+            rec.start_adjoint(cotangents.at(n))
             nrestore, work_pos = 0, None
             for op in ops:
                 if op.kind in ("record", "advance"):
@@ -332,13 +335,12 @@ class Recompute:
                     work = adv.x_view if adv is not None else None
                     rec.replay(self._state(op.a, work, work_pos), times[op.a:op.b + 1],
                                keep_graphs)
-                    self._adjoint_segment(rec, op.a, op.b, record.output_steps, out_index,
-                                          grad_outputs)
+                    self._adjoint_segment(rec, op.a, op.b, cotangents)
             store.settle()
             error, cause = store.error, None
             if error is None and adv is not None:
                 error, cause = adv.error, adv.exception
-            grads = rec.finish_adjoint(grad_outputs[0], error=error, cause=cause)
+            grads = rec.finish_adjoint(cotangents.at(0), error=error, cause=cause)
             ok = True
         finally:
             self._finish(rec, adv, ok)
@@ -351,14 +353,15 @@ class Recompute:
         return grads
 
     @staticmethod
-    def _adjoint_segment(rec, a, b, output_steps, out_index, grad_outputs):
-        """Adjoint of the recorded steps a..b-1, adding dL/dy at the output steps crossed."""
+    def _adjoint_segment(rec, a, b, cotangents):
+        """Adjoint of the recorded steps a..b-1, adding dL/dy at the output positions crossed
+        (position a included; 0 is finish_adjoint's)."""
         hi = b
-        for lo in [s for s in reversed(output_steps) if a < s < b] + [a]:
+        for lo in cotangents.positions_below(b, a) + [a]:
             rec.adjoint_steps(hi - lo)
             hi = lo
-            if lo > 0 and lo in out_index:
-                rec.add_to_lambda(grad_outputs[out_index[lo]])
+            if lo > 0 and lo in cotangents.by_position:
+                rec.add_to_lambda(cotangents.at(lo))
 
     def _finish(self, rec, adv, ok):
         """Return the Integrators; after a failure (raised on every rank) destroy both: they

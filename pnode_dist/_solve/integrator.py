@@ -11,19 +11,22 @@ import math
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import List
+from typing import Dict, List
 
 import torch
 
 from .._distributed.collective import (CAUSE, CONSEQUENCE, SYMPTOM, PETSc, allreduce_sum,
                                       raise_collectively)
 from ..errors import InputError, SolverError
+from . import dense
 from .device import SOLVER_DTYPE, vec_type
 from .explicit import GraphStore, ParamJacobianMat, StateJacobianMat
+from .first_step import initial_step
 from .guard import guarded
 from .implicit import BlockJacobianPC, IJacobianMat, IJacobianPMat
 from .lifetime import keep_forever
 from .options import layered_options
+from .rk_register import ts_tableau
 from .views import touch, vec_view
 
 # Times within this relative distance are the same time (PETSc's times have its precision).
@@ -64,31 +67,42 @@ class StepControl:
     rtol: float = 1e-7
     atol: float = 1e-9
     store_graphs: bool = None    # keep f's stage graphs for the adjoint (None: the policy says)
+    interpolate: bool = False    # output times by dense output (adaptive explicit methods)
 
 
 @dataclass
 class ForwardRecord:
-    """What a forward solve leaves for its adjoint: the accepted step times and the step index
-    that ends at each output time."""
+    """What a forward solve leaves for its adjoint: the accepted step times and, for each
+    output, the position whose adjoint state receives its cotangent: the step index it ended
+    on, or, for an output interpolated inside step n (dense_times: its time, else None), n.
+    starts: the state at the start of each step holding interpolated outputs."""
     times: List[float] = field(default_factory=list)
     output_steps: List[int] = field(default_factory=list)
+    dense_times: List[float] = field(default_factory=list)
+    starts: Dict[int, torch.Tensor] = field(default_factory=dict)
     stopped: bool = False        # ended early, before the last output time (stop_requested)
 
     @property
     def steps(self):
         return len(self.times) - 1
 
+    def add_output(self, position, dense_time=None):
+        self.output_steps.append(position)
+        self.dense_times.append(dense_time)
+
 
 class _Stepping:
     """Bookkeeping of one forward solve, driven by the post-step callback."""
 
-    def __init__(self, t_out, control, adaptive, outputs):
+    def __init__(self, t_out, control, adaptive, outputs, interpolate=False):
         self.t_out = t_out
         self.control = control
         self.adaptive = adaptive
+        self.interpolate = interpolate               # outputs inside a step by dense output
         self.outputs = outputs
         self.k = 1                                   # next output index
-        self.record = ForwardRecord(times=[t_out[0]], output_steps=[0])
+        self.record = ForwardRecord(times=[t_out[0]])
+        self.record.add_output(0)
         self.done = False
         self.tol = time_slack(t_out)
 
@@ -96,29 +110,47 @@ class _Stepping:
         """Number of equal steps from t to the next output time (at most step_size each)."""
         return fixed_step_count(self.t_out[self.k] - t, self.control.step_size, self.tol)
 
-    def first_dt(self):
+    def first_dt(self, chosen=None):
+        """The first step: fixed steps' size; adaptive: first_step, else `chosen` (from f at
+        the start), else a hundredth of the interval; landing on the first target."""
         span = self.t_out[1] - self.t_out[0]
         if not self.adaptive:
             return span / self.fixed_steps(self.t_out[0])
-        return _landing(self.control.first_step or (self.t_out[-1] - self.t_out[0]) * 1e-2,
-                        span)
+        control = self.control
+        first = control.first_step or chosen or (self.t_out[-1] - self.t_out[0]) * 1e-2
+        if chosen is not None and not control.first_step:   # within TSAdapt's limits
+            first = min(max(first, control.min_step or 0.0), control.max_step or math.inf)
+        return _landing(first, self._target() - self.t_out[0])
+
+    def _target(self):
+        """The time the steps must land on next: the next output time, or with interpolation
+        the last one."""
+        return self.t_out[-1] if self.interpolate else self.t_out[self.k]
 
     def post_step(self, integrator, ts):
-        """Record the accepted step, copy outputs, choose the next step."""
+        """Record the accepted step, copy or interpolate the outputs it reached, choose the
+        next step."""
         t = ts.getTime()
-        self.record.times.append(t)
-        integrator._notify("accepted", len(self.record.times) - 1, self.record.times,
-                           integrator.x_view)
-        target = self.t_out[self.k]
-        if t >= target - self.tol:
-            self.outputs[self.k].copy_(integrator.x_view)
-            self.record.output_steps.append(len(self.record.times) - 1)
+        record = self.record
+        record.times.append(t)
+        n = len(record.times) - 1                    # the step just taken ends at position n
+        integrator._notify("accepted", n, record.times, integrator.x_view)
+        while self.interpolate and self.k < len(self.t_out) and self.t_out[self.k] < t - self.tol:
+            # Inside the step (only with interpolation: otherwise the steps land on them).
+            if n - 1 not in record.starts:
+                record.starts[n - 1] = integrator.step_start.clone()
+            self.outputs[self.k].copy_(integrator.interpolated(self.t_out[self.k]))
+            record.add_output(n - 1, self.t_out[self.k])
             self.k += 1
-            if self.k == len(self.t_out):
-                self.done = True
-                ts.setConvergedReason(PETSc.TS.ConvergedReason.CONVERGED_USER)
-                return
-            target = self.t_out[self.k]
+        if self.k < len(self.t_out) and t >= self.t_out[self.k] - self.tol:
+            self.outputs[self.k].copy_(integrator.x_view)
+            record.add_output(n)
+            self.k += 1
+        if self.k == len(self.t_out):
+            self.done = True
+            ts.setConvergedReason(PETSc.TS.ConvergedReason.CONVERGED_USER)
+            return
+        target = self._target()
         if integrator.stop_requested:
             self.record.stopped = True
             ts.setConvergedReason(PETSc.TS.ConvergedReason.CONVERGED_USER)
@@ -209,6 +241,12 @@ class Integrator:
                              "-ts_rk_type / -ts_arkimex_type")
         self.ts = ts
         self.step_limits = ts.getStepLimits()    # PETSc's (-ts_adapt_dt_min/max), per solve
+        # The tableau and dense output PETSc integrates with (after the options): interpolated
+        # outputs and their cotangents use exactly these.
+        self.tableau, self.dense = (ts_tableau(ts) if method.kind == "explicit"
+                                    else (None, None))
+        self.step_start = None       # the state at the start of the step under way
+        self._work = None            # (Vec, view) receiving interpolated outputs
         self._stepping, self.observers = None, ()
         self.stats = {}
         self.capacity = None         # steps the trajectory can hold (set on first use)
@@ -326,11 +364,51 @@ class Integrator:
 
     # ---------------------------------------------------------------- forward
     def _pre_step(self, ts):
+        interpolating = self._stepping is not None and getattr(self._stepping, "interpolate",
+                                                               False)
+        if self.on_gpu and (self.observers or interpolating):
+            touch(self.x, "r")
+        if interpolating:
+            self.step_start.copy_(self.x_view)
         if self.observers:
-            if self.on_gpu:
-                touch(self.x, "r")
             step, t, dt = ts.getStepNumber(), ts.getTime(), ts.getTimeStep()
             self._notify("starting", step, t, dt, self.x_view)
+
+    def interpolated(self, t):
+        """The dense output at time t inside the step just accepted (PETSc's TSInterpolate)."""
+        if self._work is None:
+            vec = self.x.duplicate()
+            self._work = (vec, vec_view(vec, self.layout.local_shape))
+        vec, view = self._work
+        self.ts.interpolate(t, vec)
+        if self.on_gpu:
+            touch(vec, "r")
+        return view
+
+    def _first_step(self, y0, t_out, control):
+        """The first step from f at the start (explicit adaptive solves without first_step),
+        or None. An exception in f is recorded like any callback's (raised after the solve)."""
+        if not (self.adaptive and self.ifun is None and control.first_step is None):
+            return None
+        rhs, comm = self.rhs, self.layout.comm
+        mpi = comm.tompi4py() if self.layout.nranks > 1 else None
+
+        def total(x):
+            return mpi.allreduce(x) if mpi is not None else x
+
+        def f(t, y):
+            rhs.counts["rhs"] += 1
+            with torch.no_grad():
+                return rhs._evaluate(t, y.to(rhs.dtype)).to(SOLVER_DTYPE)
+
+        step = None
+        with guarded(rhs, rhs._in_func(t_out[0])):
+            step, _ = initial_step(f, t_out[0], y0, t_out[-1] - t_out[0],
+                                   self.method.order - 1, control.rtol, control.atol, total)
+        if mpi is not None:          # the same first step on every rank (None if any failed)
+            steps = mpi.allgather(step)
+            step = None if None in steps else min(steps)
+        return step
 
     def _notify(self, event, step, *args):
         """Tell the observers of a step event; once anything failed, they are told no more."""
@@ -372,10 +450,15 @@ class Integrator:
         touch(self.x, "w")
         self.x_view.copy_(y0)
         self.x.stateIncrease()
-        stepping = _Stepping(t_out, control, self.adaptive, outputs)
-        self._stepping = stepping
+        interpolate = control.interpolate and self.adaptive and self.dense is not None
+        stepping = _Stepping(t_out, control, self.adaptive, outputs, interpolate)
+        if interpolate and self.step_start is None:
+            self.step_start = torch.empty_like(self.x_view)
         self.reset_errors()
         self._set_phase("the forward solve")
+        before = self._counts()
+        chosen = self._first_step(outputs[0], t_out, control)
+        self._stepping = stepping
         if self.rhs is not None:
             self.rhs.store = GraphStore() if (self.adjoint and graphs) else None
         self.stop_requested = False
@@ -387,9 +470,8 @@ class Integrator:
         ts.setStepNumber(0)
         ts.setMaxTime(t_out[-1])
         ts.setMaxSteps(control.max_num_steps)
-        ts.setTimeStep(stepping.first_dt())
+        ts.setTimeStep(stepping.first_dt(chosen))
         ts.setConvergedReason(PETSc.TS.ConvergedReason.CONVERGED_ITERATING)
-        before = self._counts()
         self.healthy = False
         try:
             failure = self._solve(self.x)
@@ -397,7 +479,10 @@ class Integrator:
             self._stepping, self.observers = None, ()
         self.stats = {"steps": stepping.record.steps, "rejected_steps": ts.getStepRejections(),
                       "newton_iterations": ts.getSNESIterations(),
-                      "linear_iterations": ts.getKSPIterations(), **self._counts_since(before)}
+                      "linear_iterations": ts.getKSPIterations(),
+                      "interpolated_outputs": sum(t is not None
+                                                  for t in stepping.record.dense_times),
+                      **self._counts_since(before)}
         self._check_forward(stepping, outputs, failure)
         self.healthy = True
         return outputs, stepping.record
@@ -528,6 +613,33 @@ class Integrator:
         self.lam_view.add_(grad)
         self.lam.stateIncrease()
 
+    def add_to_mu(self, grads):
+        """mu += this rank's parameter gradients (a list shaped like the parameters; None
+        where zero), before the adjoint's allreduce."""
+        if self.mu is None or all(g is None for g in grads):
+            return
+        params = self.parts[0].params
+        flat = torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1)
+                          for g, p in zip(grads, params)])
+        view = vec_view(self.mu, (self.mu.getLocalSize(),), "rw")
+        view.add_(flat.to(view.dtype))
+        self.mu.stateIncrease()
+
+    def step_cotangent(self, record, n, out_times, grads):
+        """dL/dy at the start of step n of `record` from its interpolated outputs (their
+        parameter part is added to mu); an exception in func is recorded (NaN returned)."""
+        rhs = self.rhs
+        with guarded(rhs, "func while differentiating an output interpolated in step "
+                          f"{n} (t={record.times[n]:g})") as call:
+            grad_y, grad_params = dense.step_cotangent(
+                lambda t, y: rhs._evaluate(t, y), rhs.params, record.times[n],
+                record.times[n + 1], record.starts[n].to(rhs.dtype), out_times, grads,
+                self.tableau, self.dense)
+        if call.failed:
+            return torch.full_like(grads[0], float("nan"))
+        self.add_to_mu(grad_params)
+        return grad_y.to(SOLVER_DTYPE)
+
     def finish_adjoint(self, grad_first, error=None, cause=None):
         """(dL/dy0 for this rank's shard, dL/dtheta summed over all ranks); raises on every rank
         if a callback failed here (or `error`, with the exception `cause`, was reported
@@ -562,15 +674,17 @@ class Integrator:
         """Discrete adjoint of the last forward solve (its whole trajectory recorded), or, with
         `replay_from` (y0), of a re-run of the recorded steps from there on this (non-adaptive)
         Integrator. grad_outputs: [len(t), *local_shape]."""
-        self.start_adjoint(grad_outputs[-1])
+        cotangents = Cotangents(self, record, grad_outputs)
+        self.start_adjoint(cotangents.at(record.steps))
         if replay_from is not None:
             self.replay(replay_from, record.times)
-        steps = record.output_steps
-        for i in range(len(steps) - 1, 0, -1):
-            if i < len(steps) - 1:
-                self.add_to_lambda(grad_outputs[i])
-            self.adjoint_steps(steps[i] - steps[i - 1])
-        return self.finish_adjoint(grad_outputs[0])
+        hi = record.steps
+        for lo in cotangents.positions_below(hi, 0) + [0]:
+            self.adjoint_steps(hi - lo)
+            hi = lo
+            if lo > 0:
+                self.add_to_lambda(cotangents.at(lo))
+        return self.finish_adjoint(cotangents.at(0))
 
     def destroy(self):
         """Free the TS now (lifetime.py's rule 1).
@@ -588,6 +702,36 @@ class Integrator:
             p.forget_views()
         self.ts.destroy()
         self.ts = None
+
+
+class Cotangents:
+    """The cotangents the adjoint adds at the positions of a forward record: an output's own
+    at the step it ended on; those of outputs interpolated inside step n, through the step's
+    dense output, at n (their parameter part into the adjoint Integrator's mu)."""
+
+    def __init__(self, integrator, record, grad_outputs):
+        self.integrator, self.record, self.grad_outputs = integrator, record, grad_outputs
+        self.by_position = {}
+        for k, pos in enumerate(record.output_steps):
+            self.by_position.setdefault(pos, []).append(k)
+
+    def positions_below(self, hi, lo):
+        """The output positions p with lo < p < hi, from the highest."""
+        return sorted((p for p in self.by_position if lo < p < hi), reverse=True)
+
+    def at(self, pos):
+        """dL/dy at position pos (zeros if no output is there); call once per position."""
+        ks = self.by_position.get(pos, [])
+        grad = torch.zeros_like(self.grad_outputs[0])
+        dense_ks = [k for k in ks if self.record.dense_times[k] is not None]
+        for k in ks:
+            if self.record.dense_times[k] is None:
+                grad += self.grad_outputs[k]
+        if dense_ks:
+            grad += self.integrator.step_cotangent(
+                self.record, pos, [self.record.dense_times[k] for k in dense_ks],
+                self.grad_outputs[dense_ks])
+        return grad
 
 
 class ProblemHistory:

@@ -12,7 +12,7 @@ import numpy as np
 
 from .._distributed.startup import PETSc
 from ..errors import InputError
-from .tableaus import ButcherTableau
+from .tableaus import ButcherTableau, DenseOutput
 
 _registered = set()
 
@@ -38,43 +38,58 @@ def ensure_registered(method):
     a = np.zeros((s, s), dtype=real)
     for i, row in enumerate(tab.a):
         a[i, :len(row)] = row
-    arrays = [a.ravel(), np.asarray(tab.b, real), np.asarray(tab.c, real)]
-    if method.adaptive:
-        arrays.append(np.asarray(method.embedded, real))
     pointer = ctypes.POINTER(np.ctypeslib.as_ctypes_type(real))
-    args = [arr.ctypes.data_as(pointer) for arr in arrays]
-    if not method.adaptive:
-        args.append(None)                                    # no embedded formula
+
+    def array(values):
+        return None if values is None else np.asarray(values, real).ravel()
+
+    dense = method.dense
+    arrays = [a.ravel(), array(tab.b), array(tab.c), array(method.embedded),
+              array(dense.coefficients if dense is not None else None)]
+    args = [None if arr is None else arr.ctypes.data_as(pointer) for arr in arrays]
     int_t = np.ctypeslib.as_ctypes_type(integer)
+    p = len(dense.coefficients[0]) if dense is not None else 0
     code = _library().TSRKRegister(method.subtype.encode(), int_t(method.order), int_t(s),
-                                   *args, int_t(0), None)
+                                   *args[:4], int_t(p), args[4])
     if code != 0:
         raise InputError(f"PETSc refused the {method.name} tableau (TSRKRegister error {code})")
     _registered.add(method.subtype)
 
 
-def petsc_tableau(subtype):
-    """The Butcher tableau PETSc integrates with for `-ts_rk_type subtype`."""
+def ts_tableau(ts):
+    """(tableau, dense output or None) that the TSRK `ts` integrates with, as PETSc has them."""
     real = np.ctypeslib.as_ctypes_type(PETSc.RealType)
     integer = np.ctypeslib.as_ctypes_type(PETSc.IntType)
+    s, p = integer(), integer()
+    a, b, c, embedded, interp = (ctypes.POINTER(real)() for _ in range(5))
+    fsal = ctypes.c_int()      # PetscBool
+    code = _library().TSRKGetTableau(ctypes.c_void_p(ts.handle), ctypes.byref(s),
+                                     ctypes.byref(a), ctypes.byref(b), ctypes.byref(c),
+                                     ctypes.byref(embedded), ctypes.byref(p),
+                                     ctypes.byref(interp), ctypes.byref(fsal))
+    if code != 0:
+        raise InputError(f"PETSc could not give the tableau of -ts_rk_type {ts.getRKType()} "
+                         f"(TSRKGetTableau error {code})")
+    n = s.value
+    rows = np.ctypeslib.as_array(a, (n, n)).tolist()
+    tableau = ButcherTableau(a=tuple(tuple(row[:i]) for i, row in enumerate(rows)),
+                             b=tuple(np.ctypeslib.as_array(b, (n,)).tolist()),
+                             c=tuple(np.ctypeslib.as_array(c, (n,)).tolist()))
+    dense = None
+    if p.value > 0 and bool(interp):
+        coefficients = np.ctypeslib.as_array(interp, (n, p.value)).tolist()
+        dense = DenseOutput(coefficients=tuple(map(tuple, coefficients)))
+    return tableau, dense
+
+
+def petsc_tableau(subtype, dense=False):
+    """The Butcher tableau PETSc integrates with for `-ts_rk_type subtype` (with dense: and
+    its dense output or None)."""
     ts = PETSc.TS().create(comm=PETSc.COMM_SELF)
     try:
         ts.setType("rk")
         ts.setRKType(subtype)
-        s, order = integer(), integer()
-        a, b, c, embedded, interp = (ctypes.POINTER(real)() for _ in range(5))
-        fsal = ctypes.c_int()      # PetscBool
-        code = _library().TSRKGetTableau(ctypes.c_void_p(ts.handle), ctypes.byref(s),
-                                         ctypes.byref(a), ctypes.byref(b), ctypes.byref(c),
-                                         ctypes.byref(embedded), ctypes.byref(order),
-                                         ctypes.byref(interp), ctypes.byref(fsal))
-        if code != 0:
-            raise InputError(f"PETSc could not give the tableau of -ts_rk_type {subtype} "
-                             f"(TSRKGetTableau error {code})")
-        n = s.value
-        rows = np.ctypeslib.as_array(a, (n, n)).tolist()
-        return ButcherTableau(a=tuple(tuple(row[:i]) for i, row in enumerate(rows)),
-                              b=tuple(np.ctypeslib.as_array(b, (n,)).tolist()),
-                              c=tuple(np.ctypeslib.as_array(c, (n,)).tolist()))
+        found = ts_tableau(ts)
+        return found if dense else found[0]
     finally:
         ts.destroy()

@@ -30,6 +30,33 @@ class ButcherTableau:
         return len(self.b)
 
 
+@dataclass(frozen=True)
+class DenseOutput:
+    """A continuous extension of an RK step (PETSc's `binterp`): inside the step from t_n of
+    size h, y(t_n + theta h) = y_n + h sum_i b_i(theta) k_i, with the stage derivatives k_i and
+    b_i(theta) = sum_j coefficients[i][j] theta^(j+1)."""
+    coefficients: Tuple[Tuple[float, ...], ...]
+
+    def weights(self, theta):
+        """b_i(theta) for every stage."""
+        return [sum(c * theta ** (j + 1) for j, c in enumerate(row)) for row in self.coefficients]
+
+
+def hermite(tableau, fsal):
+    """The Hermite interpolant of a step that needs no extra evaluation of f: cubic through
+    y_n, y_n+1, f(y_n) = k_1 and f(y_n+1) = k_s for an FSAL tableau (order 3), else quadratic
+    through y_n, k_1 and y_n+1 (order 2). Its order is its degree."""
+    s = tableau.stages
+    rows = []
+    for i, b in enumerate(tableau.b):
+        first, last = float(i == 0), float(i == s - 1)
+        if fsal:    # b(3 th^2 - 2 th^3) + [i=1](th - 2 th^2 + th^3) + [i=s](th^3 - th^2)
+            rows.append((first, 3 * b - 2 * first - last, -2 * b + first + last))
+        else:       # [i=1] th + (b - [i=1]) th^2
+            rows.append((first, b - first))
+    return DenseOutput(coefficients=tuple(rows))
+
+
 def from_fractions(a, b):
     """Build a tableau from exact fractions (c follows from the rows of a)."""
     rows = tuple(tuple(float(x) for x in row) for row in a)
@@ -59,6 +86,7 @@ RK4 = from_fractions([[], [F(1, 2)], [0, F(1, 2)], [0, 0, 1]],
                      [F(1, 6), F(1, 3), F(1, 3), F(1, 6)])
 BOSH3 = from_fractions([[], [F(1, 2)], [0, F(3, 4)], [F(2, 9), F(1, 3), F(4, 9)]],
                        [F(2, 9), F(1, 3), F(4, 9), 0])
+BOSH3_EMBEDDED = tuple(float(x) for x in (F(7, 24), F(1, 4), F(1, 3), F(1, 8)))
 DOPRI5 = from_fractions(
     [[], [F(1, 5)], [F(3, 40), F(9, 40)], [F(44, 45), F(-56, 15), F(32, 9)],
      [F(19372, 6561), F(-25360, 2187), F(64448, 6561), F(-212, 729)],
@@ -73,6 +101,7 @@ RK4_38 = from_fractions([[], [F(1, 3)], [F(-1, 3), 1], [1, -1, 1]],
 FEHLBERG2 = from_fractions([[], [F(1, 2)], [F(1, 256), F(255, 256)]],
                            [F(1, 512), F(255, 256), F(1, 512)])
 FEHLBERG2_EMBEDDED = (1 / 256, 255 / 256, 0.0)     # weights of its error estimate's formula
+HEUN_EMBEDDED = (1.0, 0.0)                          # Euler's step: Heun-Euler 2(1)
 
 _US2 = 1.0 - 1.0 / 2.0 ** 0.5
 # Two of PETSc's ARKIMEX tableaus, for the pure-torch replay (reference.ark_replay):

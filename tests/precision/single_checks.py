@@ -16,7 +16,7 @@ from pnode_dist._distributed.layout import BatchLayout  # noqa: E402
 from pnode_dist._solve.explicit import TorchRHS  # noqa: E402
 from pnode_dist.testing import SOLVER_DTYPE  # noqa: E402
 from pnode_dist.parallel import MPI, PETSc  # noqa: E402
-from pnode_dist.testing import rk_replay, theta_replay  # noqa: E402
+from pnode_dist.testing import rk_record_replay, theta_replay  # noqa: E402
 
 F32 = torch.float32
 T_OUT = torch.tensor([0.0, 0.3, 0.7, 1.0])
@@ -79,7 +79,7 @@ def check_reverse_accuracy(y0):
         ys, grads = gradients(mlp, y0, method=method, options=options, rtol=1e-5, atol=1e-6)
         record, _ = recorded_steps(mlp, y0, T_OUT, method, options, rtol=1e-5, atol=1e-6)
         y = y0.clone().requires_grad_(True)
-        ref = rk_replay(mlp, y, record.times, record.output_steps, METHODS[method].tableau)
+        ref = rk_record_replay(mlp, y, record, method)
         grads_ref = torch.autograd.grad(loss(ref), [y] + list(mlp.parameters()))
         assert ys.dtype == F32 and rel(ys.detach(), ref.detach()) < TOL, method
         for k, (g, gr) in enumerate(zip(grads, grads_ref)):

@@ -1,0 +1,51 @@
+"""Output times inside a step.
+
+An adaptive explicit solve steps where its error control wants and evaluates each output time
+inside a step by the tableau's dense output (PETSc's TSInterpolate in the forward). In the
+backward pass, such an output's cotangent enters the discrete adjoint at the start of its step:
+the vector-Jacobian product of a torch replay of that one step and its interpolant (the same
+formula), for the state there and for the parameters. The gradient is therefore backprop's
+through the same steps and the same interpolation.
+"""
+import torch
+
+
+def theta(t, t_start, t_end):
+    """Where t lies in the step [t_start, t_end], computed as PETSc's TSInterpolate does."""
+    return (t - t_end) / (t_end - t_start) + 1.0
+
+
+def interpolate_step(f, t_start, t_end, y, out_times, tableau, dense):
+    """The step's stages from y in torch, and its dense output at each of `out_times`:
+    [len(out_times), *y.shape]. f(t: float, y) -> dy/dt."""
+    h = t_end - t_start
+    weights = [dense.weights(theta(t, t_start, t_end)) for t in out_times]
+    used = [i for i in range(tableau.stages) if any(w[i] != 0.0 for w in weights)]
+    k = []
+    for i in range(used[-1] + 1 if used else 0):
+        yi = y
+        for j, a in enumerate(tableau.a[i]):
+            if a != 0.0:
+                yi = yi + (h * a) * k[j]
+        k.append(f(t_start + tableau.c[i] * h, yi))
+    outs = []
+    for w in weights:
+        out = y
+        for wi, ki in zip(w, k):
+            if wi != 0.0:
+                out = out + (h * wi) * ki
+        outs.append(out)
+    return torch.stack(outs)
+
+
+def step_cotangent(f, params, t_start, t_end, y_start, out_times, grads, tableau, dense):
+    """(dL/dy at the step's start, [dL/dparam]) of the interpolated outputs at `out_times` with
+    cotangents `grads` [len(out_times), *y.shape]: one replay of the step with f's graph."""
+    y = y_start.detach().requires_grad_(True)
+    with torch.enable_grad():
+        outs = interpolate_step(f, t_start, t_end, y, out_times, tableau, dense)
+    grad = grads.to(outs.dtype)
+    if not outs.requires_grad:
+        return grad.sum(0), [None] * len(params)
+    got = torch.autograd.grad(outs, [y] + list(params), grad, allow_unused=True)
+    return (got[0] if got[0] is not None else grad.sum(0)), list(got[1:])
