@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import ROOT, TimeMLP, recorded_steps, run_mpi
-from pnode_dist import Checkpointing, InputError, METHODS, odeint, rank_device
+from pnode_dist import Checkpointing, InputError, odeint, rank_device
 from pnode_dist.testing import SOLVER_DTYPE, petsc_has_cuda
 from pnode_dist.parallel import PETSc
 from pnode_dist.testing import rk_record_replay, theta_replay

@@ -322,7 +322,7 @@ def test_step_limits_and_refused_torchdiffeq_options():
     with pytest.raises(InputError, match="min_step.*exceeds"):
         pnode_dist.odeint(f, y0, [0.0, 1.0], options={"min_step": 0.5, "max_step": 0.1})
     for key, words in (("jump_t", "add the times"), ("norm", "weighted norm"),
-                       ("perturb", "never called with perturb"), ("interp", "interpolated")):
+                       ("perturb", "never called with perturb"), ("interp", "dense output")):
         with pytest.raises(InputError, match=f"options\\['{key}'\\].*not supported: .*{words}"):
             pnode_dist.odeint(f, y0, [0.0, 1.0], options={key: None})
 

@@ -390,25 +390,23 @@ class Integrator:
         or None. An exception in f is recorded like any callback's (raised after the solve)."""
         if not (self.adaptive and self.ifun is None and control.first_step is None):
             return None
-        rhs, comm = self.rhs, self.layout.comm
-        mpi = comm.tompi4py() if self.layout.nranks > 1 else None
+        rhs = self.rhs
+        mpi = self.layout.comm.tompi4py() if self.layout.nranks > 1 else None
 
         def total(x):
             return mpi.allreduce(x) if mpi is not None else x
 
         def f(t, y):
+            """f, or NaN after an exception (recorded, raised on every rank after the solve):
+            every rank must still take part in the norms' sums."""
             rhs.counts["rhs"] += 1
-            with torch.no_grad():
-                return rhs._evaluate(t, y.to(rhs.dtype)).to(SOLVER_DTYPE)
+            with guarded(rhs, rhs._in_func(t)) as call, torch.no_grad():
+                out = rhs._evaluate(t, y.to(rhs.dtype)).to(SOLVER_DTYPE)
+            return torch.full_like(y, float("nan")) if call.failed else out
 
-        step = None
-        with guarded(rhs, rhs._in_func(t_out[0])):
-            step, _ = initial_step(f, t_out[0], y0, t_out[-1] - t_out[0],
-                                   self.method.order - 1, control.rtol, control.atol, total)
-        if mpi is not None:          # the same first step on every rank (None if any failed)
-            steps = mpi.allgather(step)
-            step = None if None in steps else min(steps)
-        return step
+        # The norms are sums over every rank: the same step everywhere.
+        return initial_step(f, t_out[0], y0, t_out[-1] - t_out[0], self.method.order - 1,
+                            control.rtol, control.atol, total)[0]
 
     def _notify(self, event, step, *args):
         """Tell the observers of a step event; once anything failed, they are told no more."""

@@ -74,7 +74,8 @@ def ts_tableau(ts):
     rows = np.ctypeslib.as_array(a, (n, n)).tolist()
     tableau = ButcherTableau(a=tuple(tuple(row[:i]) for i, row in enumerate(rows)),
                              b=tuple(np.ctypeslib.as_array(b, (n,)).tolist()),
-                             c=tuple(np.ctypeslib.as_array(c, (n,)).tolist()))
+                             c=tuple(np.ctypeslib.as_array(c, (n,)).tolist()),
+                             tolerance=64 * float(np.finfo(PETSc.RealType).eps))
     dense = None
     if p.value > 0 and bool(interp):
         coefficients = np.ctypeslib.as_array(interp, (n, p.value)).tolist()

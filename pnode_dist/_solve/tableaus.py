@@ -1,7 +1,7 @@
 """Butcher tableaus: the explicit ones pnode_dist names (typed from exact fractions, or read from
 PETSc), and two of PETSc's ARKIMEX pairs, for the pure-torch replays that check the discrete
 adjoint to round-off (pnode_dist.reference)."""
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fractions import Fraction as F
 from typing import Tuple
 
@@ -12,6 +12,7 @@ class ButcherTableau:
     a: Tuple[Tuple[float, ...], ...]
     b: Tuple[float, ...]
     c: Tuple[float, ...]
+    tolerance: float = field(default=1e-14, compare=False)   # of the checks (PETSc's precision)
 
     def __post_init__(self):
         s = len(self.b)
@@ -20,9 +21,9 @@ class ButcherTableau:
         for i, row in enumerate(self.a):
             if len(row) != i:
                 raise ValueError(f"tableau: row {i} of a must have {i} entries (explicit method)")
-            if abs(sum(row) - self.c[i]) > 1e-14:
+            if abs(sum(row) - self.c[i]) > self.tolerance:
                 raise ValueError(f"tableau: row {i} of a must sum to c[{i}]")
-        if abs(sum(self.b) - 1.0) > 1e-14:
+        if abs(sum(self.b) - 1.0) > self.tolerance:
             raise ValueError("tableau: the weights b must sum to 1")
 
     @property

@@ -11,7 +11,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from conftest import TimeMLP, mpi_batch_problem, recorded_steps  # noqa: E402
 
 import pnode_dist  # noqa: E402
-from pnode_dist import Checkpointing, METHODS, odeint  # noqa: E402
+from pnode_dist import Checkpointing, odeint  # noqa: E402
 from pnode_dist._distributed.layout import BatchLayout  # noqa: E402
 from pnode_dist._solve.explicit import TorchRHS  # noqa: E402
 from pnode_dist.testing import SOLVER_DTYPE  # noqa: E402
