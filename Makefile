@@ -24,6 +24,7 @@ test: setup
 
 bench: setup
 	$(PY) benchmarks/overhead.py
+	$(PY) benchmarks/vs_torchdiffeq.py
 	$(PY) benchmarks/stiff.py
 	$(PY) benchmarks/memory.py
 	$(PY) benchmarks/grid_scaling.py
