@@ -80,6 +80,7 @@ class ForwardRecord:
     output_steps: List[int] = field(default_factory=list)
     dense_times: List[float] = field(default_factory=list)
     starts: Dict[int, torch.Tensor] = field(default_factory=dict)
+    stage_graphs: Dict[int, list] = field(default_factory=dict)   # step n -> f's stage graphs
     stopped: bool = False        # ended early, before the last output time (stop_requested)
 
     @property
@@ -139,6 +140,9 @@ class _Stepping:
             # Inside the step (only with interpolation: otherwise the steps land on them).
             if n - 1 not in record.starts:
                 record.starts[n - 1] = integrator.step_start.clone()
+                graphs = integrator.stage_graphs(record.times[n - 1], t)
+                if graphs is not None:
+                    record.stage_graphs[n - 1] = graphs
             self.outputs[self.k].copy_(integrator.interpolated(self.t_out[self.k]))
             record.add_output(n - 1, self.t_out[self.k])
             self.k += 1
@@ -385,6 +389,21 @@ class Integrator:
             touch(vec, "r")
         return view
 
+    def stage_graphs(self, t_start, t_end):
+        """f's graphs at the stages of the step just accepted, [(y_leaf, f)] in stage order,
+        if the forward keeps them (a GraphStore) and its last entries are exactly that step's
+        stages (their times say so: an FSAL step's first stage is the previous step's last);
+        else None."""
+        store, tableau = self.graph_store, self.tableau
+        if store is None or tableau is None or len(store.entries) < tableau.stages:
+            return None
+        entries = store.entries[-tableau.stages:]
+        h = t_end - t_start
+        tol = 1e-12 * max(1.0, abs(t_start), abs(t_end))
+        if any(abs(entry[0] - (t_start + c * h)) > tol for entry, c in zip(entries, tableau.c)):
+            return None
+        return [(y, out) for _, y, out in entries]
+
     def _first_step(self, y0, t_out, control):
         """The first step from f at the start (explicit adaptive solves without first_step),
         or None. An exception in f is recorded like any callback's (raised after the solve)."""
@@ -584,6 +603,7 @@ class Integrator:
         self.healthy = False
         self.adjoint_broken = False
         self._adjoint_counts = self._counts()
+        self._step_replays = 0       # steps re-run for interpolated outputs' cotangents
         touch(self.lam, "w")
         self.lam_view.copy_(grad_last)
         self.lam.stateIncrease()
@@ -627,12 +647,19 @@ class Integrator:
         """dL/dy at the start of step n of `record` from its interpolated outputs (their
         parameter part is added to mu); an exception in func is recorded (NaN returned)."""
         rhs = self.rhs
+        graphs = record.stage_graphs.pop(n, None)     # the forward's, used once
         with guarded(rhs, "func while differentiating an output interpolated in step "
                           f"{n} (t={record.times[n]:g})") as call:
-            grad_y, grad_params = dense.step_cotangent(
-                lambda t, y: rhs._evaluate(t, y), rhs.params, record.times[n],
-                record.times[n + 1], record.starts[n].to(rhs.dtype), out_times, grads,
-                self.tableau, self.dense)
+            if graphs is not None:
+                grad_y, grad_params = dense.stage_graph_cotangent(
+                    graphs, rhs.params, record.times[n], record.times[n + 1], out_times,
+                    grads.to(rhs.dtype), self.tableau, self.dense)
+            else:
+                self._step_replays += 1
+                grad_y, grad_params = dense.step_cotangent(
+                    lambda t, y: rhs._evaluate(t, y), rhs.params, record.times[n],
+                    record.times[n + 1], record.starts[n].to(rhs.dtype), out_times, grads,
+                    self.tableau, self.dense)
         if call.failed:
             return torch.full_like(grads[0], float("nan"))
         self.add_to_mu(grad_params)
@@ -646,6 +673,7 @@ class Integrator:
             error, cause = self.error, self.exception
         self.stats.update({f"adjoint_{k}": v
                            for k, v in self._counts_since(self._adjoint_counts).items()})
+        self.stats["adjoint_step_replays"] = self._step_replays
         if self.rhs is not None:
             self.rhs.store = None
         touch(self.lam, "r")
