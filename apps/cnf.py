@@ -332,8 +332,7 @@ def plot_density(model, data, path, comm, n=70, extent=4.0):
         ax.set_xticks([])
         ax.set_yticks([])
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    workflow.save_figure(fig, path)
 
 
 def held_out_report(model, name, test, comm):

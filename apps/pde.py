@@ -254,8 +254,7 @@ def plot_fields(grid, truth, pred, path):
         ax.set_xticks([])
         ax.set_yticks([])
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    workflow.save_figure(fig, path)
 
 
 @workflow.reports_run_errors

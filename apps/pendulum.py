@@ -262,8 +262,7 @@ def _plot(path, times, truth, before, after):
     ax.title.set_fontsize(9)
     bx.set(title="learned model: drift |x^2 + y^2 - L^2|", xlabel="t")
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    workflow.save_figure(fig, path)
 
 
 if __name__ == "__main__":

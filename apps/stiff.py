@@ -365,7 +365,7 @@ def _plot(path, times, data, pred):
         ax.set_xlabel("t")
     axes[0].legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
+    workflow.save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import uuid
 from pathlib import Path
 
 from pnode_dist.training import state as training_state
-from pnode_dist import FileFormatError
+from pnode_dist import FileFormatError, PnodeError
 from pnode_dist.parallel import MPI
 from pnode_dist.training.preemption import REQUEUE_EXIT_CODE, StopSignals
 
@@ -233,6 +233,22 @@ def _write_atomically(path, text):
         raise
 
 
+def save_figure(fig, path, **kwargs):
+    """fig as a PNG at `path`, written to a temporary name then renamed (a failure, such as a
+    full disk, leaves the earlier picture); the figure is closed."""
+    import matplotlib.pyplot as plt
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        fig.savefig(tmp, format="png", dpi=kwargs.pop("dpi", 80), **kwargs)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    finally:
+        plt.close(fig)
+
+
 def _lock(directory):
     """(fd, None) holding an exclusive flock on directory/.lock (released when the process
     ends); (None, warning) where the filesystem has no locks. RunError when another process
@@ -253,6 +269,44 @@ def _lock(directory):
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
     return fd, None
+
+
+# Options a resumed run may change: where files go, how often it saves, what it prints, how
+# many iterations it runs, how its solves keep checkpoints (the gradients are the same).
+RESUMABLE_CHANGES = {"resume", "out", "state_dir", "save_every", "no_progress", "verbose",
+                     "epochs", "iterations", "eval_every", "disk_dir", "keep_checkpoints",
+                     "checkpoint", "memory", "slots", "host_bytes"}
+
+
+def _changed_options(saved, current):
+    """'--lr 0.01 (saved 0.003), ...' for the options of `current` (this command line's args)
+    that differ from the `saved` run's and may not change on resume ('' when none do)."""
+    now = json.loads(json.dumps(current, sort_keys=True, default=str))
+    changed = [f"--{key.replace('_', '-')} {_one_line(now[key])} (saved "
+               f"{_one_line(saved.get(key))})"
+               for key in sorted(now) if key not in RESUMABLE_CHANGES and key in saved
+               and saved[key] != now[key]]
+    return ", ".join(changed)
+
+
+OWNER_FILE = ".pnode-run"    # in OUT: the id of the run whose results OUT holds
+
+
+def _results_owner(out):
+    """The run id whose results `out` holds: from OUT/.pnode-run, else from a metrics.json
+    written before that file existed ('unknown' if unreadable); None for a folder without
+    results."""
+    try:
+        return (Path(out) / OWNER_FILE).read_text().strip() or "unknown"
+    except FileNotFoundError:
+        pass
+    metrics = Path(out) / "metrics.json"
+    if not metrics.exists():
+        return None
+    try:
+        return str(json.loads(metrics.read_text()).get("run_id") or "unknown")
+    except (OSError, ValueError, AttributeError):
+        return "unknown"
 
 
 class Stopped(Exception):
@@ -330,8 +384,7 @@ class TrainingSession:
                 ax.legend()
         fig.tight_layout()
         self.out.mkdir(parents=True, exist_ok=True)
-        fig.savefig(self.out / name, dpi=80)
-        plt.close(fig)
+        save_figure(fig, self.out / name)
 
     def write_metrics(self, metrics):
         """OUT/metrics.json (collective: rank 0 writes it atomically, with the run id, each
@@ -367,6 +420,7 @@ class TrainingSession:
         if self.run_id is not None:
             raise RuntimeError("TrainingSession.resume() is called once, at the start")
         try:
+            self._check_disk_dir()
             run_id, path, notes = on_rank0(self.comm, self._start)
             if len(set(self.hosts)) > 1:
                 self.say(f"ranks on {len(set(self.hosts))} hosts: " + ", ".join(
@@ -378,12 +432,30 @@ class TrainingSession:
                 return None
             info = training_state.load(path, model=self.model, optimizer=self.optimizer,
                                        scheduler=self.scheduler, comm=self.comm)
+            changed = _changed_options(info["args"], vars(self.args))
+            if changed:
+                raise RunError(f"{path} was saved with other options ({changed}): a resumed run "
+                               "goes on with the options it was saved with; drop them from the "
+                               "command line, or start a new run with a new --out")
         except BaseException:
             self.close()                        # a run that does not start holds no lock
             raise
         self.run_id = info["run_id"]
         self.say(f"resumed from {path} (iteration {info['iteration']})")
         return info
+
+    def _check_disk_dir(self):
+        """Collective: --disk-dir (a node-local scratch folder, maybe) writable on every rank."""
+        disk_dir = getattr(self.args, "disk_dir", None)
+        error = None
+        if disk_dir is not None:
+            try:
+                _check_writable(disk_dir, "--disk-dir")
+            except RunError as exc:
+                error = str(exc)
+        errors = [e for e in self.comm.allgather(error) if e is not None]
+        if errors:
+            raise RunError(errors[0] + ("" if error is not None else " (on another rank)"))
 
     def _start(self):
         """Rank 0: folders writable, lock taken, state directory checked. Returns (run id of a
@@ -404,7 +476,7 @@ class TrainingSession:
                 raise RunError(f"{where} already holds {len(files)} training state file(s) of "
                                f"another run ({what}): continue it with --resume auto, or use a "
                                "new --out or --state-dir")
-            return uuid.uuid4().hex, None, notes
+            return self._claim_out(uuid.uuid4().hex), None, notes
         if spec != "auto":
             run, _ = training_state.read_header(spec)
             foreign = [f for f in files if f.run_id != run]
@@ -412,10 +484,12 @@ class TrainingSession:
                 raise RunError(f"{where} holds {len(foreign)} training state file(s) of another "
                                f"run than {spec} (e.g. {foreign[0].path}): resume into a new "
                                "--out or --state-dir")
+            if run is not None:
+                self._claim_out(run)
             return None, spec, notes
         if not files:
-            return uuid.uuid4().hex, None, notes + [f"no training state in {self.state_dir}: "
-                                                     "starting fresh"]
+            return self._claim_out(uuid.uuid4().hex), None, notes + [
+                f"no training state in {self.state_dir}: starting fresh"]
         if len(runs) > 1:
             raise RunError(f"{where} holds the states of {len(runs)} runs ({', '.join(runs)}): "
                            "resume one with --resume FILE into a new --out or --state-dir, or "
@@ -425,6 +499,7 @@ class TrainingSession:
             raise RunError(f"{where}: {unknown[0].path}{more} may belong to another run, its "
                            f"header cannot be read ({unknown[0].problem}): move it away, or "
                            "use a new --out or --state-dir")
+        self._claim_out(files[0].run_id)
         path, skipped = training_state.latest_valid(self.state_dir, run_id=files[0].run_id)
         notes += [f"skipping {bad}: {why}" for bad, why in skipped]
         if path is None:
@@ -432,6 +507,24 @@ class TrainingSession:
                            f"file(s) are damaged (newest: {skipped[0][1]}); move them away to "
                            "start fresh, or use a new --out or --state-dir")
         return None, path, notes
+
+    def _claim_out(self, run_id):
+        """Rank 0: make OUT the results folder of run `run_id` (OUT/.pnode-run names it);
+        RunError if it holds another run's results. Returns run_id."""
+        owner = _results_owner(self.out)
+        if owner is None:
+            try:                           # exclusive: of two runs starting at once, one wins
+                fd = os.open(self.out / OWNER_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                os.write(fd, f"{run_id or '-'}\n".encode())
+                os.close(fd)
+                return run_id
+            except FileExistsError:
+                owner = _results_owner(self.out)
+        if owner != (run_id or "-"):
+            raise RunError(f"--out {self.out} holds the results of another run ({owner}: "
+                           "metrics.json, pictures); they are not replaced: use a new --out, or "
+                           "continue that run with --resume auto and its --state-dir")
+        return run_id
 
     def save(self, iteration, epoch, progress):
         """Write the training state (collective); returns its path. RunError (exit status 1)
@@ -459,7 +552,8 @@ class TrainingSession:
         missing or damaged is a one-line error), run `loop(resumed)` under the stop signals,
         and turn a stop into its exit status. Returns (status, what loop returned): status 0
         when the loop ran to its end, 75 (REQUEUE_EXIT_CODE) when a stop signal saved the
-        state, 2 when the run could not start."""
+        state, 2 when the run could not start, 1 when a solve failed (a PnodeError on every
+        rank: one line naming its cause and the newest state to resume from)."""
         try:
             resumed = self.resume()
         except FileFormatError as exc:
@@ -469,6 +563,21 @@ class TrainingSession:
                 return 0, loop(resumed)
             except Stopped as stop:
                 return stop.exit_code, None
+            except PnodeError as exc:        # raised on every rank (a solve that failed)
+                return self._failed_solve(exc), None
+
+    def _failed_solve(self, exc):
+        """One line on rank 0 for a solve that failed during training (its cause, and where
+        the run can continue from); exit status 1."""
+        if self.rank == 0:
+            mine = [f.path for f in training_state.scan(self.state_dir)
+                    if f.run_id == self.run_id]
+            where = (f"the newest training state is {mine[-1]}: continue with --resume auto "
+                     "once the cause is fixed" if mine else
+                     "no training state was saved yet (--save-every K saves one every K "
+                     "iterations)")
+            self.fail(f"{type(exc).__name__}: {' '.join(str(exc).split())}; {where}")
+        return 1
 
     def after_iteration(self, iteration, epoch, progress):
         """Call on every rank after each optimizer step: saves every --save-every iterations,

@@ -2,6 +2,8 @@
 
 Checkpoint files (the disk tier): one file per rank and solve,
     <dir>/<name>-<run>-<solve>.rank<r>-of-<n>.h5
+  bytes [0, 512): the sealed-file header (_sealed.py) of kind 'checkpoints', version 2, written
+                   when a kept file is closed (its length and SHA-256); until then zeros
   root attributes: format='pnode_dist.checkpoints', format_version, rank, nranks, method,
                    local_shape, global_shape, dtype (the model's), created (UTC ISO time)
   /checkpoints/step_<8 digits>: float64 array of this rank's shard of y_step, attributes
@@ -23,7 +25,8 @@ import numpy as np
 
 CHECKPOINT_FORMAT = "pnode_dist.checkpoints"
 TRAINING_STATE_FORMAT = "pnode_dist.training_state"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2               # checkpoint files (2: sealed with a checksum header)
+CHECKPOINT_KIND = "checkpoints"  # their sealed-file kind
 FORMAT_PREFIX = "pnode_dist."
 
 

@@ -1,6 +1,8 @@
 """pnode-inspect FILE...: read pnode_dist's HDF5 files (h5format's layouts) and list what they
 hold (checkpoints: steps, times, shapes, ranks, norms, sizes; other pnode_dist files: their
-datasets and attributes; training states are verified against their checksum first).
+datasets and attributes). Sealed files (training states, kept checkpoint files) are verified
+against their whole-file checksum before HDF5 reads them; other files are read in a child
+process with a time limit, so no file can hang or crash pnode-inspect.
 
     pnode-inspect runs/ckpt/*.h5            # a table per file
     python -m pnode_dist.inspect --json F   # the same as JSON, for scripts
@@ -14,16 +16,21 @@ import math
 import os
 import stat
 import sys
+import time
 
 import numpy as np
 
+from . import _h5format, _sealed
 from ._h5format import CHECKPOINT_FORMAT, FORMAT_PREFIX, TRAINING_STATE_FORMAT
 from .errors import FileFormatError
-from .training.state import MAGIC, open_regular, verify
+from .training import state as training_state
+from ._sealed import open_regular
 
 
 MAX_READ_BYTES = 1 << 30     # describe reads no dataset or attribute declared larger than this
 _BLOCK_BYTES = 64 << 20      # (nor larger than the file); norms are summed in blocks of this
+UNVERIFIED_SECONDS = 20      # time limit for reading a file without a checksum header (plus
+                             # a second per 50 MB)
 
 
 def _open(path):
@@ -133,10 +140,62 @@ def _norm(ds):
 def describe(path):
     """What a pnode_dist HDF5 file holds, as a JSON-ready dict. Whatever the file holds, a
     problem is a FileFormatError naming it; no dataset or attribute declared larger than the
-    file (or MAX_READ_BYTES) is read, and no link to another file is followed. A training state
-    is opened with HDF5 only once its whole-file checksum matches (a damaged HDF5 file can make
-    the HDF5 library loop for ever)."""
-    verified = _verified_training_state(path)
+    file (or MAX_READ_BYTES) is read, and no link to another file is followed.
+
+    A sealed file (a training state, a kept checkpoint file) is opened with HDF5 only once its
+    whole-file checksum matches; a file without that header (a checkpoint file still being
+    written or left by a run that stopped, a file of an older pnode_dist or of another program)
+    is read in a child process with a time limit, since a damaged HDF5 file can make the HDF5
+    library loop for ever or crash: that is then a FileFormatError too."""
+    kind = _sealed_kind(path)
+    if kind is None:
+        info = _isolated(_describe_hdf5, path, UNVERIFIED_SECONDS + os.path.getsize(path) / 50e6)
+        info["checksum_status"] = "not verified (no pnode_dist checksum header)"
+        return info
+    info = _describe_hdf5(path)
+    expected = {_h5format.CHECKPOINT_KIND: CHECKPOINT_FORMAT,
+                training_state.KIND: TRAINING_STATE_FORMAT}[kind]
+    if info["format"] != expected:
+        raise FileFormatError(f"{path}: its header says {kind}, its content {info['format']}")
+    info["checksum_status"] = "ok"
+    return info
+
+
+def _sealed_kind(path):
+    """The kind of a sealed file whose checksum matches; None for a file that does not start
+    with a pnode_dist header; FileFormatError (the file is not opened) for one that fails."""
+    fd, _, problem = open_regular(path)
+    if problem is not None:
+        _open(path).close()          # raises, saying why (else the file changed meanwhile)
+        raise FileFormatError(f"{path}: {problem}")
+    try:
+        head = os.read(fd, _sealed.USERBLOCK)
+    except OSError as exc:
+        raise FileFormatError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    finally:
+        os.close(fd)
+    kind = _sealed.kind_of(head)
+    versions = {training_state.KIND: training_state.VERSION,
+                _h5format.CHECKPOINT_KIND: _h5format.FORMAT_VERSION}
+    if kind is None:
+        if head.startswith(_sealed.HDF5_SIGNATURE) or (len(head) == _sealed.USERBLOCK
+                                                        and not any(head)):
+            return None              # plain HDF5, or a kept checkpoint file not sealed yet
+        raise FileFormatError(f"{path}: not an HDF5 file, nor a pnode_dist file with a sound "
+                              "header (pnode_dist writes HDF5 checkpoint and training-state "
+                              "files); not opened")
+    if kind not in versions:
+        raise FileFormatError(f"{path}: a pnode_dist file of an unknown kind ({safe(kind)}): "
+                              "damaged, or written by a newer pnode_dist; not opened")
+    problem, _, _ = _sealed.read_verified(path, kind, versions[kind])
+    if problem is not None:
+        raise FileFormatError(f"{path}: a pnode_dist {kind} file that fails its check: "
+                              f"{problem}; not opened")
+    return kind
+
+
+def _describe_hdf5(path):
+    """describe's reading of the HDF5 content (no checksum involved)."""
     f = _open(path)
     try:
         size = os.path.getsize(path)
@@ -146,7 +205,7 @@ def describe(path):
         if not isinstance(fmt, str) or not fmt.startswith(FORMAT_PREFIX):
             raise FileFormatError(f"{path}: an HDF5 file not written by pnode_dist (no "
                                   f"'format' attribute starting with {FORMAT_PREFIX!r})")
-        info = {"file": path, "bytes": size, "attributes": attributes}
+        info = {"file": str(path), "bytes": size, "attributes": attributes}
         if fmt == CHECKPOINT_FORMAT:
             info.update(_describe_checkpoints(f, limit))
         else:
@@ -162,29 +221,61 @@ def describe(path):
         except Exception:
             pass
     info["format"] = fmt
-    if fmt == TRAINING_STATE_FORMAT:
-        info["checksum_status"] = "ok" if verified else (
-            "not verified: no pnode_dist checksum header (format version 1)")
     return info
 
 
-def _verified_training_state(path):
-    """True for a training state whose checksum matches, False for any file that does not
-    start like one; FileFormatError (the file is not opened) for a damaged training state."""
-    fd, _, problem = open_regular(path)
-    if problem is not None:
-        return False                 # _open says why
+def _isolated(read, path, seconds):
+    """read(path) (a JSON-ready result) in a forked child process that may take at most
+    `seconds`: a hang or a crash there is a FileFormatError here. The child touches only HDF5
+    and the pipe, dies of a crash signal (PETSc's handlers are reset), prints nothing, and
+    leaves with os._exit (no exit handlers, no MPI)."""
+    import select
+    import signal
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:                                              # the child
+        try:
+            os.close(r)
+            for sig in (signal.SIGSEGV, signal.SIGBUS, signal.SIGFPE, signal.SIGILL):
+                signal.signal(sig, signal.SIG_DFL)            # not PETSc's handler (an abort)
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, 2)                               # no HDF5 error stacks
+            try:
+                result = {"info": read(path)}
+            except FileFormatError as exc:
+                result = {"error": str(exc)}
+            except BaseException as exc:
+                result = {"error": f"{path}: unexpected {type(exc).__name__}: {exc}"}
+            data = json.dumps(result).encode()
+            while data:
+                data = data[os.write(w, data):]
+        finally:
+            os._exit(0)
+    os.close(w)
+    chunks, deadline = [], time.monotonic() + seconds
     try:
-        head = os.read(fd, len(MAGIC))
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([r], [], [], left)[0]:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                raise FileFormatError(f"{path}: HDF5 did not finish reading it within "
+                                      f"{seconds:.0f} s (a damaged file); stopped")
+            block = os.read(r, 1 << 16)
+            if not block:
+                break
+            chunks.append(block)
     finally:
-        os.close(fd)
-    if head != MAGIC:
-        return False
-    problem = verify(path)
-    if problem is not None:
-        raise FileFormatError(f"{path}: a pnode_dist training state that fails its check: "
-                              f"{problem}; not opened")
-    return True
+        os.close(r)
+    _, status = os.waitpid(pid, 0)
+    if os.WIFSIGNALED(status) or not chunks:
+        why = (signal.Signals(os.WTERMSIG(status)).name if os.WIFSIGNALED(status)
+               else f"exit status {os.WEXITSTATUS(status)}")
+        raise FileFormatError(f"{path}: HDF5 crashed reading it ({why}): the file is damaged")
+    result = json.loads(b"".join(chunks))
+    if "error" in result:
+        raise FileFormatError(result["error"])
+    return result["info"]
 
 
 def _describe_checkpoints(f, limit):
@@ -259,7 +350,8 @@ def safe(value):
 def format_text(info):
     """A file's description as readable lines (everything taken from the file escaped)."""
     a = {safe(k): safe(v) for k, v in info["attributes"].items()}
-    lines = [f"{safe(info['file'])}  ({safe(info['format'])}, {_human_bytes(info['bytes'])})"]
+    lines = [f"{safe(info['file'])}  ({safe(info['format'])}, {_human_bytes(info['bytes'])}, "
+             f"checksum {safe(info.get('checksum_status', 'not verified'))})"]
     if info["format"] == CHECKPOINT_FORMAT:
         lines.append(f"  rank {a.get('rank')} of {a.get('nranks')}, method {a.get('method')}, "
                      f"model dtype {a.get('dtype')}, shard {a.get('local_shape')} of global "
@@ -280,8 +372,6 @@ def format_text(info):
                 if "skipped" in r:
                     lines.append(f"  {'':>8} (data not read: {safe(r['skipped'])})")
     else:
-        if "checksum_status" in info:
-            lines.append(f"  checksum status: {safe(info['checksum_status'])}")
         for k, v in a.items():
             if k != "format":
                 lines.append(f"  {k}: {v}")

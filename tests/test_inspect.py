@@ -217,3 +217,80 @@ def test_truncated_anywhere_is_a_file_format_error(tmp_path, checkpoint_file):
             describe(str(cut))
         except FileFormatError as exc:
             assert str(cut) in str(exc)
+
+
+# -- kept checkpoint files are sealed (issue 28): a whole-file checksum checked before HDF5
+#    reads them; files without one are read in a child process with a time limit.
+
+def test_kept_checkpoint_files_are_sealed_and_verified(checkpoint_file, capsys):
+    data = checkpoint_file.read_bytes()
+    assert data.startswith(b"pnode_dist checkpoints\nversion 2\nlength %d\n" % len(data))
+    status, out, err = _inspect_here(capsys, checkpoint_file)
+    assert status == 0 and "checksum ok" in out.splitlines()[0], err
+
+
+def _flipped_copies(source, directory, count, seed, unseal=False):
+    """`count` copies of `source`, each with one seeded bit flipped (a third of them in the
+    first 4 KiB, where the header and HDF5's superblock lie); unseal: the header zeroed
+    first, as in a file whose run stopped before sealing it."""
+    import random
+    data = bytearray(source.read_bytes())
+    if unseal:
+        data[:512] = bytes(512)
+    rng = random.Random(seed)
+    paths = []
+    for i in range(count):
+        copy = bytearray(data)
+        pos = rng.randrange(4096 if i % 3 == 0 else len(copy))
+        copy[pos] ^= 1 << rng.randrange(8)
+        path = directory / f"flip{i:04d}.h5"
+        path.write_bytes(bytes(copy))
+        paths.append(path)
+    return paths
+
+
+def test_bit_flips_of_a_sealed_checkpoint_file_are_refused_unopened(tmp_path, checkpoint_file):
+    """150 single-bit flips: every one is refused before HDF5 opens it (one line each), by the
+    checksum unless the flip broke the header's first line."""
+    flips = tmp_path / "flips"
+    flips.mkdir()
+    paths = _flipped_copies(checkpoint_file, flips, 150, seed=5)
+    out = _inspect(*paths)
+    lines = out.stderr.splitlines()
+    assert out.returncode == 1 and out.stdout.strip() == "" and len(lines) == 150, out.stderr
+    assert all(line.endswith("not opened") for line in lines), lines
+    assert sum("fails its check" in line for line in lines) > 140, lines
+
+
+def test_bit_flips_of_an_unsealed_checkpoint_file_never_hang_or_crash(tmp_path,
+                                                                      checkpoint_file):
+    """150 flips of a checkpoint file without its header (HDF5 reads these, in a child
+    process): each is listed or refused with one line, never an unexpected error, and the
+    whole batch ends within its time limit."""
+    flips = tmp_path / "flips"
+    flips.mkdir()
+    paths = _flipped_copies(checkpoint_file, flips, 150, seed=6, unseal=True)
+    out = subprocess.run([sys.executable, "-m", "pnode_dist.inspect", "--json", *map(str, paths)],
+                         capture_output=True, text=True, cwd=ROOT, timeout=300)
+    listed = json.loads(out.stdout)
+    errors = out.stderr.splitlines()
+    assert len(listed) + len(errors) == 150, out.stderr
+    assert not any("unexpected" in line for line in errors), errors
+    assert all(info["checksum_status"].startswith("not verified") for info in listed)
+
+
+def test_a_reader_that_hangs_or_crashes_is_one_error(tmp_path):
+    """The child-process reader: a hang is stopped at its time limit, a crash (a signal) is
+    reported; both as FileFormatError naming the file."""
+    import os
+    import signal
+    import time
+    from pnode_dist import FileFormatError
+    from pnode_dist.inspect import _isolated
+    t0 = time.monotonic()
+    with pytest.raises(FileFormatError, match="x.h5: HDF5 did not finish reading it within 1 s"):
+        _isolated(lambda path: time.sleep(60), "x.h5", 1)
+    assert time.monotonic() - t0 < 5
+    with pytest.raises(FileFormatError, match="x.h5: HDF5 crashed reading it \\(SIGSEGV\\)"):
+        _isolated(lambda path: os.kill(os.getpid(), signal.SIGSEGV), "x.h5", 10)
+    assert _isolated(lambda path: {"file": path}, "x.h5", 10) == {"file": "x.h5"}

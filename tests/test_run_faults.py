@@ -151,3 +151,66 @@ def test_full_disk_during_a_save_ends_both_ranks_cleanly(tmp_path, small_tmpfs):
         "left on device (the earlier states are kept)"], proc.stderr
     assert sorted(p.name for p in small_tmpfs.iterdir()) == [".lock", "state-0000000001.h5"]
     assert training_state.verify(small_tmpfs / "state-0000000001.h5") is None
+
+
+@pytest.mark.parametrize("nranks, free", [(2, 0.05), (2, 0.5), (2, 0.95), (1, 0.3)])
+def test_save_onto_a_nearly_full_disk_ends_cleanly(tmp_path, small_tmpfs, nranks, free):
+    """The disk is filled until only a fraction of a state's size is free, then a save: it
+    runs out of space part-way. One line on rank 0, exit status 1 (no signal, no traceback, no
+    HDF5 messages), the earlier state intact and no temporary file left."""
+    proc = run_mpi(nranks, ROOT / "tests" / "mpi" / "run_faults.py", tmp_path / "out",
+                   small_tmpfs, free, timeout=90)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert [line for line in proc.stderr.splitlines() if line.strip()] == [
+        f"error: cannot save the training state {small_tmpfs}/state-0000000002.h5: no space "
+        "left on device (the earlier states are kept)"], proc.stderr
+    assert sorted(p.name for p in small_tmpfs.iterdir()) == [".lock", "filler",
+                                                             "state-0000000001.h5"]
+    assert training_state.verify(small_tmpfs / "state-0000000001.h5") is None
+
+
+def test_a_second_run_into_the_same_out_is_refused(tmp_path):
+    """Two runs with their own state directories and one --out: the second is refused with
+    one line, the first's results stay; the first run resumed there goes on."""
+    first = _run(tmp_path, state_dir=str(tmp_path / "s1"))
+    first.resume()
+    first.save(1, 1, {})
+    metrics = first.write_metrics({"loss": 1.0})
+    first.close()
+    before = metrics.read_bytes()
+    second = _run(tmp_path, state_dir=str(tmp_path / "s2"))
+    with pytest.raises(workflow.RunError, match=(
+            f"--out {tmp_path} holds the results of another run \\({first.run_id}: "
+            "metrics.json, pictures\\); they are not replaced: use a new --out")):
+        second.resume()
+    second.close()
+    assert metrics.read_bytes() == before
+    again = _run(tmp_path, resume="auto", state_dir=str(tmp_path / "s1"))
+    assert again.resume()["iteration"] == 1 and again.run_id == first.run_id
+    again.close()
+    (tmp_path / workflow.OWNER_FILE).unlink()          # results of a run before .pnode-run
+    third = _run(tmp_path, state_dir=str(tmp_path / "s3"))
+    with pytest.raises(workflow.RunError, match=f"another run \\({first.run_id}"):
+        third.resume()
+    third.close()
+
+
+def test_a_resumed_run_refuses_changed_options(tmp_path):
+    """--resume auto with another --lr: refused with one line naming the option and both
+    values (the saved optimizer's rate would be kept otherwise); --save-every may change."""
+    first = _run(tmp_path)
+    first.args.lr = 0.003
+    first.resume()
+    first.save(1, 1, {})
+    first.close()
+    changed = _run(tmp_path, resume="auto")
+    changed.args.lr = 0.01
+    with pytest.raises(workflow.RunError, match="saved with other options \\(--lr 0.01 "
+                       "\\(saved 0.003\\)\\): a resumed run goes on with the options it was "
+                       "saved with"):
+        changed.resume()
+    changed.close()
+    same = _run(tmp_path, resume="auto")
+    same.args.lr, same.args.save_every = 0.003, 5
+    assert same.resume()["iteration"] == 1
+    same.close()

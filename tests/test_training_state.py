@@ -234,3 +234,21 @@ def test_full_disk_keeps_the_previous_state(small_tmpfs):
     assert [p.name for p in small_tmpfs.iterdir()] == ["state-0000000001.h5"]
     assert os.statvfs(small_tmpfs).f_bavail == free
     assert training_state.verify(first) is None
+
+
+def test_a_crafted_huge_header_is_refused_in_well_under_a_second(tmp_path):
+    """A header claiming 1 TiB on a sparse file of that apparent size (a few KiB on disk):
+    verify, load and pnode-inspect refuse it without reading the claimed length."""
+    import time
+    path = tmp_path / "state-0000000001.h5"
+    with open(path, "wb") as f:
+        f.write(training_state._header_bytes(1 << 40, "crafted", "ab" * 32))
+        f.truncate(1 << 40)
+    model, opt, _ = _trained(0)
+    t0 = time.perf_counter()
+    assert "claims 1099511627776 bytes but the file holds far fewer" in _verify_within(path)
+    with pytest.raises(FileFormatError, match="a sparse file"):
+        training_state.load(path, model=model, optimizer=opt, comm=COMM)
+    with pytest.raises(FileFormatError, match="fails its check: its header claims"):
+        describe(path)
+    assert time.perf_counter() - t0 < 0.5

@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from .. import _h5format as h5format
+from .. import _sealed
 from .._distributed.collective import SYMPTOM
 from .._solve.device import SOLVER_DTYPE
 
@@ -224,9 +225,9 @@ class DiskTier(Tier):
         self.hits = self.misses = 0
         self.digests = {}                          # pos -> checksum of what was written
 
-    def _failed(self, exc, what, hint="free disk space or choose another "
-                "Checkpointing(disk_dir=...)"):
+    def _failed(self, exc, what, hint=None):
         if self.error is None:
+            hint = hint or _io_hint(exc, os.path.dirname(self.path) or ".")
             self.error = (SYMPTOM, f"{what} checkpoint file {self.path} failed ({exc}): {hint}")
 
     # ---------------------------------------------------------------- worker-side I/O
@@ -234,7 +235,7 @@ class DiskTier(Tier):
         import h5py
         if self.file is None:
             os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
-            self.file = h5py.File(self.path, "w")
+            self.file = h5py.File(self.path, "w", userblock_size=_sealed.USERBLOCK)
             h5format.write_root_attributes(self.file, **self.root_attributes)
             self.file.create_group("checkpoints")
         return self.file
@@ -244,6 +245,8 @@ class DiskTier(Tier):
         directory = os.path.dirname(self.path) or "."
         os.makedirs(directory, exist_ok=True)
         stat = os.statvfs(directory)
+        if stat.f_flag & os.ST_RDONLY:
+            raise OSError(errno.EROFS, f"{directory} is on a read-only file system")
         free = stat.f_bavail * stat.f_frsize
         if free < nbytes + self.MARGIN:
             raise OSError(errno.ENOSPC, f"disk full: {free} bytes free in {directory}, a "
@@ -368,8 +371,9 @@ class DiskTier(Tier):
                 "disk_prefetch_hits": self.hits, "disk_prefetch_misses": self.misses}
 
     def close(self):
-        """Finish the I/O in flight, close the file and remove it unless asked to keep it (a
-        file whose writing failed is removed always). Never raises: it runs while an error
+        """Finish the I/O in flight, close the file, and seal it with its checksum header
+        (_sealed.py) if asked to keep it, else remove it (a file whose writing, closing or
+        sealing failed is removed always). Never raises: it runs while an error
         is being raised, which must not be replaced; a failure here is a warning."""
         problems = []
         try:
@@ -384,7 +388,14 @@ class DiskTier(Tier):
             except Exception as exc:  # noqa: BLE001
                 problems.append(exc)
             self.file = None
-        if (not self.keep_files or self.error is not None) and os.path.isfile(self.path):
+        keep = self.keep_files and self.error is None and not problems
+        if keep and os.path.isfile(self.path):
+            try:                               # pnode-inspect checks it before HDF5 reads it
+                _sealed.seal(self.path, h5format.CHECKPOINT_KIND, h5format.FORMAT_VERSION, "")
+            except Exception as exc:  # noqa: BLE001
+                problems.append(exc)
+                keep = False
+        if not keep and os.path.isfile(self.path):
             try:
                 os.remove(self.path)
             except OSError as exc:
@@ -393,6 +404,23 @@ class DiskTier(Tier):
         if problems:
             warnings.warn(f"closing checkpoint file {self.path}: {problems[0]}", RuntimeWarning,
                           stacklevel=2)
+
+
+def _io_hint(exc, directory):
+    """What to do about a checkpoint file's I/O error, from its cause."""
+    code = getattr(exc, "errno", None)
+    text = str(exc)
+    if code == errno.ENOSPC or "No space left" in text:
+        return "free disk space or choose another Checkpointing(disk_dir=...)"
+    if code == errno.EROFS or "Read-only file system" in text:
+        return (f"{directory} is read-only: choose a writable Checkpointing(disk_dir=...) "
+                "(--disk-dir)")
+    if code in (errno.ENOTDIR, errno.ENOENT, errno.EEXIST) or not os.path.isdir(directory):
+        return (f"the checkpoint folder {directory} was removed or replaced while the run used "
+                "it: keep it in place, or choose another Checkpointing(disk_dir=...)")
+    if code in (errno.EACCES, errno.EPERM):
+        return f"no permission to write in {directory}: choose another Checkpointing(disk_dir=...)"
+    return "check the disk, or choose another Checkpointing(disk_dir=...)"
 
 
 class CheckpointStore:

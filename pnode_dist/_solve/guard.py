@@ -12,6 +12,9 @@ on every rank (parallel.raise_collectively), chained to the exception itself.
 KeyboardInterrupt and SystemExit are not recorded: they propagate (through PETSc, whose error
 the Integrator turns back into them).
 """
+import os
+
+_PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
 
 
 class Recorder:
@@ -51,3 +54,21 @@ class guarded:
         self.failed = True
         self.recorder.record(exc, self.where() if callable(self.where) else self.where)
         return True
+
+
+def released(exc):
+    """`exc` with the locals of pnode_dist's own finished frames in its traceback cleared, to be
+    raised (chained) after the solve. A callback's frame holds petsc4py wrappers of the TS and
+    its Vecs, each a PETSc reference: kept by the exception, they would keep a destroyed TS
+    alive, and through its callbacks its Integrator, for as long as the exception lives (a
+    training loop that catches SolverError would lose the whole trajectory's memory each time).
+    The user's own frames keep their locals (post-mortem debugging)."""
+    tb = exc.__traceback__ if exc is not None else None
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename.startswith(_PACKAGE):
+            try:
+                tb.tb_frame.clear()
+            except RuntimeError:             # still executing: nothing to release yet
+                pass
+        tb = tb.tb_next
+    return exc

@@ -30,6 +30,10 @@ class TorchIFunction(TorchRHS):
         self.point_version = 0       # changes with every new point (for factorisation caches)
         self.counts.update(jvp=0, blocks=0)
 
+    def release(self):
+        super().release()
+        self._point = self._double = None
+
     # ---------------------------------------------------------------- helpers
     def _apply_mass(self, x, transpose=False):
         if self.mass is None:

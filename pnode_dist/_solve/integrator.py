@@ -22,7 +22,7 @@ from . import dense
 from .device import SOLVER_DTYPE, vec_type
 from .explicit import GraphStore, ParamJacobianMat, StateJacobianMat
 from .first_step import initial_step
-from .guard import guarded
+from .guard import guarded, released
 from .implicit import BlockJacobianPC, IJacobianMat, IJacobianPMat
 from .lifetime import keep_forever
 from .options import layered_options
@@ -206,6 +206,7 @@ class Integrator:
         # The explicit part (RHS form) and the implicit part (IFunction), None where unused.
         self.rhs, self.ifun = method.parts(func, params, shape, dtype, dev, setup)
         self.parts = [p for p in (self.rhs, self.ifun) if p is not None]
+        self._contexts = []          # the Python Mat/PC contexts PETSc holds (see destroy)
         nparams = self.parts[0].nparams
         comm = layout.comm
         ts = PETSc.TS().create(comm=comm)
@@ -288,6 +289,7 @@ class Integrator:
 
     def _python_mat(self, sizes, context):
         """A matrix-free Mat whose products are torch callbacks (Vecs of the state's type)."""
+        self._contexts.append(context)
         mat = PETSc.Mat().createPython(sizes, context, comm=self.layout.comm)
         mat.setVecType(vec_type(self.layout.device))
         mat.setUp()
@@ -317,7 +319,8 @@ class Integrator:
         pc = ts.getSNES().getKSP().getPC()
         if linear_solver == "exact":
             pc.setType(PETSc.PC.Type.PYTHON)
-            pc.setPythonContext(BlockJacobianPC(ifun))
+            self._contexts.append(BlockJacobianPC(ifun))
+            pc.setPythonContext(self._contexts[-1])
             # Exact Newton directions: full steps, no line search (which would cost a jvp).
             defaults.update(ksp_type="preonly", snes_linesearch_type="basic")
         else:
@@ -359,7 +362,7 @@ class Integrator:
     @property
     def exception(self):
         """The user's exception behind `error`, if it is one (chained to the SolverError)."""
-        return next((p.exception for p in self.parts if p.error is not None), None)
+        return released(next((p.exception for p in self.parts if p.error is not None), None))
 
     def reset_errors(self):
         for p in self.parts:
@@ -713,7 +716,8 @@ class Integrator:
         return self.finish_adjoint(cotangents.at(0))
 
     def destroy(self):
-        """Free the TS now (lifetime.py's rule 1).
+        """Free the TS now (lifetime.py's rule 1), after emptying the Python side PETSc may
+        still reach (the parts' per-solve state, the Mat and PC contexts).
 
         A TS whose method says keep_after_replay (TSTHETA) and whose memory trajectory recorded
         re-run segments is kept alive instead: with PETSc 3.26, destroying such a trajectory
@@ -721,11 +725,18 @@ class Integrator:
         although every adjoint was correct. It holds at most one segment's states."""
         if self.ts is None:
             return
-        if self.adjoint and self.replayed and self.method.keep_after_replay:
-            keep_forever(self)
-            return
+        # PETSc's error paths can leave a reference to a Python Mat behind (seen: the IJacobian
+        # after a failed adjoint), so a context may outlive the TS: emptied, it holds no f, no
+        # graphs, no recorded exception, and nothing that leads back to this Integrator.
         for p in self.parts:
-            p.forget_views()
+            p.release()
+        for context in self._contexts:
+            vars(context).clear()
+        self.step_start = self._work = None
+        if self.adjoint and self.replayed and self.method.keep_after_replay:
+            keep_forever(self.ts)
+            self.ts = None
+            return
         self.ts.destroy()
         self.ts = None
 

@@ -2,10 +2,8 @@
 each run, and restore it exactly (bitwise) on every rank.
 
 File layout (format version 2, one file per save, written by rank 0):
-  bytes [0, 512)   header (HDF5 userblock, plain ASCII lines, zero padded):
-                     pnode_dist training state / version 2 / length <file bytes> /
-                     run <run id, or '-'> / sha256 <hex>
-                   the SHA-256 covers the whole file, the header with its hex digits as '0's
+  bytes [0, 512)   the sealed-file header (_sealed.py) of kind 'training state', version 2:
+                   length, run id, SHA-256 of the whole file
   bytes [512, end) the HDF5 file (h5py userblock_size=512):
   root attributes: format, format_version, run_id, iteration, epoch, nranks, created,
                    args (JSON), progress (JSON: the caller's counters such as the batch position)
@@ -19,42 +17,35 @@ File layout (format version 2, one file per save, written by rank 0):
   /rng/numpy_rank_<r>       numpy's global MT19937 keys of rank r (position etc. in attributes)
   /rng attributes           python_rank_<r>: Python's `random` state of rank r (JSON)
 
-Reading checks the header and the checksum with plain file I/O (non-regular files refused, bounded
-reads) before HDF5 sees a byte: a damaged HDF5 file can make the HDF5 library loop forever or
-crash, so `verify` and `load` never open a file whose checksum does not match. Files of version 1
+Reading checks the header and the checksum with plain file I/O (_sealed.read_verified) before
+HDF5 sees a byte: `verify` and `load` never open a file whose checksum does not match. Files of version 1
 (no header) are refused. A run id ties the files to their run: pruning keeps the newest `keep` of
 the saving run only and never touches other files.
 """
 import collections
 import glob
-import hashlib
 import io
 import json
 import os
 import random
 import re
-import stat
 
 import numpy as np
 import torch
 
 from .._h5format import TRAINING_STATE_FORMAT as FORMAT
 from .._h5format import utc_now
+from .. import _sealed
 from ..errors import FileFormatError
 
 VERSION = 2
+KIND = "training state"
 _PATTERN = "state-{:010d}.h5"
-USERBLOCK = 512                      # the header's bytes (h5py's userblock: HDF5 skips them)
-MAX_BYTES = 1 << 40                  # a larger length in a header is damage
-_CHUNK = 1 << 20
-MAGIC = b"pnode_dist training state\n"     # a state file's first bytes
-_HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+USERBLOCK = _sealed.USERBLOCK        # the header's bytes (h5py's userblock: HDF5 skips them)
+MAGIC = _sealed.magic(KIND)          # a state file's first bytes
 _RUN_ID = re.compile(r"[0-9A-Za-z_.-]{1,64}")
-_HEADER = re.compile(rb"pnode_dist training state\nversion (\d{1,6})\nlength (\d{1,16})\n"
-                     rb"run ([0-9A-Za-z_.-]{1,64})\nsha256 ([0-9a-f]{64})\n\0*")
-_NO_DIGEST = "0" * 64
+open_regular = _sealed.open_regular
 
-Header = collections.namedtuple("Header", "version length run_id sha256 digest_at")
 StateFile = collections.namedtuple("StateFile", "path run_id problem")
 StateFile.__doc__ = """A state-*.h5 file of a directory: run_id from its header (None when the
 header cannot be read), problem: why not (None when it can)."""
@@ -66,75 +57,7 @@ class SaveError(Exception):
 
 
 def _header_bytes(length, run_id, digest):
-    text = (f"pnode_dist training state\nversion {VERSION}\nlength {length}\n"
-            f"run {run_id or '-'}\nsha256 {digest}\n").encode()
-    return text.ljust(USERBLOCK, b"\0")
-
-
-def _parse_header(head, size, check_size=True):
-    """(problem, Header): the header's fields, checked against the file's size unless not
-    `check_size` (the run id of a truncated file is still known)."""
-    if size == 0:
-        return "empty file (truncated)", None
-    if head.startswith(_HDF5_SIGNATURE):
-        return ("an HDF5 file without pnode_dist's checksum header: written by an older "
-                "pnode_dist (format version 1, not resumable by this version), or truncated or "
-                "damaged; it was not opened"), None
-    if not (head.startswith(MAGIC) or MAGIC.startswith(head)):
-        return "not a pnode_dist training state (no pnode_dist header)", None
-    if len(head) < USERBLOCK:
-        return f"truncated ({size} bytes, less than its header)", None
-    m = _HEADER.fullmatch(head)
-    if m is None:
-        return "damaged header (the file was modified or damaged)", None
-    version, length = int(m[1]), int(m[2])
-    if version != VERSION:
-        return (f"format version {version}, written by a "
-                f"{'newer' if version > VERSION else 'different'} pnode_dist"), None
-    if not USERBLOCK < length <= MAX_BYTES:
-        return "damaged header (impossible length)", None
-    if check_size and size < length:
-        return f"truncated ({size} of {length} bytes)", None
-    if check_size and size > length:
-        return f"{size - length} bytes longer than its header says (damaged)", None
-    run_id = m[3].decode()
-    return None, Header(version, length, "" if run_id == "-" else run_id, m[4].decode(),
-                        m.start(4))
-
-
-def open_regular(path):
-    """(fd, size, None) for a regular file opened for reading, else (None, None, problem).
-    O_NONBLOCK: opening a FIFO does not wait for a writer."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return None, None, "no such file"
-    except OSError as exc:
-        return None, None, f"cannot open it ({exc.strerror or exc})"
-    except Exception as exc:                     # a bad path (embedded NUL byte...)
-        return None, None, f"cannot open it ({exc})"
-    try:
-        mode = os.fstat(fd)
-    except OSError as exc:
-        os.close(fd)
-        return None, None, f"cannot read it ({exc.strerror or exc})"
-    if not stat.S_ISREG(mode.st_mode):
-        os.close(fd)
-        kind = ("a directory" if stat.S_ISDIR(mode.st_mode) else
-                "a FIFO" if stat.S_ISFIFO(mode.st_mode) else "a device, socket or other")
-        return None, None, f"not a regular file ({kind})"
-    return fd, mode.st_size, None
-
-
-def _read_up_to(fd, n):
-    parts, got = [], 0
-    while got < n:
-        block = os.read(fd, n - got)
-        if not block:
-            break
-        parts.append(block)
-        got += len(block)
-    return b"".join(parts)
+    return _sealed.header_bytes(KIND, VERSION, length, run_id, digest)
 
 
 def read_header(path):
@@ -145,7 +68,8 @@ def read_header(path):
     if problem is not None:
         return None, problem
     try:
-        problem, header = _parse_header(_read_up_to(fd, USERBLOCK), size, check_size=False)
+        problem, header = _sealed.parse_header(_sealed.read_up_to(fd, USERBLOCK), size, KIND,
+                                               VERSION, check_size=False)
     except Exception as exc:
         return None, f"unreadable ({exc})"
     finally:
@@ -154,40 +78,8 @@ def read_header(path):
 
 
 def _read_verified(path, keep=False):
-    """(problem, header, data): problem is None when the header is sound and the SHA-256 of the
-    whole file matches it; data: the verified bytes when `keep`. Never raises, never blocks on a
-    FIFO or device, reads at most the length the header states (and one byte more)."""
-    fd, size, problem = open_regular(path)
-    if problem is not None:
-        return problem, None, None
-    try:
-        head = _read_up_to(fd, USERBLOCK)
-        problem, header = _parse_header(head, size)
-        if problem is not None:
-            return problem, None, None
-        i = header.digest_at
-        digest = hashlib.sha256(head[:i] + _NO_DIGEST.encode() + head[i + 64:])
-        parts = [head] if keep else None
-        remaining = header.length - len(head)
-        while remaining > 0:
-            block = os.read(fd, min(_CHUNK, remaining))
-            if not block:
-                return "truncated while being read", None, None
-            digest.update(block)
-            remaining -= len(block)
-            if keep:
-                parts.append(block)
-        if os.read(fd, 1):
-            return "longer than its header says (changed while being read)", None, None
-        if digest.hexdigest() != header.sha256:
-            return "checksum mismatch (the file was modified or damaged)", None, None
-        return None, header, (b"".join(parts) if keep else None)
-    except MemoryError:
-        return "too large to read into memory", None, None
-    except Exception as exc:
-        return f"unreadable ({exc})", None, None
-    finally:
-        os.close(fd)
+    """(problem, header, data): see _sealed.read_verified."""
+    return _sealed.read_verified(path, KIND, VERSION, keep)
 
 
 def _content_problem(f, header):
@@ -204,22 +96,19 @@ def _content_problem(f, header):
     return None
 
 
-def _seal(tmp, run_id):
-    """Write the header of a closed HDF5 file `tmp` (its SHA-256 computed from the bytes read
-    back) and flush it to disk."""
-    with open(tmp, "r+b") as raw:
-        length = os.fstat(raw.fileno()).st_size
-        digest = hashlib.sha256(_header_bytes(length, run_id, _NO_DIGEST))
-        raw.seek(USERBLOCK)
-        while True:
-            block = raw.read(_CHUNK)
-            if not block:
-                break
-            digest.update(block)
-        raw.seek(0)
-        raw.write(_header_bytes(length, run_id, digest.hexdigest()))
-        raw.flush()
-        os.fsync(raw.fileno())
+def _write_file(path, data):
+    """`data` into the file at `path` (created or truncated), flushed to disk."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view[:_CHUNK]):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+_CHUNK = 1 << 24
 
 
 def _fsync_directory(directory):
@@ -263,7 +152,8 @@ def save(directory, *, model, optimizer, iteration, epoch, comm, scheduler=None,
     """Write the training state (collective: rank 0 writes, every rank's RNG state included);
     returns the file's path on every rank.
 
-    Written to a temporary name, sealed with its checksum header, flushed, then renamed, so a
+    Built in memory (HDF5 never writes to the disk, so a full disk is a plain write error),
+    sealed with its checksum header, written to a temporary name, flushed, then renamed, so a
     crash leaves either the previous files or a complete new one. `run_id` (letters, digits,
     '_.-', at most 64; None: saved without one) goes into the header and the root attributes;
     afterwards only the newest `keep` files *of this run id* remain (keep <= 0: all), files of
@@ -289,12 +179,15 @@ def save(directory, *, model, optimizer, iteration, epoch, comm, scheduler=None,
                         f"{path} exists and is not a state of this run ("
                         f"{'run ' + (other or '-') if other is not None else why}); it was "
                         "not replaced: move it away or save into another directory")
+            image = io.BytesIO()             # HDF5 writes to memory; only plain writes
+            with h5py.File(image, "w", userblock_size=USERBLOCK) as f:   # meet the disk
+                _write_state(f, model, optimizer, scheduler, rng_states, iteration=iteration,
+                             epoch=epoch, nranks=comm.Get_size(), run_id=run_id, args=args,
+                             progress=progress)
+            data = _sealed.sealed_bytes(image.getbuffer(), KIND, VERSION, run_id)
+            del image
             try:
-                with h5py.File(tmp, "w", userblock_size=USERBLOCK) as f:
-                    _write_state(f, model, optimizer, scheduler, rng_states, iteration=iteration,
-                                 epoch=epoch, nranks=comm.Get_size(), run_id=run_id, args=args,
-                                 progress=progress)
-                _seal(tmp, run_id)
+                _write_file(tmp, data)
                 os.replace(tmp, path)
             except BaseException:
                 _remove_quietly(tmp)

@@ -1,8 +1,10 @@
 """Run under mpiexec: a TrainingSession whose second state save fills the state directory's disk.
 Every rank must get the same RunError (printed as 'rank <r>: <message>'); the app-style
 decorator then prints one 'error:' line on rank 0 and exits with the error's status.
-argv: OUT STATE_DIR."""
+argv: OUT STATE_DIR [FREE]: with FREE (a fraction), rank 0 first fills the disk until only that
+fraction of the first state's size is free (a save that runs out of space part-way)."""
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -28,7 +30,14 @@ def main(argv=None):
     opt.step()
     run = workflow.TrainingSession(args, comm, model, opt)
     run.resume()
-    print(f"rank {comm.Get_rank()}: saved {run.save(1, 1, {})}", flush=True)
+    first = run.save(1, 1, {})
+    print(f"rank {comm.Get_rank()}: saved {first}", flush=True)
+    if len(sys.argv) > 3 and comm.Get_rank() == 0:
+        st = os.statvfs(state_dir)
+        fill = st.f_bavail * st.f_frsize - int(float(sys.argv[3]) * os.path.getsize(first))
+        with open(Path(state_dir) / "filler", "wb") as f:
+            f.write(b"\1" * max(fill, 0))
+    comm.Barrier()
     try:
         run.save(2, 1, {})
     except workflow.RunError as exc:
