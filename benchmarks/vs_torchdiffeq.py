@@ -5,8 +5,8 @@ Part 1, training cases (forward + backward per iteration; one process, one threa
 interleaved, medians; this machine is noisy: compare the ratios):
   ode_demo    2-D state, MLP 2-50-2 on y^3 (torchdiffeq's examples/ode_demo.py), batch 20,
               10 output times over [0, 0.225], dopri5 rtol 1e-7 atol 1e-9
-  latent      4-D latent, MLP 4-20-4 (torchdiffeq's examples/latent_ode.py), batch 1,
-              100 output times over [0, 6.3], dopri5 rtol 1e-7 atol 1e-9
+  latent      4-D latent, MLP 4-20-4 (torchdiffeq's examples/latent_ode.py), batch 1 and
+              1000 (the example's), 100 output times over [0, 6.3], dopri5 rtol 1e-7 atol 1e-9
   fixed_rk4   MLP 24-96-24 (softplus), batch 192, 50 fixed rk4 (3/8 rule) steps, 3 outputs
 Part 2, DETEST-like problems (no gradient): accepted and rejected steps, f calls, and the
 largest error at the output times against a reference solved at rtol 1e-13, for both at the
@@ -56,6 +56,9 @@ def training_cases():
                   {}, {}))
     f = Counted(_mlp([4, 20, 4], nn.ELU))
     cases.append(("latent: 4-D, batch 1, 100 outputs", f, torch.randn(1, 4, dtype=F64),
+                  torch.linspace(0, 6.3, 100, dtype=F64), {}, {}))
+    cases.append(("latent: 4-D, batch 1000, 100 outputs", f,
+                  torch.randn(1000, 4, dtype=F64) * 0.5,
                   torch.linspace(0, 6.3, 100, dtype=F64), {}, {}))
     f = Counted(_mlp([24, 96, 24], nn.Softplus))
     t = torch.tensor([0.0, 0.5, 1.0], dtype=F64)

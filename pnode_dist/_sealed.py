@@ -85,8 +85,8 @@ def parse_header(head, size, kind, version, check_size=True):
     if size == 0:
         return "empty file (truncated)", None
     if head.startswith(HDF5_SIGNATURE):
-        return (f"an HDF5 file without pnode_dist's checksum header: written by an older "
-                f"pnode_dist, or truncated or damaged; it was not opened"), None
+        return ("an HDF5 file without pnode_dist's checksum header: written by an older "
+                "pnode_dist, or truncated or damaged; it was not opened"), None
     if not (head.startswith(magic(kind)) or magic(kind).startswith(head)):
         other = _HEADER.match(head)
         return (f"not a {name} (a pnode_dist {other[1].decode()} file)" if other else

@@ -6,7 +6,8 @@ backward pass, such an output's cotangent enters the discrete adjoint at the sta
 the vector-Jacobian product of a torch replay of that one step and its interpolant (the same
 formula), for the state there and for the parameters. The gradient is therefore backprop's
 through the same steps and the same interpolation. Where the forward kept f's graph at every
-stage (the `graphs` plan), the same vjp walks those graphs back instead of replaying the step.
+stage (the `graphs` plan), the same vjp walks those graphs back instead of replaying the step,
+for all such steps together (one vjp per stage index).
 """
 import torch
 
@@ -52,33 +53,48 @@ def step_cotangent(f, params, t_start, t_end, y_start, out_times, grads, tableau
     return (got[0] if got[0] is not None else grad.sum(0)), list(got[1:])
 
 
-def stage_graph_cotangent(graphs, params, t_start, t_end, out_times, grads, tableau, dense):
-    """step_cotangent from f's graphs at the step's stages [(Y_i leaf, k_i)], kept by the
-    forward: the cotangent of k_i is h sum_o b_i(theta_o) g_o plus what later stages pass back
-    through Y_l = y + h sum_i a_li k_i; one vjp per stage, from the last."""
-    h = t_end - t_start
-    s = len(graphs)
-    weights = torch.tensor([dense.weights(theta(t, t_start, t_end))[:s] for t in out_times],
-                           dtype=grads.dtype, device=grads.device) * h
-    direct = (weights.T @ grads.reshape(len(out_times), -1)).view((s,) + grads.shape[1:])
-    grad_y = grads.sum(0)
+def stage_graph_cotangents(steps, params, tableau, dense):
+    """step_cotangent of several steps at once, from f's graphs at their stages kept by the
+    forward. steps: [(graphs [(Y_i leaf, k_i)], t_start, t_end, out_times, grads)]. The
+    cotangent of k_i is h sum_o b_i(theta_o) g_o plus what later stages pass back through
+    Y_l = y + h sum_i a_li k_i; the steps are independent (none needs the adjoint), so each
+    stage index takes one vjp for all of them, from the last. Returns ([dL/dy at each step's
+    start], [dL/dparam summed over the steps])."""
+    s = min(len(g) for g, *_ in steps)
+    direct, grad_y, hs = [], [], []
+    for graphs, t_start, t_end, out_times, grads in steps:
+        h = t_end - t_start
+        weights = torch.tensor([dense.weights(theta(t, t_start, t_end))[:s] for t in out_times],
+                               dtype=grads.dtype, device=grads.device) * h
+        direct.append((weights.T @ grads.reshape(len(out_times), -1))
+                      .view((s,) + grads.shape[1:]))
+        grad_y.append(grads.sum(0))
+        hs.append(h)
     grad_params = [None] * len(params)
-    back = [None] * s                        # dL/dY_i
+    back = [[None] * s for _ in steps]       # dL/dY_i of each step
     for i in reversed(range(s)):
-        c = direct[i]
-        for l in range(i + 1, s):
-            a = tableau.a[l][i]
-            if a != 0.0 and back[l] is not None:
-                c = c + (h * a) * back[l]
-        y_leaf, k = graphs[i]
-        if not k.requires_grad:
+        outs, leaves, cots, which = [], [], [], []
+        for n, (graphs, *_) in enumerate(steps):
+            c = direct[n][i]
+            for l in range(i + 1, s):
+                a = tableau.a[l][i]
+                if a != 0.0 and back[n][l] is not None:
+                    c = c + (hs[n] * a) * back[n][l]
+            y_leaf, k = graphs[i]
+            if k.requires_grad:
+                outs.append(k)
+                leaves.append(y_leaf)
+                cots.append(c)
+                which.append(n)
+        if not outs:
             continue
-        got = torch.autograd.grad(k, [y_leaf] + list(params), c, retain_graph=True,
+        got = torch.autograd.grad(outs, leaves + list(params), cots, retain_graph=True,
                                   allow_unused=True)
-        back[i] = got[0]
-        if got[0] is not None:
-            grad_y = grad_y + got[0]
-        for j, g in enumerate(got[1:]):
+        for n, g in zip(which, got[:len(leaves)]):
+            back[n][i] = g
+            if g is not None:
+                grad_y[n] = grad_y[n] + g
+        for j, g in enumerate(got[len(leaves):]):
             if g is not None:
                 grad_params[j] = g if grad_params[j] is None else grad_params[j] + g
     return grad_y, grad_params

@@ -646,27 +646,37 @@ class Integrator:
         view.add_(flat.to(view.dtype))
         self.mu.stateIncrease()
 
-    def step_cotangent(self, record, n, out_times, grads):
-        """dL/dy at the start of step n of `record` from its interpolated outputs (their
-        parameter part is added to mu); an exception in func is recorded (NaN returned)."""
+    def step_cotangents(self, record, requests):
+        """dL/dy at the start of each step n of `record` from its interpolated outputs,
+        requests {n: (out_times, grads)} -> {n: dL/dy} (their parameter part is added to mu).
+        Steps whose stage graphs the forward kept are done together from those graphs (they are
+        used once); the others by a replay of the step each. An exception in func is recorded
+        (NaN returned)."""
         rhs = self.rhs
-        graphs = record.stage_graphs.pop(n, None)     # the forward's, used once
-        with guarded(rhs, "func while differentiating an output interpolated in step "
-                          f"{n} (t={record.times[n]:g})") as call:
-            if graphs is not None:
-                grad_y, grad_params = dense.stage_graph_cotangent(
-                    graphs, rhs.params, record.times[n], record.times[n + 1], out_times,
-                    grads.to(rhs.dtype), self.tableau, self.dense)
-            else:
+        kept = {n: record.stage_graphs.pop(n) for n in requests if n in record.stage_graphs}
+        out = {}
+        with guarded(rhs, "func while differentiating the outputs interpolated in steps "
+                          f"{sorted(requests)}") as call:
+            if kept:
+                grad_ys, grad_params = dense.stage_graph_cotangents(
+                    [(kept[n], record.times[n], record.times[n + 1], requests[n][0],
+                      requests[n][1].to(rhs.dtype)) for n in kept],
+                    rhs.params, self.tableau, self.dense)
+                out.update(zip(kept, grad_ys))
+                self.add_to_mu(grad_params)
+            for n, (out_times, grads) in requests.items():
+                if n in kept:
+                    continue
                 self._step_replays += 1
-                grad_y, grad_params = dense.step_cotangent(
+                out[n], grad_params = dense.step_cotangent(
                     lambda t, y: rhs._evaluate(t, y), rhs.params, record.times[n],
                     record.times[n + 1], record.starts[n].to(rhs.dtype), out_times, grads,
                     self.tableau, self.dense)
+                self.add_to_mu(grad_params)
         if call.failed:
-            return torch.full_like(grads[0], float("nan"))
-        self.add_to_mu(grad_params)
-        return grad_y.to(SOLVER_DTYPE)
+            return {n: torch.full_like(grads[0], float("nan"))
+                    for n, (_, grads) in requests.items()}
+        return {n: g.to(SOLVER_DTYPE) for n, g in out.items()}
 
     def finish_adjoint(self, grad_first, error=None, cause=None):
         """(dL/dy0 for this rank's shard, dL/dtheta summed over all ranks); raises on every rank
@@ -751,6 +761,14 @@ class Cotangents:
         self.by_position = {}
         for k, pos in enumerate(record.output_steps):
             self.by_position.setdefault(pos, []).append(k)
+        self._dense = {}             # position -> dL/dy of its interpolated outputs, computed
+
+    def _request(self, pos):
+        """(out_times, grads) of the outputs interpolated in step pos, or None."""
+        ks = [k for k in self.by_position.get(pos, []) if self.record.dense_times[k] is not None]
+        if not ks:
+            return None
+        return [self.record.dense_times[k] for k in ks], self.grad_outputs[ks]
 
     def positions_below(self, hi, lo):
         """The output positions p with lo < p < hi, from the highest."""
@@ -760,14 +778,19 @@ class Cotangents:
         """dL/dy at position pos (zeros if no output is there); call once per position."""
         ks = self.by_position.get(pos, [])
         grad = torch.zeros_like(self.grad_outputs[0])
-        dense_ks = [k for k in ks if self.record.dense_times[k] is not None]
         for k in ks:
             if self.record.dense_times[k] is None:
                 grad += self.grad_outputs[k]
-        if dense_ks:
-            grad += self.integrator.step_cotangent(
-                self.record, pos, [self.record.dense_times[k] for k in dense_ks],
-                self.grad_outputs[dense_ks])
+        request = self._request(pos)
+        if request is not None:
+            if pos not in self._dense:
+                # This step, and every step whose stage graphs the forward kept: together.
+                requests = {n: self._request(n) for n in self.record.stage_graphs
+                            if n not in self._dense and n != pos}
+                requests = {n: r for n, r in requests.items() if r is not None}
+                requests[pos] = request
+                self._dense.update(self.integrator.step_cotangents(self.record, requests))
+            grad += self._dense.pop(pos)
         return grad
 
 
