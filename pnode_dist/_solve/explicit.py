@@ -12,6 +12,8 @@ non-finite f is recorded the same way.
 Callbacks run once per stage and step: they reuse cached tensor views of the TS's Vecs (a TS
 keeps its work Vecs for its whole life, and one TorchRHS serves one TS only; views.py).
 """
+import collections
+
 import torch
 from mpi4py import MPI
 
@@ -59,6 +61,9 @@ class GraphStore:
         return None
 
 
+_MAX_VIEWS = 64                      # cached Vec views per TS (its own Vecs are fewer)
+
+
 class TorchRHS(Recorder):
     """f(t, y) from a torch module on the local shard of the state, for one TS. Its callbacks
     run guarded: their first error is recorded here (Recorder)."""
@@ -74,7 +79,7 @@ class TorchRHS(Recorder):
         self.phase = "the forward solve"     # what the TS is doing (set by the Integrator)
         self._lin_t = None           # the time of the linearisation point
         self.nparams = sum(p.numel() for p in self.params)
-        self._views = {}             # Vec handle -> tensor view (the TS's Vecs live as long as it)
+        self._views = collections.OrderedDict()   # Vec handle -> tensor view, least recent first
         self._lin = None             # (y_leaf, f(t, y_leaf)) at the current linearisation point
         self._cached_param_vjp = None
         self.store = None            # a GraphStore while a forward solve keeps f's graphs
@@ -89,8 +94,14 @@ class TorchRHS(Recorder):
         if v is None:
             v = vec_view(vec, self.shape if numel is None else (numel,), mode)
             self._views[vec.handle] = v
-        elif self.on_gpu:
-            touch(vec, mode)
+            if len(self._views) > _MAX_VIEWS:
+                # PETSc also passes Vecs it makes for one use (ARKIMEX re-runs): a view holds
+                # its Vec, so the least recently used go.
+                self._views.popitem(last=False)
+        else:
+            self._views.move_to_end(vec.handle)
+            if self.on_gpu:
+                touch(vec, mode)
         return v
 
     def forget_views(self):

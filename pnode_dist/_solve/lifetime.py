@@ -11,6 +11,12 @@
    run before petsc4py's own exit handler.
 3. Never, where PETSc 3.26 was seen to crash destroying them (`keep_forever`): a TSTHETA memory
    trajectory that recorded re-run segments (Method.keep_after_replay).
+4. Nothing of a failed solve outlives it: the exception raised to the user (chained to func's
+   own) no longer holds our callbacks' frames, whose petsc4py wrappers are references that
+   would keep a destroyed TS alive (guard.released); PETSc's error paths can leave a
+   reference to a Python Mat, so Integrator.destroy empties the Mat and PC contexts and the
+   parts first; and the cached Vec views are bounded (a view holds its Vec, and ARKIMEX
+   re-runs pass new Vecs). tests/test_lifetime.py soaks every plan and method family.
 """
 import atexit
 import ctypes
