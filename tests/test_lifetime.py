@@ -86,7 +86,7 @@ def _solve(func, y0, method, policy, fail_in=None, fails_here=True):
 
 PLANS = {"graphs": dict(), "all": dict(schedule="all"), "uniform": dict(schedule="uniform",
                                                                        slots=4),
-         "states": dict(schedule="binomial", slots=1000),       # every state (slots > steps)
+         "states": dict(schedule="binomial", slots=1000),   # every state: auto's "states" plan
          "binomial": dict(schedule="binomial", slots=4),
          "disk": dict(schedule="binomial", slots=4, host_bytes=0)}
 
