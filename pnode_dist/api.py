@@ -263,8 +263,8 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, comm
     options:       step_size (fixed steps, at most this long, landing on every output time),
                    first_step (default: chosen from f at t[0] for explicit methods),
                    min_step, max_step (adaptive: TSAdapt's limits), max_num_steps;
-                   outputs: 'interpolate' (the default for dopri5, bosh3, adaptive_heun,
-                   fehlberg2: steps follow the error control alone, each output time is
+                   outputs: 'interpolate' (the default for dopri5, tsit5, bosh3,
+                   adaptive_heun, fehlberg2: steps follow the error control alone, each output time is
                    evaluated by the method's dense output, its gradient exact through it) or
                    'land' (every output time ends a step: right when f jumps there; the
                    default for the other methods); for implicit methods linear_solver

@@ -232,6 +232,9 @@ METHODS = {
         ExplicitRK("fehlberg2", "pnode_fehlberg2", 2, True, tab.FEHLBERG2, register=True,
                    embedded=tab.FEHLBERG2_EMBEDDED,
                    dense=tab.hermite(tab.FEHLBERG2, fsal=False), dense_order=2),
+        # Tsitouras 5(4), FSAL, with its own continuous extension (order 4).
+        ExplicitRK("tsit5", "pnode_tsit5", 5, True, tab.TSIT5, register=True,
+                   embedded=tab.TSIT5_EMBEDDED, dense=tab.TSIT5_DENSE, dense_order=4),
         # Verner's pairs as PETSc ships them (no dense output: they step onto output times).
         ExplicitRK("verner6", "6vr", 6, True, tab.PetscTableau("6vr")),
         ExplicitRK("verner7", "7vr", 7, True, tab.PetscTableau("7vr")),
@@ -257,7 +260,6 @@ UNAVAILABLE = dict.fromkeys(
     "high accuracy), and beuler, cn or arkimex for stiff problems")
 UNAVAILABLE["scipy_solver"] = ("SciPy's solvers run outside PETSc, with neither distributed "
                                "states nor a discrete adjoint; use the PETSc methods below")
-UNAVAILABLE["tsit5"] = "its tableau is not registered here; dopri5 is a 5(4) pair as well"
 UNAVAILABLE.update(dict.fromkeys(
     ("gl4", "gl6", "radauIIA3", "radauIIA5", "sdirk2", "trbdf2"),
     "implicit Runge-Kutta methods with several implicit stages have no discrete adjoint in "

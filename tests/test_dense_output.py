@@ -17,7 +17,7 @@ INTERPOLATING = sorted(m for m in METHODS if METHODS[m].interpolates)
 
 
 def test_the_adaptive_methods_with_a_dense_output_interpolate():
-    assert INTERPOLATING == ["adaptive_heun", "bosh3", "dopri5", "fehlberg2"]
+    assert INTERPOLATING == ["adaptive_heun", "bosh3", "dopri5", "fehlberg2", "tsit5"]
 
 
 def test_output_times_add_no_steps(y0):
