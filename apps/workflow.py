@@ -233,14 +233,14 @@ def _write_atomically(path, text):
         raise
 
 
-def save_figure(fig, path, **kwargs):
+def save_figure(fig, path):
     """fig as a PNG at `path`, written to a temporary name then renamed (a failure, such as a
     full disk, leaves the earlier picture); the figure is closed."""
     import matplotlib.pyplot as plt
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     try:
-        fig.savefig(tmp, format="png", dpi=kwargs.pop("dpi", 80), **kwargs)
+        fig.savefig(tmp, format="png", dpi=80)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

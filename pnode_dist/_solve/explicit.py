@@ -10,7 +10,8 @@ rank only; the solver turns them into an error on every rank after the solve. On
 non-finite f is recorded the same way.
 
 Callbacks run once per stage and step: they reuse cached tensor views of the TS's Vecs (a TS
-keeps its work Vecs for its whole life, and one TorchRHS serves one TS only; views.py).
+keeps its work Vecs for its whole life, and one TorchRHS serves one TS only; views.py). The
+cache is bounded: Vecs PETSc makes for one use (ARKIMEX re-runs) fall out of it.
 """
 import collections
 
@@ -104,13 +105,10 @@ class TorchRHS(Recorder):
                 touch(vec, mode)
         return v
 
-    def forget_views(self):
-        self._views.clear()
-
     def release(self):
         """Drop everything a solve left here (views, linearisation, graphs, the recorded
         error): the TS is being destroyed, or kept for ever (lifetime.py)."""
-        self.forget_views()
+        self._views.clear()
         self.clear()
         self._lin = self._cached_param_vjp = self.store = None
 
