@@ -105,10 +105,13 @@ class TorchRHS(Recorder):
                 touch(vec, mode)
         return v
 
+    def forget_views(self):
+        self._views.clear()
+
     def release(self):
         """Drop everything a solve left here (views, linearisation, graphs, the recorded
         error): the TS is being destroyed, or kept for ever (lifetime.py)."""
-        self._views.clear()
+        self.forget_views()
         self.clear()
         self._lin = self._cached_param_vjp = self.store = None
 
