@@ -381,7 +381,8 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, comm
                               strategy=lambda: policy.strategy(pool, t_out, control, y_start),
                               replay=lambda y: ReplayAll(pool, y), comm=comm, call=call,
                               func=solved_func, time_sign=time_sign, observers=observers,
-                              gradient_comm=layout.gradient_comm)
+                              gradient_comm=layout.gradient_comm, method=method_obj.name,
+                              distributed=layout.nranks > 1 or grid is not None)
     if needs_grad:
         outputs = OdeintFunction.apply(problem, y_start, t if t_grad else None, *params)
     else:

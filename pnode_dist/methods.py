@@ -99,7 +99,7 @@ class Method:
 class ExplicitRK(Method):
     """An explicit Runge-Kutta tableau, run by PETSc's TSRK (registered with it first when
     PETSc does not ship it). An adaptive one with a continuous extension (`dense`, of order
-    `dense_order`; 'petsc': the one PETSc ships with the tableau) evaluates output times by
+    `dense_order`) evaluates output times by
     interpolation instead of stepping onto them."""
     kind = "explicit"
     ts_types = ("rk",)
@@ -110,7 +110,7 @@ class ExplicitRK(Method):
         self.subtype, self.tableau = subtype, tableau
         self.register = register    # a tableau PETSc does not ship: registered at first use
         self.embedded = embedded    # weights of the error estimate's formula (registered ones)
-        self.dense = dense          # DenseOutput registered with the tableau ('petsc': shipped)
+        self.dense = dense          # DenseOutput registered with the tableau
         self.dense_order = dense_order
 
     @property
@@ -219,8 +219,11 @@ METHODS = {
         ExplicitRK("bosh3", "pnode_bosh3", 3, True, tab.BOSH3, register=True,
                    embedded=tab.BOSH3_EMBEDDED, dense=tab.hermite(tab.BOSH3, fsal=True),
                    dense_order=3),
-        # PETSc's 5dp with the continuous extension PETSc ships with it (order 4).
-        ExplicitRK("dopri5", "5dp", 5, True, tab.DOPRI5, dense="petsc", dense_order=4),
+        # PETSc's 5dp (with its continuous extension, order 4), registered again with
+        # torchdiffeq's error estimate (tableaus.DOPRI5_EMBEDDED).
+        ExplicitRK("dopri5", "pnode_dopri5", 5, True, tab.DOPRI5, register=True,
+                   embedded=tab.DOPRI5_EMBEDDED, dense=tab.PetscTableau("5dp", part="dense"),
+                   dense_order=4),
         # torchdiffeq's other explicit methods: Heun (PETSc's 2a), the rest registered with
         # PETSc (rk_register). torchdiffeq's 'rk4' is the 3/8 rule: here 'rk4_38'.
         ExplicitRK("heun2", "2a", 2, False, tab.HEUN),

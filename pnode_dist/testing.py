@@ -12,27 +12,21 @@ import torch
 from ._distributed.layout import BatchLayout
 from ._distributed.startup import PETSc
 from ._solve.device import SOLVER_DTYPE, petsc_has_cuda  # noqa: F401 - for the tests
-from ._solve.dense import interpolate_step
+from ._reversal import torch_replay
 from ._solve.integrator import Integrator, StepControl
 from ._solve.rk_register import ensure_registered, petsc_tableau
 from ._solve.tableaus import ARK_TABLEAUS, ButcherTableau  # noqa: F401
 from .methods import METHODS, SetupConfig
 
 
+def _float_time(func):
+    """func(t: tensor, y) as func(t: float, y)."""
+    return lambda t, y: func(torch.tensor(t, dtype=y.dtype), y)
+
+
 def rk_step(func, t, y, h, tableau: ButcherTableau):
     """One explicit RK step from (t, y) with step h."""
-    k = []
-    for i in range(tableau.stages):
-        yi = y
-        for j, a in enumerate(tableau.a[i]):
-            if a != 0.0:
-                yi = yi + (h * a) * k[j]
-        k.append(func(torch.tensor(t + tableau.c[i] * h, dtype=y.dtype), yi))
-    out = y
-    for b, ki in zip(tableau.b, k):
-        if b != 0.0:
-            out = out + (h * b) * ki
-    return out
+    return torch_replay.rk_step(_float_time(func), t, y, h, tableau)
 
 
 def _replay(step, y0, times, output_steps):
@@ -58,22 +52,7 @@ def rk_record_replay(func, y0, record, method):
     m = METHODS[method]
     ensure_registered(m)
     tableau, dense = petsc_tableau(m.subtype, dense=True)
-
-    def f(t, y):
-        return func(torch.tensor(t, dtype=y.dtype), y)
-
-    states, y = [y0], y0
-    for n in range(1, len(record.times)):
-        y = rk_step(func, record.times[n - 1], y, record.times[n] - record.times[n - 1], tableau)
-        states.append(y)
-    outs = []
-    for pos, t in zip(record.output_steps, record.dense_times):
-        if t is None:
-            outs.append(states[pos])
-        else:
-            outs.append(interpolate_step(f, record.times[pos], record.times[pos + 1],
-                                         states[pos], [t], tableau, dense)[0])
-    return torch.stack(outs)
+    return torch_replay.record_outputs(_float_time(func), y0, record, tableau, dense)
 
 
 def _implicit_solve(residual, z0, iters=50):

@@ -1,11 +1,13 @@
 """The autograd Function of odeint: forward = TS solve, backward = TSAdjointSolve (no autograd
 through the solver). Gradients reach y0 (this rank's shard) and every parameter of func (summed
 over ranks). How the forward states are kept for the adjoint is the business of the solve's
-reversal strategy (reversal.py)."""
+reversal strategy (strategies.py). A backward pass with create_graph=True instead redoes the
+recorded steps in torch (torch_replay.py), so that its gradients are differentiable again."""
 import torch
 
 from .._distributed.collective import allreduce_sum, check_phase
 from .._solve.device import SOLVER_DTYPE
+from .torch_replay import record_outputs
 
 
 class OdeintFunction(torch.autograd.Function):
@@ -27,6 +29,7 @@ class OdeintFunction(torch.autograd.Function):
             if problem.stats is not None:
                 problem.stats.update(strategy.stats)
         ctx.strategy, ctx.record, ctx.problem = strategy, record, problem
+        ctx.save_for_backward(y0)                # create_graph: the graph back to y0
         ctx.y0 = y0.detach()
         ctx.versions = [p._version for p in (y0,) + params]
         ctx.outputs = outputs.clone() if t is not None else None   # the user may change theirs
@@ -36,11 +39,18 @@ class OdeintFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_outputs):
         problem, again = ctx.problem, ctx.strategy is None
+        if torch.is_grad_enabled():              # create_graph=True: no adjoint needed
+            if ctx.strategy is not None:
+                ctx.strategy.close()
+            ctx.strategy = None
+            check_phase(problem.comm, f"backward of odeint call {problem.call}",
+                        _unusable(ctx, problem, again))
+            return _differentiable_backward(ctx, problem, grad_outputs)
         strategy, ctx.strategy = ctx.strategy or problem.replay(ctx.y0), None
         try:
             # Before any other collective: every rank must be in this same backward pass.
             check_phase(problem.comm, f"backward of odeint call {problem.call}",
-                        _unusable(ctx, problem.params, again))
+                        _unusable(ctx, problem, again))
         except BaseException:
             strategy.close()
             raise
@@ -63,31 +73,73 @@ class OdeintFunction(torch.autograd.Function):
         return tuple(grads)
 
 
-def time_gradient(problem, outputs, grad_outputs, grad_y0, dtype):
+def _differentiable_backward(ctx, problem, grad_outputs):
+    """The gradients of a backward pass with create_graph=True, as a torch graph: autograd
+    through the recorded steps redone in torch, in the solver precision with f in the user's
+    (as the forward's callbacks evaluated it). Explicit methods on one rank (_unusable)."""
+    y0, = ctx.saved_tensors
+    dtype, params = ctx.y0.dtype, problem.params
+    tableau, dense = ctx.record.scheme
+
+    def f(t, y):
+        time = torch.tensor(t, dtype=dtype, device=y.device)
+        return problem.func(time, y.to(dtype)).to(SOLVER_DTYPE)
+
+    with torch.enable_grad():
+        # The start in the solver precision: connected to y0 if y0 is differentiated, else a
+        # leaf of its own (dL/dt_0 needs dL/dy0 either way).
+        start = (y0.to(SOLVER_DTYPE) if y0.requires_grad
+                 else y0.detach().to(SOLVER_DTYPE).requires_grad_(True))
+        wanted = [start] + [p for p, needed in zip(params, ctx.needs_input_grad[3:]) if needed]
+        outputs = record_outputs(f, start, ctx.record, tableau, dense)
+        found = torch.autograd.grad(outputs, wanted, grad_outputs.to(SOLVER_DTYPE),
+                                    create_graph=True, allow_unused=True)
+        grads = {id(x): (torch.zeros_like(x) if g is None else g)
+                 for x, g in zip(wanted, found)}
+        grad_t = None
+        if ctx.needs_input_grad[2]:
+            grad_t = time_gradient(problem, outputs, grad_outputs, grads[id(start)], dtype,
+                                   differentiable=True).to(ctx.t_like)
+    grad_y0 = grads[id(start)].to(dtype) if ctx.needs_input_grad[1] else None
+    return (None, grad_y0, grad_t) + tuple(
+        grads[id(p)].to(p.dtype) if id(p) in grads else None for p in params)
+
+
+def time_gradient(problem, outputs, grad_outputs, grad_y0, dtype, differentiable=False):
     """dL/dt for the output times t_0 < ... (or >) t_N, defined by the ODE the solve
     approximates (as torchdiffeq's odeint_adjoint defines it, not by the discrete steps, whose
     placement depends on t): dL/dt_i = <dL/dy_i, f(t_i, y_i)> for i >= 1, and
     dL/dt_0 = -<dL/dy0 - dL/dy_0, f(t_0, y_0)> (the adjoint state at t_0 without the direct
     term). Summed over this rank's samples, then over the ranks (t is shared). Decreasing t is
-    solved as s = -t: dL/dt = -dL/ds."""
+    solved as s = -t: dL/dt = -dL/ds. differentiable: as a torch graph (one rank)."""
     func, times = problem.func, problem.t_out
-    grad = torch.zeros(len(times), dtype=torch.float64)
-    with torch.no_grad():
+    terms = []
+    with torch.set_grad_enabled(differentiable):
         for i, s in enumerate(times):
             weight = grad_outputs[i] if i > 0 else grad_outputs[0] - grad_y0
             f = func(torch.tensor(s, dtype=dtype, device=outputs.device),
                      outputs[i].to(dtype))
-            grad[i] = (weight.to(torch.float64) * f.to(torch.float64)).sum().cpu()
-    allreduce_sum(grad, problem.gradient_comm.tompi4py())
+            terms.append((weight.to(torch.float64) * f.to(torch.float64)).sum().cpu())
+        grad = torch.stack(terms)
+    if not differentiable:
+        allreduce_sum(grad, problem.gradient_comm.tompi4py())
     return problem.time_sign * grad
 
 
-def _unusable(ctx, params, again):
+def _unusable(ctx, problem, again):
     """Why this backward pass cannot give exact gradients (None if it can). A further
     backward pass re-runs the solve from y0, so y0 must be unchanged too."""
+    params = problem.params
     if torch.is_grad_enabled():
-        return ("a second derivative through odeint (backward with create_graph=True) is not "
-                "supported: the discrete adjoint runs outside autograd")
+        if ctx.record.scheme is None:
+            return (f"a second derivative through odeint (backward with create_graph=True) "
+                    f"needs an explicit method; {problem.method} solves implicit stages with "
+                    "PETSc's Newton and Krylov solvers, outside autograd: choose an explicit "
+                    "method (dopri5, rk4...) for a solve you differentiate twice")
+        if problem.distributed:
+            return ("a second derivative through odeint (backward with create_graph=True) is "
+                    "supported on one rank: this solve is split over several ranks or a grid "
+                    "(comm='self' solves each rank's part alone)")
     if again and ctx.y0._version != ctx.versions[0]:
         return ("y0 was modified in place after odeint's forward pass: a further backward "
                 "pass re-runs the solve from y0 and cannot")

@@ -15,7 +15,6 @@ ReplayAll: a further backward pass through a solve whose states were consumed.
 solve_without_gradient: a forward solve on a trajectory-free Integrator.
 """
 import time
-from dataclasses import replace
 
 import torch
 
@@ -140,7 +139,7 @@ class Spill:
         integrator = self.head.integrator
         y_stop = integrator.x_view.clone()
         tail_t = [record.times[-1]] + list(t_out[k:])
-        tail_control = replace(control, first_step=integrator.ts.getTimeStep())
+        tail_control = integrator.continuing(control)
         pool = self.head.pool
         left = None if self.expected is None else max(self.expected - record.steps, 0)
         pool.history.solved(left or None)        # the tail's expectation (adaptive steps)
@@ -156,7 +155,8 @@ class Spill:
             times=record.times + tail.times[1:],
             output_steps=record.output_steps + [record.steps + s for s in tail.output_steps[1:]],
             dense_times=record.dense_times + tail.dense_times[1:],
-            starts={**record.starts, **{record.steps + n: y for n, y in tail.starts.items()}})
+            starts={**record.starts, **{record.steps + n: y for n, y in tail.starts.items()}},
+            scheme=record.scheme)
 
     def _merge_stats(self):
         """stats: the head's counts plus the tail's (the head's plan); memory_used is what

@@ -10,7 +10,7 @@ its backward pass (or the graph's destruction) returns them.
 import math
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Dict, List
 
 import torch
@@ -20,6 +20,7 @@ from .._distributed.collective import (CAUSE, CONSEQUENCE, SYMPTOM, PETSc, allre
 from ..errors import InputError, SolverError
 from . import dense
 from .device import SOLVER_DTYPE, vec_type
+from .controller import ExplicitController
 from .explicit import GraphStore, ParamJacobianMat, StateJacobianMat
 from .first_step import initial_step
 from .guard import guarded, released
@@ -68,6 +69,7 @@ class StepControl:
     atol: float = 1e-9
     store_graphs: bool = None    # keep f's stage graphs for the adjoint (None: the policy says)
     interpolate: bool = False    # output times by dense output (adaptive explicit methods)
+    first_weights: torch.Tensor = None   # continuing a solve: its next step's error weights
 
 
 @dataclass
@@ -82,6 +84,7 @@ class ForwardRecord:
     starts: Dict[int, torch.Tensor] = field(default_factory=dict)
     stage_graphs: Dict[int, list] = field(default_factory=dict)   # step n -> f's stage graphs
     stopped: bool = False        # ended early, before the last output time (stop_requested)
+    scheme: tuple = None         # (tableau, dense output) an explicit method integrated with
 
     @property
     def steps(self):
@@ -95,11 +98,12 @@ class ForwardRecord:
 class _Stepping:
     """Bookkeeping of one forward solve, driven by the post-step callback."""
 
-    def __init__(self, t_out, control, adaptive, outputs, interpolate=False):
+    def __init__(self, t_out, control, adaptive, outputs, interpolate=False, controller=None):
         self.t_out = t_out
         self.control = control
         self.adaptive = adaptive
         self.interpolate = interpolate               # outputs inside a step by dense output
+        self.controller = controller                 # ExplicitController, or None
         self.outputs = outputs
         self.k = 1                                   # next output index
         self.record = ForwardRecord(times=[t_out[0]])
@@ -154,19 +158,26 @@ class _Stepping:
             self.done = True
             ts.setConvergedReason(PETSc.TS.ConvergedReason.CONVERGED_USER)
             return
-        target = self._target()
-        if integrator.stop_requested:
+        self._choose_next(integrator, ts, t)
+        if integrator.stop_requested:         # after the choice: a continuation takes it
             self.record.stopped = True
             ts.setConvergedReason(PETSc.TS.ConvergedReason.CONVERGED_USER)
-            return
-        remaining = target - t
+
+    def _choose_next(self, integrator, ts, t):
+        """The next step: fixed steps' size, or TSAdapt's proposal under the controller's
+        rule; landing on the next target."""
+        remaining = self._target() - t
         if not self.adaptive:
             ts.setTimeStep(remaining / self.fixed_steps(t))
             return
-        dt = ts.getTimeStep()
+        proposed = ts.getTimeStep()
+        controller, h = self.controller, t - self.record.times[-2]
+        dt = controller.next_step(h, proposed) if controller is not None else proposed
         landed = _landing(dt, remaining)
-        if landed != dt:
+        if landed != proposed:
             ts.setTimeStep(landed)
+        if controller is not None:
+            controller.weigh(integrator.step_start, integrator.x_view, h, landed)
 
 
 def _landing(dt, remaining):
@@ -251,6 +262,9 @@ class Integrator:
         self.tableau, self.dense = (ts_tableau(ts) if method.kind == "explicit"
                                     else (None, None))
         self.step_start = None       # the state at the start of the step under way
+        # torchdiffeq's step-size rule for adaptive explicit steps (controller.py).
+        self.controller = (ExplicitController(self.x, shape)
+                           if adaptive and method.kind == "explicit" else None)
         self._work = None            # (Vec, view) receiving interpolated outputs
         self._stepping, self.observers = None, ()
         self.stats = {}
@@ -371,11 +385,12 @@ class Integrator:
 
     # ---------------------------------------------------------------- forward
     def _pre_step(self, ts):
-        interpolating = self._stepping is not None and getattr(self._stepping, "interpolate",
-                                                               False)
-        if self.on_gpu and (self.observers or interpolating):
+        stepping = self._stepping
+        keep_start = stepping is not None and (getattr(stepping, "interpolate", False)
+                                               or getattr(stepping, "controller", None) is not None)
+        if self.on_gpu and (self.observers or keep_start):
             touch(self.x, "r")
-        if interpolating:
+        if keep_start:
             self.step_start.copy_(self.x_view)
         if self.observers:
             step, t, dt = ts.getStepNumber(), ts.getTime(), ts.getTimeStep()
@@ -471,8 +486,11 @@ class Integrator:
         self.x_view.copy_(y0)
         self.x.stateIncrease()
         interpolate = control.interpolate and self.adaptive and self.dense is not None
-        stepping = _Stepping(t_out, control, self.adaptive, outputs, interpolate)
-        if interpolate and self.step_start is None:
+        stepping = _Stepping(t_out, control, self.adaptive, outputs, interpolate,
+                             self.controller)
+        if self.tableau is not None:
+            stepping.record.scheme = (self.tableau, self.dense)
+        if (interpolate or self.controller is not None) and self.step_start is None:
             self.step_start = torch.empty_like(self.x_view)
         self.reset_errors()
         self._set_phase("the forward solve")
@@ -483,7 +501,10 @@ class Integrator:
             self.rhs.store = GraphStore() if (self.adjoint and graphs) else None
         self.stop_requested = False
         if self.adaptive:
-            ts.setTolerances(rtol=control.rtol, atol=control.atol)
+            if self.controller is not None:
+                self.controller.begin(ts, control.rtol, control.atol, control.first_weights)
+            else:
+                ts.setTolerances(rtol=control.rtol, atol=control.atol)
             low, high = self.step_limits
             ts.setStepLimits(control.min_step or low, control.max_step or high)
         ts.setTime(t_out[0])
@@ -506,6 +527,13 @@ class Integrator:
         self._check_forward(stepping, outputs, failure)
         self.healthy = True
         return outputs, stepping.record
+
+    def continuing(self, control):
+        """The StepControl that continues the forward solve this Integrator stopped (a new
+        solve from its last state): the next step and its error weights as they would have
+        been, so that the steps are the same as those of one solve."""
+        weights = self.controller.view.clone() if self.controller is not None else None
+        return replace(control, first_step=self.ts.getTimeStep(), first_weights=weights)
 
     def _solve(self, x):
         """TSSolve; PETSc's own error (a step adaptor giving up, an exception that escaped a
@@ -742,7 +770,7 @@ class Integrator:
             p.release()
         for context in self._contexts:
             vars(context).clear()
-        self.step_start = self._work = None
+        self.step_start = self._work = self.controller = None
         if self.adjoint and self.replayed and self.method.keep_after_replay:
             keep_forever(self.ts)
             self.ts = None

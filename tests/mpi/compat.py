@@ -1,7 +1,9 @@
 """Run under mpiexec: torchdiffeq-style calls split over ranks equal the whole batch on one
 rank: a tuple state (z, logp) integrated from t=1 down to t=0 (FFJORD's direction), a lambda
 whose captured tensor gets its gradient summed over the ranks, and dL/dt of the output times. Exits non-zero on a
-mismatch; prints 'worst relative difference'."""
+mismatch; prints 'worst relative difference'. Then second derivatives: refused on every rank
+for the split batch (prints 'second derivatives refused on every rank'), given by a rank-local
+solve."""
 import os
 import sys
 
@@ -10,7 +12,7 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__) + "/..")
 from conftest import mpi_batch_problem  # noqa: E402
 
-from pnode_dist import odeint  # noqa: E402
+from pnode_dist import InputError, odeint  # noqa: E402
 from pnode_dist.parallel import MPI  # noqa: E402
 
 comm = MPI.COMM_WORLD
@@ -44,4 +46,23 @@ worst = max(float((a - b).abs().max() / b.abs().max()) for a, b in pairs)
 worst = comm.allreduce(worst, op=MPI.MAX)
 if comm.Get_rank() == 0:
     print(f"worst relative difference {worst:.1e}", flush=True)
+
+
+def second_order(where):
+    z0 = y_all[lo:hi].clone().requires_grad_(True)
+    zs = odeint(lambda s, z: torch.tanh(z @ w), z0, t, method="rk4", options={"step_size": 0.1},
+                comm=where)
+    g, = torch.autograd.grad(zs.square().sum(), z0, create_graph=True)
+    return torch.autograd.grad(g.square().sum(), w)[0]
+
+
+try:
+    second_order(None)
+    refused = False
+except InputError as exc:
+    refused = "supported on one rank" in str(exc)
+local = second_order("self")
+refused = comm.allreduce(int(refused), op=MPI.SUM) == comm.Get_size()
+if comm.Get_rank() == 0 and refused and bool(torch.isfinite(local).all()):
+    print("second derivatives refused on every rank", flush=True)
 sys.exit(0 if worst <= 1e-12 else 1)
