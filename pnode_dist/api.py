@@ -11,9 +11,11 @@ from torch import nn
 from ._distributed.collective import next_call, raise_collectively, resolve_comm
 from ._distributed.layout import BatchLayout
 from ._reversal.autograd import OdeintFunction
+from ._reversal.event_time import reroute
 from ._reversal.strategies import ReplayAll, solve_without_gradient
 from ._solve import conventions
-from ._solve.device import check_device
+from ._solve.device import SOLVER_DTYPE, check_device
+from ._solve.events import EventLocator
 from ._solve.integrator import IntegratorPool, StepControl
 from ._solve.lifetime import at_finalize
 from ._solve.options import freeze
@@ -23,7 +25,7 @@ from .grid import Grid, GridLayout
 from .methods import METHODS, SETUP_OPTIONS, get_method
 
 OPTION_KEYS = ("step_size", "first_step", "min_step", "max_step", "max_num_steps",
-               "outputs") + SETUP_OPTIONS
+               "outputs", "event_tol") + SETUP_OPTIONS
 OUTPUT_MODES = ("interpolate", "land")
 # torchdiffeq's options with no counterpart here, and what to do instead.
 _STEPS_LAND = ("with options['outputs']='land' the steps land on every time of t: add the "
@@ -112,7 +114,7 @@ def _control(options, rtol, atol, store_graphs, method):
     if unknown:
         raise InputError(f"unknown options {unknown}: valid keys are {list(OPTION_KEYS)}; PETSc "
                          "settings go in petsc_options={...} or on the command line")
-    for key in ("step_size", "first_step"):
+    for key in ("step_size", "first_step", "event_tol"):
         v = options.get(key)
         if v is not None and not (_number(v) and math.isfinite(v) and v > 0):
             raise InputError(f"options[{key!r}] must be a positive number; got {v!r}")
@@ -286,7 +288,15 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, comm
                    parameters (and buffers) that require grad if func is an nn.Module, else
                    every leaf tensor requiring grad that func's graph reaches (tensors a
                    lambda or closure captures), found by one evaluation of func at t[0].
-    event_fn:      torchdiffeq's terminating event: not supported (an InputError).
+    event_fn:      a terminating event (torchdiffeq's): event_fn(t, y) -> a tensor of one or
+                   several event functions (y this rank's part, in y0's structure); t must
+                   hold two times, the start and one giving the direction. The solve runs
+                   until the first event function reaches zero from its sign at the start
+                   (located on the dense output to options['event_tol'] in time, default
+                   round-off) and returns (event_t, solution [y0, y(event_t)]). The solution's
+                   gradient treats event_t as fixed and event_t has none, as torchdiffeq's:
+                   odeint_event adds the event time's dependence. Methods with a dense output
+                   (dopri5, tsit5, bosh3, adaptive_heun, fehlberg2), adaptive steps.
     stats:         a dict that receives this rank's counts: steps, rejected_steps,
                    newton_iterations, linear_iterations, f_evaluations, jvps, vjps... of the
                    forward solve,
@@ -299,6 +309,16 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, comm
     and lives where y0 does: on this rank's GPU (pnode_dist.rank_device()) in CUDA Vecs. func
     is evaluated in its own dtype (a cast per call if it differs from the solver's).
     """
+    return _odeint(func, y0, t, rtol=rtol, atol=atol, method=method, options=options, comm=comm,
+                   prefix=prefix, petsc_options=petsc_options, store_graphs=store_graphs,
+                   checkpointing=checkpointing, stats=stats, grid=grid,
+                   adjoint_params=adjoint_params, event_fn=event_fn)
+
+
+def _odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, comm=None,
+            prefix=None, petsc_options=None, store_graphs=None, checkpointing=None, stats=None,
+            grid=None, adjoint_params=None, event_fn=None, event_out=None):
+    """odeint; with event_out (a dict) an event solve leaves its slope there."""
     if grid is not None:             # the same on every rank: raised directly
         if not isinstance(grid, Grid):
             raise InputError(f"grid must be a pnode_dist.Grid; got {type(grid).__name__}")
@@ -310,10 +330,8 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, comm
     try:
         if not callable(func):
             raise InputError("func must be callable as func(t, y), typically an nn.Module")
-        if event_fn is not None:
-            raise InputError("event_fn (torchdiffeq's terminating events) is not supported: "
-                             "solve to a final time with output times dense enough, and find "
-                             "the event where event_fn changes sign between outputs")
+        if event_fn is not None and not callable(event_fn):
+            raise InputError("event_fn must be callable as event_fn(t, y)")
         _warn_callbacks(func)
         if conventions.needs_packing(y0):
             if grid is not None:
@@ -323,6 +341,10 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, comm
             func = conventions.wrapped("packed", func, spec)
         _check_y0(y0)
         t_out, decreasing = _times(t)
+        if event_fn is not None and len(t_out) != 2:
+            raise InputError(f"with event_fn, t holds two times as in torchdiffeq: the start, and "
+                             f"a time after it (or before, to solve backward) that only gives "
+                             f"the direction; got {len(t_out)} times")
         if decreasing:
             t_out = [-v for v in t_out]
             func = conventions.wrapped("reversed", func)
@@ -330,6 +352,14 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, comm
         if method_obj.kind == "imex" and func is not user_func:
             raise InputError("method='arkimex' takes a tensor y0 and increasing t")
         control = _control(options, rtol, atol, store_graphs, method_obj)
+        if event_fn is not None:
+            if not control.interpolate:
+                raise InputError(
+                    f"events are located on a dense output: use adaptive steps and a method "
+                    f"that has one (dopri5, tsit5, bosh3, adaptive_heun, fehlberg2), without "
+                    f"step_size or outputs='land'; method {method_obj.name!r} with these "
+                    f"options has none")
+            t_out = [t_out[0], math.inf]             # until the event
         setup = method_obj.setup(options or {}, func, y0)
         frozen = freeze(petsc_options)
         if prefix is not None and not (isinstance(prefix, str) and prefix.replace("_", "").isalnum()):
@@ -377,18 +407,79 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, comm
     observers = conventions.StepCallbacks.of(
         user_func, lambda y: _restore(y if grid is None else grid.from_vec_order(y), spec),
         time_sign, y0.dtype)
+    locator = None
+    if event_fn is not None:
+        locator = EventLocator(
+            event_fn, lambda y: _restore(y if grid is None else grid.from_vec_order(y), spec),
+            time_sign, layout.comm, y0.dtype, (options or {}).get("event_tol"))
+        if _event_at_start(locator, t_out[0], y_start, comm) == 0:
+            return (torch.as_tensor(t, dtype=getattr(t, "dtype", None))[0].detach(),
+                    _restore(torch.stack([y0, y0]), spec))
+        observers = tuple(observers) + (locator,)
     problem = SimpleNamespace(params=params, t_out=t_out, control=control, stats=stats,
                               strategy=lambda: policy.strategy(pool, t_out, control, y_start),
                               replay=lambda y: ReplayAll(pool, y), comm=comm, call=call,
                               func=solved_func, time_sign=time_sign, observers=observers,
                               gradient_comm=layout.gradient_comm, method=method_obj.name,
-                              distributed=layout.nranks > 1 or grid is not None)
+                              distributed=layout.nranks > 1 or grid is not None,
+                              event=locator is not None)
     if needs_grad:
         outputs = OdeintFunction.apply(problem, y_start, t if t_grad else None, *params)
     else:
         outputs = solve_without_gradient(pool, y_start.detach(), t_out, control, observers,
                                          stats).to(y0.dtype)
-    return _restore(outputs if grid is None else grid.from_vec_order(outputs), spec)
+    solution = _restore(outputs if grid is None else grid.from_vec_order(outputs), spec)
+    if locator is None:
+        return solution
+    if stats is not None:
+        stats["event_evaluations"] = locator.evaluations
+    if event_out is not None:            # for odeint_event: the dense output's d/dt there
+        event_out["slope"] = locator.to_user(locator.slope.to(y0.dtype))
+        event_out["mpi"] = layout.comm.tompi4py() if layout.nranks > 1 else None
+    like = t if isinstance(t, torch.Tensor) else torch.tensor(0.0, dtype=torch.float64)
+    event_t = torch.tensor(time_sign * locator.time, dtype=like.dtype, device=like.device)
+    return event_t, solution
+
+
+def _event_at_start(locator, t0, y0, comm):
+    """The event combination at the start (collective); event_fn's failure there is an error
+    on every rank."""
+    try:
+        return locator.start(t0, y0.detach().to(SOLVER_DTYPE))
+    except Exception as exc:
+        raise_collectively(comm, f"event_fn failed at t[0]: {type(exc).__name__}: {exc}",
+                           InputError, cause=exc)
+
+
+def odeint_event(func, y0, t0, *, event_fn, reverse_time=False, odeint_interface=None,
+                 **kwargs):
+    """Solve from t0 until event_fn(t, y) reaches zero (torchdiffeq's odeint_event, same
+    signature); returns (event_t, solution [y0, y(event_t)]) whose gradients include the event
+    time's dependence on y0, func's parameters, t0 and the tensors event_fn uses (the
+    implicit-function relation at the event, with the dense output's own slope there: exact for
+    the discrete solve). kwargs go to the solve (rtol, atol, method, options, comm, ...).
+    odeint_interface: pnode_dist.odeint by default; another odeint (torchdiffeq's) works too,
+    with f at the event for the slope, as torchdiffeq. On several ranks every rank's loss must
+    use the event's outputs (the event time's backward pass is one allreduce). Second
+    derivatives through the event time are refused."""
+    t0 = torch.as_tensor(t0)
+    t = torch.cat([t0.reshape(-1), t0.reshape(-1).detach() + (-1.0 if reverse_time else 1.0)])
+    found = {}
+    if odeint_interface is None or odeint_interface is odeint:
+        event_t, solution = _odeint(func, y0, t, event_fn=event_fn, event_out=found, **kwargs)
+    else:
+        event_t, solution = odeint_interface(func, y0, t, event_fn=event_fn, **kwargs)
+    state = tuple(s[-1] for s in solution) if isinstance(solution, tuple) else solution[-1]
+    slope = found.get("slope")
+    if slope is None:
+        with torch.no_grad():
+            slope = func(event_t, state)
+    event_t, state = reroute(event_fn, event_t, state, slope, found.get("mpi"))
+    if isinstance(solution, tuple):
+        solution = tuple(torch.cat([s[:-1], e[None]]) for s, e in zip(solution, state))
+    else:
+        solution = torch.cat([solution[:-1], state[None]])
+    return event_t, solution
 
 
 def _restore(outputs, spec):

@@ -44,3 +44,18 @@ def test_torchdiffeq_style_calls_on_several_ranks():
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "worst relative difference" in proc.stdout
     assert "second derivatives refused on every rank" in proc.stdout, proc.stdout
+
+
+@pytest.mark.parametrize("nranks", [2, 3])
+def test_events_on_several_ranks_equal_one_rank(nranks):
+    proc = run_mpi(nranks, HERE / "mpi" / "events.py", timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "worst relative difference" in proc.stdout, proc.stdout
+    assert "event_fn failure raised on every rank" in proc.stdout, proc.stdout
+
+
+@pytest.mark.parametrize("nranks", [2, 3])
+def test_events_on_a_grid_equal_the_whole_field(nranks):
+    proc = run_mpi(nranks, HERE / "mpi" / "grid_events.py", timeout=180)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"grid events on {nranks} ranks" in proc.stdout, proc.stdout

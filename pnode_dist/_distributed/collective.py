@@ -232,13 +232,22 @@ def allreduce_gradients(parameters, comm=None, average=False):
     """Sum (or average) the .grad of `parameters` over the ranks, in one allreduce.
 
     Use it for the parameters *outside* an ODE block (stem, head) in data-parallel training;
-    the ODE block's own parameters are already reduced by its backward pass.
+    the ODE block's own parameters are already reduced by its backward pass. A parameter
+    with a gradient on some ranks only (a tensor an event function uses reaches only the rank
+    whose event stopped the solve) counts as zero on the others and gets one everywhere.
     """
     import torch
     mpi = _mpi(comm)
-    params = [p for p in parameters if p.grad is not None]
-    if mpi.Get_size() == 1 or not params:
+    parameters = list(parameters)
+    if mpi.Get_size() == 1:
         return
+    held = mpi.allgather([p.grad is not None for p in parameters])
+    params = [p for i, p in enumerate(parameters) if any(h[i] for h in held)]
+    if not params:
+        return
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
     flat = torch.cat([p.grad.detach().reshape(-1).to(torch.float64) for p in params])
     allreduce_sum(flat, mpi)
     if average:

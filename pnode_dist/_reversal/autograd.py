@@ -111,11 +111,15 @@ def time_gradient(problem, outputs, grad_outputs, grad_y0, dtype, differentiable
     placement depends on t): dL/dt_i = <dL/dy_i, f(t_i, y_i)> for i >= 1, and
     dL/dt_0 = -<dL/dy0 - dL/dy_0, f(t_0, y_0)> (the adjoint state at t_0 without the direct
     term). Summed over this rank's samples, then over the ranks (t is shared). Decreasing t is
-    solved as s = -t: dL/dt = -dL/ds. differentiable: as a torch graph (one rank)."""
+    solved as s = -t: dL/dt = -dL/ds. differentiable: as a torch graph (one rank). An event
+    solve's second time only gives the direction: its gradient is zero."""
     func, times = problem.func, problem.t_out
     terms = []
     with torch.set_grad_enabled(differentiable):
         for i, s in enumerate(times):
+            if i > 0 and getattr(problem, "event", False):
+                terms.append(torch.zeros((), dtype=torch.float64))
+                continue
             weight = grad_outputs[i] if i > 0 else grad_outputs[0] - grad_y0
             f = func(torch.tensor(s, dtype=dtype, device=outputs.device),
                      outputs[i].to(dtype))

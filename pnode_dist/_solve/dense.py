@@ -17,11 +17,9 @@ def theta(t, t_start, t_end):
     return (t - t_end) / (t_end - t_start) + 1.0
 
 
-def interpolate_step(f, t_start, t_end, y, out_times, tableau, dense):
-    """The step's stages from y in torch, and its dense output at each of `out_times`:
-    [len(out_times), *y.shape]. f(t: float, y) -> dy/dt."""
-    h = t_end - t_start
-    weights = [dense.weights(theta(t, t_start, t_end)) for t in out_times]
+def _stages(f, t_start, h, y, tableau, weights):
+    """The stage derivatives k_i of the step from (t_start, y) of size h, as far as any of
+    `weights` (one list per output) uses them."""
     used = [i for i in range(tableau.stages) if any(w[i] != 0.0 for w in weights)]
     k = []
     for i in range(used[-1] + 1 if used else 0):
@@ -30,6 +28,27 @@ def interpolate_step(f, t_start, t_end, y, out_times, tableau, dense):
             if a != 0.0:
                 yi = yi + (h * a) * k[j]
         k.append(f(t_start + tableau.c[i] * h, yi))
+    return k
+
+
+def dense_slope(f, t_start, t_end, y, t, tableau, dense):
+    """d/dt of the step's dense output at t (sum_i b_i'(theta) k_i): how an output inside the
+    step moves with its time. f(t: float, y) -> dy/dt."""
+    slopes = dense.slopes(theta(t, t_start, t_end))
+    k = _stages(f, t_start, t_end - t_start, y, tableau, [slopes])
+    out = torch.zeros_like(y)
+    for s, ki in zip(slopes, k):
+        if s != 0.0:
+            out = out + s * ki
+    return out
+
+
+def interpolate_step(f, t_start, t_end, y, out_times, tableau, dense):
+    """The step's stages from y in torch, and its dense output at each of `out_times`:
+    [len(out_times), *y.shape]. f(t: float, y) -> dy/dt."""
+    h = t_end - t_start
+    weights = [dense.weights(theta(t, t_start, t_end)) for t in out_times]
+    k = _stages(f, t_start, h, y, tableau, weights)
     outs = []
     for w in weights:
         out = y

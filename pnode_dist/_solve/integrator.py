@@ -39,8 +39,9 @@ _NEWTON_TOLERANCES = {torch.float64: {"snes_rtol": 1e-10, "snes_atol": 1e-12, "k
 
 
 def time_slack(t_out):
-    """How far apart two times of a solve over t_out may be and still be the same time."""
-    return _REL_TIME_TOL * max(1.0, abs(t_out[0]), abs(t_out[-1]))
+    """How far apart two times of a solve over t_out may be and still be the same time (an
+    event solve's open end, inf, aside)."""
+    return _REL_TIME_TOL * max(1.0, *(abs(t) for t in (t_out[0], t_out[-1]) if math.isfinite(t)))
 
 
 def fixed_step_count(span, step_size, slack=0.0):
@@ -142,14 +143,9 @@ class _Stepping:
         integrator._notify("accepted", n, record.times, integrator.x_view)
         while self.interpolate and self.k < len(self.t_out) and self.t_out[self.k] < t - self.tol:
             # Inside the step (only with interpolation: otherwise the steps land on them).
-            if n - 1 not in record.starts:
-                record.starts[n - 1] = integrator.step_start.clone()
-                graphs = integrator.stage_graphs(record.times[n - 1], t)
-                if graphs is not None:
-                    record.stage_graphs[n - 1] = graphs
-            self.outputs[self.k].copy_(integrator.interpolated(self.t_out[self.k]))
-            record.add_output(n - 1, self.t_out[self.k])
-            self.k += 1
+            self._output_inside(integrator, n, self.t_out[self.k])
+        if integrator.event is not None and self.k == 1:
+            self._find_event(integrator, ts, n)
         if self.k < len(self.t_out) and t >= self.t_out[self.k] - self.tol:
             self.outputs[self.k].copy_(integrator.x_view)
             record.add_output(n)
@@ -162,6 +158,39 @@ class _Stepping:
         if integrator.stop_requested:         # after the choice: a continuation takes it
             self.record.stopped = True
             ts.setConvergedReason(PETSc.TS.ConvergedReason.CONVERGED_USER)
+
+    def _output_inside(self, integrator, n, t_output):
+        """Output k by the dense output of step n (from position n - 1), at t_output."""
+        record = self.record
+        if n - 1 not in record.starts:
+            record.starts[n - 1] = integrator.step_start.clone()
+            graphs = integrator.stage_graphs(record.times[n - 1], record.times[n])
+            if graphs is not None:
+                record.stage_graphs[n - 1] = graphs
+        self.outputs[self.k].copy_(integrator.interpolated(t_output))
+        record.add_output(n - 1, t_output)
+        self.k += 1
+
+    def _find_event(self, integrator, ts, n):
+        """An event solve (t_out = [t0, inf]): if the event function crossed zero in step n,
+        its time is the solve's last output (by the dense output); the event's time and the
+        dense output's d/dt there go to the locator. Every rank stops alike, also when
+        event_fn failed somewhere."""
+        event, record = integrator.event, self.record
+        try:
+            t_event = event.locate(record.times[n], lambda s: integrator.interpolated(s),
+                                   integrator.x_view)
+        finally:
+            if event.failed:
+                record.stopped = True
+                ts.setConvergedReason(PETSc.TS.ConvergedReason.CONVERGED_USER)
+        if t_event is None:
+            return
+        self._output_inside(integrator, n, t_event)
+        event.time = t_event
+        event.slope = dense.dense_slope(integrator.torch_f(), record.times[n - 1],
+                                        record.times[n], record.starts[n - 1], t_event,
+                                        integrator.tableau, integrator.dense)
 
     def _choose_next(self, integrator, ts, t):
         """The next step: fixed steps' size, or TSAdapt's proposal under the controller's
@@ -267,6 +296,7 @@ class Integrator:
                            if adaptive and method.kind == "explicit" else None)
         self._work = None            # (Vec, view) receiving interpolated outputs
         self._stepping, self.observers = None, ()
+        self.event = None            # the EventLocator of an event solve under way
         self.stats = {}
         self.capacity = None         # steps the trajectory can hold (set on first use)
         self.replayed = False        # has re-run recorded segments (see destroy)
@@ -427,23 +457,27 @@ class Integrator:
         or None. An exception in f is recorded like any callback's (raised after the solve)."""
         if not (self.adaptive and self.ifun is None and control.first_step is None):
             return None
-        rhs = self.rhs
         mpi = self.layout.comm.tompi4py() if self.layout.nranks > 1 else None
 
         def total(x):
             return mpi.allreduce(x) if mpi is not None else x
 
+        # The norms are sums over every rank: the same step everywhere.
+        return initial_step(self.torch_f(), t_out[0], y0, t_out[-1] - t_out[0],
+                            self.method.order - 1, control.rtol, control.atol, total)[0]
+
+    def torch_f(self):
+        """f(t: float, y) in the solver precision outside PETSc's callbacks (counted), or NaN
+        after an exception (recorded, raised on every rank after the solve): every rank must
+        still take part in what follows."""
+        rhs = self.rhs
+
         def f(t, y):
-            """f, or NaN after an exception (recorded, raised on every rank after the solve):
-            every rank must still take part in the norms' sums."""
             rhs.counts["rhs"] += 1
             with guarded(rhs, rhs._in_func(t)) as call, torch.no_grad():
                 out = rhs._evaluate(t, y.to(rhs.dtype)).to(SOLVER_DTYPE)
             return torch.full_like(y, float("nan")) if call.failed else out
-
-        # The norms are sums over every rank: the same step everywhere.
-        return initial_step(f, t_out[0], y0, t_out[-1] - t_out[0], self.method.order - 1,
-                            control.rtol, control.atol, total)[0]
+        return f
 
     def _notify(self, event, step, *args):
         """Tell the observers of a step event; once anything failed, they are told no more."""
@@ -479,6 +513,7 @@ class Integrator:
         ts = self.ts
         self.reserve(control.max_num_steps)
         self.observers = tuple(observers)
+        self.event = next((o for o in observers if getattr(o, "locates_event", False)), None)
         outputs = torch.empty((len(t_out),) + self.layout.local_shape, dtype=SOLVER_DTYPE,
                               device=self.layout.device)
         outputs[0].copy_(y0)
@@ -524,7 +559,10 @@ class Integrator:
                       "interpolated_outputs": sum(t is not None
                                                   for t in stepping.record.dense_times),
                       **self._counts_since(before)}
-        self._check_forward(stepping, outputs, failure)
+        try:
+            self._check_forward(stepping, outputs, failure)
+        finally:
+            self.event = None        # the locator holds the user's event_fn
         self.healthy = True
         return outputs, stepping.record
 
@@ -577,6 +615,10 @@ class Integrator:
     def _incomplete(self, stepping, reason):
         """Why a solve stopped before the last output time."""
         t = stepping.record.times[-1]
+        if reason == PETSc.TS.ConvergedReason.CONVERGED_ITS and self.event is not None:
+            return (f"no event by t={t:g}: event_fn did not reach zero within max_num_steps="
+                    f"{stepping.control.max_num_steps} steps (raise options['max_num_steps'] "
+                    "if it does later)")
         if reason == PETSc.TS.ConvergedReason.CONVERGED_ITS:
             return (f"reached max_num_steps={stepping.control.max_num_steps} at t={t:g} before "
                     f"t={stepping.t_out[-1]:g}: raise options['max_num_steps'] or loosen rtol/atol")

@@ -42,6 +42,11 @@ class DenseOutput:
         """b_i(theta) for every stage."""
         return [sum(c * theta ** (j + 1) for j, c in enumerate(row)) for row in self.coefficients]
 
+    def slopes(self, theta):
+        """b_i'(theta) for every stage: the dense output's d/dt is sum_i b_i'(theta) k_i."""
+        return [sum(c * (j + 1) * theta ** j for j, c in enumerate(row))
+                for row in self.coefficients]
+
 
 def hermite(tableau, fsal):
     """The Hermite interpolant of a step that needs no extra evaluation of f: cubic through
