@@ -13,7 +13,7 @@ from torch import nn
 from ._solve import tableaus as tab
 from ._solve.explicit import TorchRHS
 from ._solve.implicit import TorchIFunction
-from ._solve.rk_register import ensure_registered
+from ._solve.rk_register import ensure_arkimex_registered, ensure_registered
 from ._solve.tableaus import ButcherTableau, from_fractions  # noqa: F401 - for new methods
 from .errors import InputError
 
@@ -210,6 +210,36 @@ class ARKIMEX(Method):
         ts.setARKIMEXType(setup.tableau or self.subtype)
 
 
+def _zero(t, y):
+    return torch.zeros_like(y)
+
+
+class DIRK(ARKIMEX):
+    """A diagonally implicit RK tableau (tableaus.DiagonallyImplicitTableau) on a plain func:
+    run by PETSc's ARKIMEX, whose discrete adjoint it then has, as the implicit half of a pair
+    whose explicit part is zero (registered at first use). Fixed steps."""
+    kind = "implicit"
+    options = ("linear_solver",)
+    states_per_step = 5
+    graphs_per_step = 3
+
+    def __init__(self, name, tableau):
+        Method.__init__(self, name, tableau.order, adaptive=False)
+        self.subtype, self.dirk = f"pnode_{name}", tableau
+
+    def setup(self, options, func, y0):
+        return SetupConfig(linear_solver=Method.setup(self, options, func, y0).linear_solver)
+
+    def parts(self, func, params, shape, dtype, device, setup):
+        return (TorchRHS(_zero, params, shape, dtype, device),
+                TorchIFunction(func, params, shape, dtype, device))
+
+    def configure(self, ts, setup):
+        ensure_arkimex_registered(self.subtype, self.dirk)
+        ts.setType("arkimex")
+        ts.setARKIMEXType(self.subtype)
+
+
 METHODS = {
     m.name: m for m in (
         ExplicitRK("euler", "1fe", 1, False, tab.EULER),
@@ -246,6 +276,8 @@ METHODS = {
         Theta("cn", 2),
         Theta("theta", 1),           # order 2 for theta = 0.5
         ARKIMEX("arkimex", "3"),
+        DIRK("sdirk2", tab.SDIRK2),
+        DIRK("trbdf2", tab.TRBDF2),
     )
 }
 DEFAULT_METHOD = "dopri5"
@@ -264,9 +296,10 @@ UNAVAILABLE = dict.fromkeys(
 UNAVAILABLE["scipy_solver"] = ("SciPy's solvers run outside PETSc, with neither distributed "
                                "states nor a discrete adjoint; use the PETSc methods below")
 UNAVAILABLE.update(dict.fromkeys(
-    ("gl4", "gl6", "radauIIA3", "radauIIA5", "sdirk2", "trbdf2"),
-    "implicit Runge-Kutta methods with several implicit stages have no discrete adjoint in "
-    "PETSc 3.26; use cn, beuler or theta (one implicit stage), or arkimex"))
+    ("gl4", "gl6", "radauIIA3", "radauIIA5"),
+    "fully implicit Runge-Kutta methods (all stages coupled) run only as PETSc's TSIRK, which "
+    "has no discrete adjoint in PETSc 3.26; use the diagonally implicit sdirk2 or trbdf2, cn, "
+    "beuler or theta, or arkimex"))
 
 
 def get_method(name: Optional[str]) -> Method:

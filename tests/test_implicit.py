@@ -95,7 +95,8 @@ def _slope(hs, errors):
 @pytest.mark.parametrize("method,order,extra", [
     ("beuler", 1, {}), ("cn", 2, {}), ("theta", 2, {"theta": 0.5}), ("theta", 1, {"theta": 0.8}),
     ("arkimex", 2, {"tableau": "a2"}), ("arkimex", 2, {"tableau": "l2"}),
-    ("arkimex", 3, {"tableau": "3"}), ("arkimex", 4, {"tableau": "4"})])
+    ("arkimex", 3, {"tableau": "3"}), ("arkimex", 4, {"tableau": "4"}),
+    ("sdirk2", 2, {}), ("trbdf2", 2, {})])
 def test_convergence_order(method, order, extra):
     y0 = torch.tensor([[1.0, 0.5], [-0.3, 0.8]], dtype=torch.float64)
     t = torch.tensor([0.0, 1.0], dtype=torch.float64)
@@ -204,6 +205,29 @@ def test_arkimex_gradients_equal_backprop_of_same_tableau(tableau, mode):
     y0b = y0.clone().requires_grad_(True)
     ref = ark_replay(func.implicit, func.explicit, y0b, record.times, record.output_steps,
                      ARK_TABLEAUS[tableau])
+    grads_ref = torch.autograd.grad(_loss(ref), [y0b] + list(func.parameters()))
+    assert _rel(ys.detach(), ref.detach()) < 1e-10
+    for k, (g, gr) in enumerate(zip(grads, grads_ref)):
+        assert _rel(g, gr) < 1e-9, f"gradient {k}: {_rel(g, gr):.2e}"
+
+
+@pytest.mark.parametrize("method", ["sdirk2", "trbdf2"])
+@pytest.mark.parametrize("solver", ["gmres", "exact"])
+def test_dirk_gradients_equal_backprop_of_same_tableau(method, solver):
+    """torchdiffeq's sdirk2 and trbdf2, run by ARKIMEX with a zero explicit part: outputs and
+    gradients equal the pure-torch replay of the same tableau (Newton to round-off)."""
+    from pnode_dist.testing import ARK_TABLEAUS, ark_replay
+    func = TimeMLP(dim=2, seed=2)
+    y0 = torch.randn(3, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    y0a = y0.clone().requires_grad_(True)
+    options = {"step_size": 0.05, "linear_solver": solver}
+    ys = odeint(func, y0a, T_OUT, method=method, options=options)
+    grads = torch.autograd.grad(_loss(ys), [y0a] + list(func.parameters()))
+    record, _ = recorded_steps(func, y0, T_OUT, method, {"step_size": 0.05},
+                               linear_solver=solver)
+    y0b = y0.clone().requires_grad_(True)
+    ref = ark_replay(func, lambda t, y: torch.zeros_like(y), y0b, record.times,
+                     record.output_steps, ARK_TABLEAUS[f"pnode_{method}"])
     grads_ref = torch.autograd.grad(_loss(ref), [y0b] + list(func.parameters()))
     assert _rel(ys.detach(), ref.detach()) < 1e-10
     for k, (g, gr) in enumerate(zip(grads, grads_ref)):

@@ -1,10 +1,11 @@
-"""Explicit Runge-Kutta tableaus between pnode_dist and PETSc's TSRK: ours that PETSc does not
-ship are registered with it, and PETSc's own (the Verner methods) are read back for the
-pure-torch replay.
+"""Runge-Kutta tableaus between pnode_dist and PETSc: our explicit ones that PETSc does not ship
+are registered with TSRK (and our diagonally implicit ones with TSARKIMEX), and PETSc's own (the
+Verner methods) are read back for the pure-torch replay.
 
-petsc4py binds neither TSRKRegister nor TSRKGetTableau, so they are called through ctypes in the
-libpetsc that petsc4py loaded (same process, same library). Once registered, the name works like
-a built-in -ts_rk_type: PETSc's RK step and its discrete adjoint use the tableau generically.
+petsc4py binds neither TSRKRegister, TSARKIMEXRegister nor TSRKGetTableau, so they are called
+through ctypes in the libpetsc that petsc4py loaded (same process, same library). Once
+registered, the name works like a built-in -ts_rk_type (-ts_arkimex_type): PETSc's step and its
+discrete adjoint use the tableau generically.
 """
 import ctypes
 
@@ -54,6 +55,29 @@ def ensure_registered(method):
     if code != 0:
         raise InputError(f"PETSc refused the {method.name} tableau (TSRKRegister error {code})")
     _registered.add(method.subtype)
+
+
+def ensure_arkimex_registered(name, tableau):
+    """Register a DiagonallyImplicitTableau with PETSc's ARKIMEX under `name` (once per
+    process), paired with an explicit tableau of zeros (its explicit part is zero)."""
+    if name in _registered:
+        return
+    s = len(tableau.b)
+    real, integer = PETSc.RealType, PETSc.IntType
+    implicit = np.zeros((s, s), dtype=real)
+    for i, row in enumerate(tableau.a):
+        implicit[i, :len(row)] = row
+    arrays = [implicit.ravel(), np.asarray(tableau.b, real), np.asarray(tableau.c, real),
+              np.zeros(s * s, dtype=real), np.asarray(tableau.b, real),
+              np.asarray(tableau.c, real)]
+    pointer = ctypes.POINTER(np.ctypeslib.as_ctypes_type(real))
+    int_t = np.ctypeslib.as_ctypes_type(integer)
+    code = _library().TSARKIMEXRegister(name.encode(), int_t(tableau.order), int_t(s),
+                                        *[a.ctypes.data_as(pointer) for a in arrays],
+                                        None, None, int_t(0), None, None)
+    if code != 0:
+        raise InputError(f"PETSc refused the {name} tableau (TSARKIMEXRegister error {code})")
+    _registered.add(name)
 
 
 def ts_tableau(ts):

@@ -188,10 +188,36 @@ TSIT5_DENSE = _dense_rows([
     _times((2.5,), (-1.0, 1.0), (-0.6, 1.0), _TH2)])
 
 _US2 = 1.0 - 1.0 / 2.0 ** 0.5
-# Two of PETSc's ARKIMEX tableaus, for the pure-torch replay (reference.ark_replay):
+
+
+@dataclass(frozen=True)
+class DiagonallyImplicitTableau:
+    """A diagonally implicit RK tableau (a lower triangular, b, order), run by PETSc's ARKIMEX
+    as the implicit half of a pair whose explicit half is unused (zero explicit part)."""
+    a: Tuple[Tuple[float, ...], ...]
+    b: Tuple[float, ...]
+    order: int
+
+    @property
+    def c(self):
+        return tuple(sum(row) for row in self.a)
+
+
+# torchdiffeq's fixed-grid DIRK methods. sdirk2: Alexander's 2-stage L-stable SDIRK,
+# gamma = 1 - 1/sqrt(2) (stiffly accurate). trbdf2: the trapezoid then BDF2 as an ESDIRK
+# (explicit first stage), gamma = 2 - sqrt(2) for the trapezoidal stage, L-stable.
+_G = 1.0 - 2.0 ** 0.5 / 2.0
+_B = 2.0 ** 0.5 / 4.0
+SDIRK2 = DiagonallyImplicitTableau(a=((_G, 0.0), (1.0 - _G, _G)), b=(1.0 - _G, _G), order=2)
+TRBDF2 = DiagonallyImplicitTableau(a=((0.0, 0.0, 0.0), (_G, _G, 0.0), (_B, _B, _G)),
+                                   b=(_B, _B, _G), order=2)
+
+# PETSc's ARKIMEX tableaus and ours, for the pure-torch replay (testing.ark_replay):
 # (explicit A, explicit b, implicit At, implicit bt).
 ARK_TABLEAUS = {
     "a2": (((0.0, 0.0), (1.0, 0.0)), (0.5, 0.5), ((0.0, 0.0), (0.5, 0.5)), (0.5, 0.5)),
     "l2": (((0.0, 0.0), (1.0, 0.0)), (0.5, 0.5), ((_US2, 0.0), (1.0 - 2.0 * _US2, _US2)),
            (0.5, 0.5)),
+    **{name: (tuple((0.0,) * len(t.b) for _ in t.b), t.b, t.a, t.b)
+       for name, t in (("pnode_sdirk2", SDIRK2), ("pnode_trbdf2", TRBDF2))},
 }
