@@ -3,6 +3,7 @@ errors say what to do. Every check is collective: a bad argument on one rank rai
 import collections
 import math
 import warnings
+from dataclasses import replace as dc_replace
 from types import SimpleNamespace
 
 import torch
@@ -13,7 +14,7 @@ from ._distributed.layout import BatchLayout
 from ._reversal.autograd import OdeintFunction
 from ._reversal.event_time import reroute
 from ._reversal.strategies import ReplayAll, solve_without_gradient
-from ._solve import conventions
+from ._solve import conventions, dense
 from ._solve.device import SOLVER_DTYPE, check_device
 from ._solve.events import EventLocator
 from ._solve.integrator import IntegratorPool, StepControl
@@ -353,12 +354,11 @@ def _odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, com
             raise InputError("method='arkimex' takes a tensor y0 and increasing t")
         control = _control(options, rtol, atol, store_graphs, method_obj)
         if event_fn is not None:
-            if not control.interpolate:
+            if not control.interpolate and control.step_size is None:
                 raise InputError(
-                    f"events are located on a dense output: use adaptive steps and a method "
-                    f"that has one (dopri5, tsit5, bosh3, adaptive_heun, fehlberg2), without "
-                    f"step_size or outputs='land'; method {method_obj.name!r} with these "
-                    f"options has none")
+                    f"events are located on a dense output (adaptive dopri5, tsit5, bosh3, "
+                    f"adaptive_heun, fehlberg2) or by retaking a fixed step: method "
+                    f"{method_obj.name!r} needs options['step_size'] here")
             t_out = [t_out[0], math.inf]             # until the event
         setup = method_obj.setup(options or {}, func, y0)
         frozen = freeze(petsc_options)
@@ -415,7 +415,10 @@ def _odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, com
         if _event_at_start(locator, t_out[0], y_start, comm) == 0:
             return (torch.as_tensor(t, dtype=getattr(t, "dtype", None))[0].detach(),
                     _restore(torch.stack([y0, y0]), spec))
-        observers = tuple(observers) + (locator,)
+        if control.interpolate:
+            observers = tuple(observers) + (locator,)
+        else:
+            t_out = _land_on_event(pool, locator, y_start, t_out[0], control, solved_func)
     problem = SimpleNamespace(params=params, t_out=t_out, control=control, stats=stats,
                               strategy=lambda: policy.strategy(pool, t_out, control, y_start),
                               replay=lambda y: ReplayAll(pool, y), comm=comm, call=call,
@@ -428,6 +431,8 @@ def _odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, com
     else:
         outputs = solve_without_gradient(pool, y_start.detach(), t_out, control, observers,
                                          stats).to(y0.dtype)
+    if locator is not None and len(outputs) > 2:     # a fixed-step event: [t0, t_n, event]
+        outputs = outputs[[0, -1]]
     solution = _restore(outputs if grid is None else grid.from_vec_order(outputs), spec)
     if locator is None:
         return solution
@@ -439,6 +444,40 @@ def _odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, com
     like = t if isinstance(t, torch.Tensor) else torch.tensor(0.0, dtype=torch.float64)
     event_t = torch.tensor(time_sign * locator.time, dtype=like.dtype, device=like.device)
     return event_t, solution
+
+
+def _land_on_event(pool, locator, y0, t0, control, func):
+    """Fixed steps: a solve without gradient stops after the step over which the event
+    functions crossed zero, and that step is retaken from its start with the sizes the locator
+    tries (PETSc's own step of the method: any family) until it ends on the event. Returns the
+    output times of the differentiable solve that takes the same steps and then the shortened
+    one; the locator gets the event time and the slope of the shortened step's end in its
+    size: exact for explicit methods (torch), by central differences of the retaken step for
+    the implicit ones."""
+    solve_without_gradient(pool, y0.detach(), [t0, math.inf], control, (locator,))
+    start, end, y_start = locator.crossing
+    t_start = start[0]
+
+    def step_to(s):
+        return solve_without_gradient(pool, y_start, [t_start, s],
+                                      dc_replace(control, step_size=s - t_start))[1]
+
+    t_event = locator.root(start, end, step_to)
+    if pool.method.kind == "explicit":
+        dtype = pool.dtype
+
+        def f(time, y):
+            return func(time.to(dtype), y.to(dtype)).to(SOLVER_DTYPE)
+        slope = dense.step_slope(f, t_start, y_start, t_event - t_start, pool.method.tableau)
+    else:
+        delta = 1e-4 * (end[0] - t_start)
+        if t_event - delta > t_start:
+            slope = (step_to(t_event + delta) - step_to(t_event - delta)) / (2 * delta)
+        else:
+            slope = (4 * step_to(t_event + delta) - step_to(t_event + 2 * delta)
+                     - 3 * step_to(t_event)) / (2 * delta)
+    locator.time, locator.slope = t_event, slope
+    return [t0, t_start, t_event] if t_start > t0 else [t0, t_event]
 
 
 def _event_at_start(locator, t0, y0, comm):

@@ -46,9 +46,10 @@ def test_torchdiffeq_style_calls_on_several_ranks():
     assert "second derivatives refused on every rank" in proc.stdout, proc.stdout
 
 
-@pytest.mark.parametrize("nranks", [2, 3])
-def test_events_on_several_ranks_equal_one_rank(nranks):
-    proc = run_mpi(nranks, HERE / "mpi" / "events.py", timeout=120)
+@pytest.mark.parametrize("nranks, method", [(2, "dopri5"), (3, "dopri5"), (2, "rk4"),
+                                            (3, "cn")])
+def test_events_on_several_ranks_equal_one_rank(nranks, method):
+    proc = run_mpi(nranks, HERE / "mpi" / "events.py", method, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "worst relative difference" in proc.stdout, proc.stdout
     assert "event_fn failure raised on every rank" in proc.stdout, proc.stdout

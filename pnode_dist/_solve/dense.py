@@ -43,6 +43,26 @@ def dense_slope(f, t_start, t_end, y, t, tableau, dense):
     return out
 
 
+def step_slope(f, t_start, y, size, tableau):
+    """d/d(size) of the end of the explicit RK step of `size` from (t_start, y): how a step
+    retaken to end on an event moves with its size. f(t: tensor, y), differentiable twice (the
+    derivative is taken as a vjp's derivative in its cotangent)."""
+    with torch.enable_grad():
+        h = torch.tensor(size, dtype=y.dtype, device=y.device, requires_grad=True)
+        k = []
+        for i in range(tableau.stages):
+            yi = y
+            for j, a in enumerate(tableau.a[i]):
+                if a != 0.0:
+                    yi = yi + (h * a) * k[j]
+            k.append(f(t_start + tableau.c[i] * h, yi))
+        end = y + h * sum(b * ki for b, ki in zip(tableau.b, k) if b != 0.0)
+        u = torch.zeros_like(end, requires_grad=True)
+        along, = torch.autograd.grad(end, h, u, create_graph=True)
+        slope, = torch.autograd.grad(along, u)
+    return slope.detach()
+
+
 def interpolate_step(f, t_start, t_end, y, out_times, tableau, dense):
     """The step's stages from y in torch, and its dense output at each of `out_times`:
     [len(out_times), *y.shape]. f(t: float, y) -> dy/dt."""

@@ -32,6 +32,7 @@ class EventLocator:
         self.signs = None            # sign of each event function at the start (this rank's)
         self.last = None             # (t, value) at the last accepted step's end
         self.time = self.slope = None
+        self.crossing = None         # fixed steps: (start, end, y at the start) of the step
         self.failed = False
         self.evaluations = 0
 
@@ -96,16 +97,19 @@ class EventLocator:
         self.last = (t, value)
         return value
 
-    def locate(self, t_end, state_at, y_end):
-        """After an accepted step ending at t_end with state y_end: None if the combination is
-        still positive, else the event time inside the step, found on `state_at(t)` (the dense
-        output). Collective."""
-        t_start, v_start = self.last
+    def crossed(self, t_end, y_end):
+        """After an accepted step ending at t_end with state y_end: None while the combination
+        is positive, else ((t, value) at the step's start, (t, value) at its end). Collective."""
         v_end = self.value(t_end, y_end)
         if v_end > 0:
             self.last = (t_end, v_end)
             return None
-        return self._root(t_start, v_start, t_end, v_end, state_at)
+        return self.last, (t_end, v_end)
+
+    def root(self, start, end, state_at):
+        """The event time between `start` and `end` ((t, value) pairs from `crossed`), where
+        `state_at(t)` is the state (the dense output, or the step retaken to t). Collective."""
+        return self._root(*start, *end, state_at)
 
     def _root(self, a, fa, b, fb, state_at):
         """Illinois' regula falsi on [a, b] with f(a) > 0 >= f(b); once its estimate settles,

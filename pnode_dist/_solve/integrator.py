@@ -116,12 +116,19 @@ class _Stepping:
         """Number of equal steps from t to the next output time (at most step_size each)."""
         return fixed_step_count(self.t_out[self.k] - t, self.control.step_size, self.tol)
 
+    def _fixed_dt(self, t):
+        """The next fixed step from t: equal steps to the next output time, step_size towards
+        an event solve's open end."""
+        remaining = self.t_out[self.k] - t
+        if math.isinf(remaining):
+            return self.control.step_size
+        return remaining / self.fixed_steps(t)
+
     def first_dt(self, chosen=None):
         """The first step: fixed steps' size; adaptive: first_step, else `chosen` (from f at
         the start), else a hundredth of the interval; landing on the first target."""
-        span = self.t_out[1] - self.t_out[0]
         if not self.adaptive:
-            return span / self.fixed_steps(self.t_out[0])
+            return self._fixed_dt(self.t_out[0])
         control = self.control
         first = control.first_step or chosen or (self.t_out[-1] - self.t_out[0]) * 1e-2
         if chosen is not None and not control.first_step:   # within TSAdapt's limits
@@ -173,15 +180,20 @@ class _Stepping:
 
     def _find_event(self, integrator, ts, n):
         """An event solve (t_out = [t0, inf]): if the event function crossed zero in step n,
-        its time is the solve's last output (by the dense output); the event's time and the
-        dense output's d/dt there go to the locator. Every rank stops alike, also when
-        event_fn failed somewhere."""
+        with interpolation its time is the solve's last output (by the dense output), and the
+        event's time and the dense output's d/dt there go to the locator; with fixed steps the
+        solve stops and the locator keeps the step (api.py retakes it). Every rank stops
+        alike, also when event_fn failed somewhere."""
         event, record = integrator.event, self.record
         try:
-            t_event = event.locate(record.times[n], lambda s: integrator.interpolated(s),
-                                   integrator.x_view)
+            crossing = event.crossed(record.times[n], integrator.x_view)
+            if crossing is not None and not self.interpolate:
+                event.crossing = crossing + (integrator.step_start.clone(),)
+                crossing = None
+            t_event = None if crossing is None else event.root(
+                *crossing, lambda s: integrator.interpolated(s))
         finally:
-            if event.failed:
+            if event.failed or event.crossing is not None:
                 record.stopped = True
                 ts.setConvergedReason(PETSc.TS.ConvergedReason.CONVERGED_USER)
         if t_event is None:
@@ -197,7 +209,7 @@ class _Stepping:
         rule; landing on the next target."""
         remaining = self._target() - t
         if not self.adaptive:
-            ts.setTimeStep(remaining / self.fixed_steps(t))
+            ts.setTimeStep(self._fixed_dt(t))
             return
         proposed = ts.getTimeStep()
         controller, h = self.controller, t - self.record.times[-2]
@@ -417,7 +429,8 @@ class Integrator:
     def _pre_step(self, ts):
         stepping = self._stepping
         keep_start = stepping is not None and (getattr(stepping, "interpolate", False)
-                                               or getattr(stepping, "controller", None) is not None)
+                                               or getattr(stepping, "controller", None) is not None
+                                               or self.event is not None)
         if self.on_gpu and (self.observers or keep_start):
             touch(self.x, "r")
         if keep_start:
@@ -525,7 +538,8 @@ class Integrator:
                              self.controller)
         if self.tableau is not None:
             stepping.record.scheme = (self.tableau, self.dense)
-        if (interpolate or self.controller is not None) and self.step_start is None:
+        if self.step_start is None and (interpolate or self.controller is not None
+                                        or self.event is not None):
             self.step_start = torch.empty_like(self.x_view)
         self.reset_errors()
         self._set_phase("the forward solve")
