@@ -1,11 +1,14 @@
 # pnode_dist: `make run` (set up + main job), `make test` (set up + whole test suite).
+# `make run` builds only the double-precision PETSc; `make test` (and `make setup-single`) also
+# the single-precision one (PNODE_PRECISION=single).
 PY      := .venv/bin/python
 NP      ?= 2
 RUN_ARGS ?=
 GPU     ?= 0
 STAMP   := .venv/.pnode-setup-stamp-gpu$(GPU)
+SINGLE_STAMP := .venv/.pnode-setup-single-stamp-gpu$(GPU)
 
-.PHONY: setup run test bench clean gpu-bundle
+.PHONY: setup setup-single run test bench clean gpu-bundle
 
 # The set-up script is idempotent; the stamp only saves its few seconds of checks when nothing
 # it depends on changed.
@@ -16,13 +19,19 @@ $(STAMP): tools/setup.sh tools/cuda_petsc.sh requirements.txt setup.cfg
 
 setup: $(STAMP)
 
+$(SINGLE_STAMP): $(STAMP)
+	GPU=$(GPU) SINGLE=1 bash tools/setup.sh
+	touch $(SINGLE_STAMP)
+
+setup-single: $(SINGLE_STAMP)
+
 run: setup
 	mpiexec -n $(NP) $(PY) apps/classify.py --resume auto $(RUN_ARGS)
 
-test: setup
+test: setup setup-single
 	$(PY) -m pytest -q tests
 
-bench: setup
+bench: setup setup-single
 	$(PY) benchmarks/overhead.py
 	$(PY) benchmarks/vs_torchdiffeq.py
 	$(PY) benchmarks/stiff.py

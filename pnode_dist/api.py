@@ -33,8 +33,6 @@ _STEPS_LAND = ("with options['outputs']='land' the steps land on every time of t
                "times there")
 REFUSED_OPTIONS = {
     "jump_t": _STEPS_LAND, "step_t": _STEPS_LAND, "grid_constructor": _STEPS_LAND,
-    "interp": "adaptive methods interpolate with their own dense output (options['outputs']); "
-              "fixed steps land on every output time",
     "perturb": "func is never called with perturb=: with options['outputs']='land' the steps "
                "land on every time of t, so a discontinuity placed there is met from both "
                "sides",
@@ -105,8 +103,18 @@ def _output_mode(options, method, adaptive):
     return mode == "interpolate"
 
 
+_INTERP_NOTE = ("options['interp'] (torchdiffeq's interpolation between fixed steps) has no "
+                "effect here: fixed steps land on every output time and on events, and "
+                "adaptive methods interpolate with their own dense output")
+
+
 def _control(options, rtol, atol, store_graphs, method):
     options = dict(options or {})
+    if "interp" in options:
+        if options.pop("interp") not in ("linear", "cubic"):
+            raise InputError("options['interp'] must be 'linear' or 'cubic' (torchdiffeq's; it "
+                             "has no effect here)")
+        warnings.warn(_INTERP_NOTE, UserWarning, stacklevel=4)
     unknown = sorted(set(options) - set(OPTION_KEYS), key=str)
     refused = [k for k in unknown if k in REFUSED_OPTIONS]
     if refused:
@@ -354,11 +362,11 @@ def _odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, com
             raise InputError("method='arkimex' takes a tensor y0 and increasing t")
         control = _control(options, rtol, atol, store_graphs, method_obj)
         if event_fn is not None:
-            if not control.interpolate and control.step_size is None:
+            if not (control.interpolate or control.step_size is not None
+                    or method_obj.adaptive):
                 raise InputError(
-                    f"events are located on a dense output (adaptive dopri5, tsit5, bosh3, "
-                    f"adaptive_heun, fehlberg2) or by retaking a fixed step: method "
-                    f"{method_obj.name!r} needs options['step_size'] here")
+                    f"events with method {method_obj.name!r} need options['step_size']: the "
+                    f"step that crosses is retaken to end on the event")
             t_out = [t_out[0], math.inf]             # until the event
         setup = method_obj.setup(options or {}, func, y0)
         frozen = freeze(petsc_options)
@@ -418,7 +426,11 @@ def _odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, com
         if control.interpolate:
             observers = tuple(observers) + (locator,)
         else:
-            t_out = _land_on_event(pool, locator, y_start, t_out[0], control, solved_func)
+            retake = pool if not adaptive else _pool(solved_func, layout, method_obj, False,
+                                                     prefix, frozen, params, y0.dtype, setup)
+            t_out, control = _land_on_event(pool, retake, locator, y_start, t_out[0], control,
+                                            solved_func)
+            pool = retake
     problem = SimpleNamespace(params=params, t_out=t_out, control=control, stats=stats,
                               strategy=lambda: policy.strategy(pool, t_out, control, y_start),
                               replay=lambda y: ReplayAll(pool, y), comm=comm, call=call,
@@ -431,7 +443,7 @@ def _odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, com
     else:
         outputs = solve_without_gradient(pool, y_start.detach(), t_out, control, observers,
                                          stats).to(y0.dtype)
-    if locator is not None and len(outputs) > 2:     # a fixed-step event: [t0, t_n, event]
+    if locator is not None and len(outputs) > 2:     # a retaken step: [t0, ..., t_n, event]
         outputs = outputs[[0, -1]]
     solution = _restore(outputs if grid is None else grid.from_vec_order(outputs), spec)
     if locator is None:
@@ -446,20 +458,21 @@ def _odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, com
     return event_t, solution
 
 
-def _land_on_event(pool, locator, y0, t0, control, func):
-    """Fixed steps: a solve without gradient stops after the step over which the event
-    functions crossed zero, and that step is retaken from its start with the sizes the locator
-    tries (PETSc's own step of the method: any family) until it ends on the event. Returns the
-    output times of the differentiable solve that takes the same steps and then the shortened
-    one; the locator gets the event time and the slope of the shortened step's end in its
-    size: exact for explicit methods (torch), by central differences of the retaken step for
-    the implicit ones."""
+def _land_on_event(pool, retake, locator, y0, t0, control, func):
+    """Without a dense output: a solve without gradient (on `pool`) stops after the step over
+    which the event functions crossed zero, and that step is retaken from its start (on
+    `retake`, a fixed-step pool) with the sizes the locator tries (PETSc's own step of the
+    method: any family) until it ends on the event. Returns the output times and StepControl
+    of the differentiable solve that takes the same steps and then the shortened one (fixed
+    steps: [t0, t_n, event]; adaptive: every step time, one step each); the locator gets the
+    event time and the slope of the shortened step's end in its size: exact for explicit
+    methods (torch), by central differences of the retaken step for the implicit ones."""
     solve_without_gradient(pool, y0.detach(), [t0, math.inf], control, (locator,))
-    start, end, y_start = locator.crossing
+    start, end, y_start, times = locator.crossing
     t_start = start[0]
 
     def step_to(s):
-        return solve_without_gradient(pool, y_start, [t_start, s],
+        return solve_without_gradient(retake, y_start, [t_start, s],
                                       dc_replace(control, step_size=s - t_start))[1]
 
     t_event = locator.root(start, end, step_to)
@@ -477,7 +490,11 @@ def _land_on_event(pool, locator, y0, t0, control, func):
             slope = (4 * step_to(t_event + delta) - step_to(t_event + 2 * delta)
                      - 3 * step_to(t_event)) / (2 * delta)
     locator.time, locator.slope = t_event, slope
-    return [t0, t_start, t_event] if t_start > t0 else [t0, t_event]
+    if control.step_size is not None:
+        return ([t0, t_start, t_event] if t_start > t0 else [t0, t_event]), control
+    times = times + [t_event]
+    widest = max(b - a for a, b in zip(times, times[1:]))
+    return times, dc_replace(control, step_size=widest * (1 + 1e-9))
 
 
 def _event_at_start(locator, t0, y0, comm):
@@ -503,11 +520,16 @@ def odeint_event(func, y0, t0, *, event_fn, reverse_time=False, odeint_interface
     derivatives through the event time are refused."""
     t0 = torch.as_tensor(t0)
     t = torch.cat([t0.reshape(-1), t0.reshape(-1).detach() + (-1.0 if reverse_time else 1.0)])
+    return _through_event(func, y0, t, event_fn, odeint_interface, kwargs)
+
+
+def _through_event(func, y0, t, event_fn, interface, kwargs):
+    """(event_t, solution) of an event solve over t, with the event time's gradients."""
     found = {}
-    if odeint_interface is None or odeint_interface is odeint:
+    if interface in (None, odeint, odeint_adjoint):
         event_t, solution = _odeint(func, y0, t, event_fn=event_fn, event_out=found, **kwargs)
     else:
-        event_t, solution = odeint_interface(func, y0, t, event_fn=event_fn, **kwargs)
+        event_t, solution = interface(func, y0, t, event_fn=event_fn, **kwargs)
     state = tuple(s[-1] for s in solution) if isinstance(solution, tuple) else solution[-1]
     slope = found.get("slope")
     if slope is None:
@@ -534,7 +556,12 @@ def odeint_adjoint(func, y0, t, *, adjoint_params=None, adjoint_rtol=None, adjoi
     as odeint` works unchanged. It is odeint: pnode_dist's backward pass is always the discrete
     adjoint of the forward solve (exact gradients, memory bounded by checkpointing), so the
     adjoint_rtol/atol/method/options of torchdiffeq's continuous adjoint are accepted and have
-    no effect: the adjoint reuses the forward's steps and tableau."""
+    no effect: the adjoint reuses the forward's steps and tableau. With event_fn, the event
+    time has its gradient as in torchdiffeq's odeint_adjoint (odeint_event's)."""
+    if kwargs.get("event_fn") is not None:
+        event_fn = kwargs.pop("event_fn")
+        return _through_event(func, y0, t, event_fn, None,
+                              dict(kwargs, adjoint_params=adjoint_params))
     return odeint(func, y0, t, adjoint_params=adjoint_params, **kwargs)
 
 

@@ -52,6 +52,7 @@ def test_precision_choice_errors():
     assert res.returncode != 0 and "import pnode_dist first" in res.stderr
     res = _python("import pnode_dist", PNODE_PRECISION="single", PNODE_PETSC_SINGLE="/nowhere")
     assert res.returncode != 0 and "is double-precision" in res.stderr
+    assert "make setup-single" in res.stderr
 
 
 def test_float32_func_on_double_state_is_cast(mlp, y0):

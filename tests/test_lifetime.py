@@ -1,6 +1,7 @@
 """Failed solves release what they held (lifetime.py): after solves in which func raises, in the
 forward or in the backward pass, followed by good solves, no Integrator, tensor or memory is
 left behind, under every checkpointing plan and for each method family."""
+import ctypes
 import gc
 import os
 
@@ -55,6 +56,9 @@ class FlakyIMEX(IMEX):
 
 
 def _rss_mib():
+    """This process's resident memory, after the C heap gave back what is free (fragments
+    left by earlier tests in the same process would otherwise count as growth)."""
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
     with open(f"/proc/{os.getpid()}/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
 
@@ -105,7 +109,7 @@ def test_failed_solves_release_everything(tmp_path, method, plan):
 def soak(method, policy, fails_here=True):
     """Rounds of (a solve failing in the forward pass, one failing in the backward pass, a
     good one): None when, after 3 rounds, 5 more leave no more Integrators, tensors or
-    memory (within 40 MiB; a lost trajectory is hundreds), else what grew."""
+    memory (within 100 MiB; one lost trajectory here is about 600), else what grew."""
     torch.manual_seed(0)
     func = FlakyIMEX(hidden=64) if method == "arkimex" else Flaky(hidden=64)
     y0 = torch.randn(2048, 3, dtype=torch.float64)            # 48 KiB
@@ -123,7 +127,7 @@ def soak(method, policy, fails_here=True):
     grew = {"Integrators": _live(Integrator) - integrators,
             "tensors": _live(torch.Tensor) - tensors}
     grown = [f"{n} {what}" for what, n in grew.items() if n > 0]
-    if _rss_mib() - rss >= 40:
+    if _rss_mib() - rss >= 100:
         grown.append(f"{_rss_mib() - rss:.0f} MiB of RSS")
     return ", ".join(grown) or None
 

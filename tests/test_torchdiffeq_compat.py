@@ -267,12 +267,6 @@ def test_callbacks_that_are_not_called_are_named():
                           method="euler", options=OPTS)
 
 
-def test_event_fn_is_refused_by_name():
-    with pytest.raises(InputError, match="event_fn .*not supported"):
-        pnode_dist.odeint_adjoint(lambda t, y: -y, torch.ones(2, 1, dtype=F64), [0.0, 1.0],
-                                  event_fn=lambda t, y: y.sum() - 0.5)
-
-
 def test_torchdiffeq_method_names():
     y0 = torch.randn(3, 2, dtype=F64, generator=torch.Generator().manual_seed(3))
     t = torch.tensor([0.0, 1.0], dtype=F64)
@@ -322,9 +316,17 @@ def test_step_limits_and_refused_torchdiffeq_options():
     with pytest.raises(InputError, match="min_step.*exceeds"):
         pnode_dist.odeint(f, y0, [0.0, 1.0], options={"min_step": 0.5, "max_step": 0.1})
     for key, words in (("jump_t", "add the times"), ("norm", "weighted norm"),
-                       ("perturb", "never called with perturb"), ("interp", "dense output")):
+                       ("perturb", "never called with perturb")):
         with pytest.raises(InputError, match=f"options\\['{key}'\\].*not supported: .*{words}"):
             pnode_dist.odeint(f, y0, [0.0, 1.0], options={key: None})
+    # torchdiffeq's interp: accepted with a warning (fixed steps land on output times anyway)
+    with pytest.warns(UserWarning, match="options\\['interp'\\].*has no effect"):
+        landed = pnode_dist.odeint(f, y0, [0.0, 0.5, 1.0], method="rk4",
+                                   options={"step_size": 0.3, "interp": "cubic"})
+    _same(landed, pnode_dist.odeint(f, y0, [0.0, 0.5, 1.0], method="rk4",
+                                    options={"step_size": 0.3}), 0.0)
+    with pytest.raises(InputError, match="'linear' or 'cubic'"):
+        pnode_dist.odeint(f, y0, [0.0, 1.0], options={"interp": "spline"})
 
 
 def test_no_stray_warning_under_warnings_as_errors():

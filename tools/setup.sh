@@ -11,6 +11,32 @@ PINS=$ROOT/requirements.txt
 pin() { grep -E "^$1==" "$PINS" | head -1; }
 say() { echo "[setup] $*"; }
 
+# A long build (PETSc, petsc4py: minutes) with its output in a log: every 30 s one line with the
+# elapsed time and the build's latest stage (never minutes of silence); the log's end if it fails.
+long_build() {
+  local label=$1 log start pid stage
+  shift
+  log=$(mktemp /tmp/pnode-setup.XXXXXX)
+  start=$SECONDS
+  "$@" -vv >"$log" 2>&1 &
+  pid=$!
+  while kill -0 "$pid" 2>/dev/null; do
+    for _ in 1 2 3 4 5 6; do kill -0 "$pid" 2>/dev/null && sleep 5; done
+    if kill -0 "$pid" 2>/dev/null; then
+      stage=$(grep -aE "TESTING: |Configuring|^ *(CC|CXX|CLINKER|FC) |Compiling|Cythoniz|building '|Installing|Copying" \
+                "$log" 2>/dev/null | tail -1 | tr -s ' ' | cut -c1-90)
+      say "$label: $(( (SECONDS - start) / 60 )) min $(( (SECONDS - start) % 60 )) s${stage:+ ($stage)}"
+    fi
+  done
+  if ! wait "$pid"; then
+    tail -40 "$log" >&2
+    echo "[setup] $label failed (whole log: $log)" >&2
+    return 1
+  fi
+  say "$label: done in $(( (SECONDS - start) / 60 )) min $(( (SECONDS - start) % 60 )) s"
+  rm -f "$log"
+}
+
 # 1. Debian packages: MPICH, LAPACK/BLAS, patchelf (PETSc's wheel install uses it), the
 #    Fashion-MNIST data set (IDX files under /usr/share/datasets/fashion-mnist) for the apps, and
 #    SLURM + munge for the job-script tests (they start their own daemons; none is enabled here),
@@ -71,8 +97,8 @@ configure_options() {
 }
 if ! petsc_ok; then
   options=$(configure_options)
-  say "building $(pin petsc) (several minutes; GPU=${GPU:-0})"
-  PETSC_CONFIGURE_OPTIONS="$options" \
+  say "building $(pin petsc) (about 6 minutes on 2 cores; GPU=${GPU:-0})"
+  PETSC_CONFIGURE_OPTIONS="$options" long_build "building $(pin petsc)" \
     pipi --no-build-isolation --no-cache-dir --force-reinstall --no-deps "$(pin petsc)"
   rebuilt_petsc=1
 fi
@@ -86,14 +112,16 @@ petsc4py_ok() {
   readelf -d "$so" | grep -E "RUNPATH|RPATH" | grep -q "$PETSC_DIR" || return 1
 }
 if [ -n "${rebuilt_petsc:-}" ] || ! petsc4py_ok; then
-  say "building $(pin petsc4py) against $PETSC_DIR (several minutes)"
-  PETSC_DIR=$PETSC_DIR PETSC_ARCH="" \
+  say "building $(pin petsc4py) against $PETSC_DIR (about 4 minutes)"
+  PETSC_DIR=$PETSC_DIR PETSC_ARCH="" long_build "building $(pin petsc4py)" \
     pipi --no-build-isolation --no-cache-dir --force-reinstall --no-deps "$(pin petsc4py)"
   petsc4py_ok || { echo "[setup] petsc4py does not link $PETSC_DIR" >&2; exit 1; }
 fi
 
 # 4b. The same PETSc + petsc4py in single precision, installed apart (.venv/petsc-single):
-#     PNODE_PRECISION=single selects it at run time, for float32 models without casts.
+#     PNODE_PRECISION=single selects it at run time, for float32 models without casts. Built
+#     only with SINGLE=1 (`make setup-single`, which `make test` runs): the main job needs
+#     only the double-precision build.
 SINGLE=$VENV/petsc-single
 petsc_version=$(pin petsc | cut -d= -f3)
 petsc4py_version=$(pin petsc4py | cut -d= -f3)
@@ -106,13 +134,14 @@ single_ok() {
   so=$(ls "$SINGLE"/petsc4py/lib/PETSc*.so 2>/dev/null | head -1)
   [ -n "$so" ] && readelf -d "$so" | grep -E "RUNPATH|RPATH" | grep -q "$SINGLE/petsc"
 }
-if ! single_ok; then
-  say "building single-precision $(pin petsc) + petsc4py in $SINGLE (several minutes)"
+if [ "${SINGLE:-0}" = 1 ] && ! single_ok; then
+  say "building single-precision $(pin petsc) + petsc4py in $SINGLE (about 10 minutes)"
   rm -rf "$SINGLE"
   options=$(configure_options)
   PETSC_CONFIGURE_OPTIONS="$options --with-precision=single" \
+    long_build "building single-precision $(pin petsc)" \
     pipi --no-build-isolation --no-cache-dir --no-deps --target "$SINGLE" "$(pin petsc)"
-  PETSC_DIR=$SINGLE/petsc PETSC_ARCH="" \
+  PETSC_DIR=$SINGLE/petsc PETSC_ARCH="" long_build "building single-precision $(pin petsc4py)" \
     pipi --no-build-isolation --no-cache-dir --no-deps --target "$SINGLE" "$(pin petsc4py)"
   single_ok || { echo "[setup] the single-precision petsc4py in $SINGLE is incomplete" >&2; exit 1; }
 fi

@@ -2,7 +2,7 @@
 pnode_dist module gets PETSc (and MPI, PRECISION) from here. What happens, in order:
 
 - Precision: PNODE_PRECISION=single selects the single-precision PETSc + petsc4py that
-  `make setup` installs in <venv>/petsc-single (or the folder PNODE_PETSC_SINGLE names; float32
+  `make setup-single` (or `make test`) installs in <venv>/petsc-single (or the folder PNODE_PETSC_SINGLE names; float32
   state): that folder goes first on sys.path. Otherwise the importable petsc4py, which must then
   be single-precision (a GPU bundle's). Without PNODE_PRECISION the importable petsc4py
   decides (`make setup`'s is double).
@@ -94,5 +94,6 @@ from petsc4py import PETSc  # noqa: E402
 PRECISION = "single" if PETSc.RealType().itemsize == 4 else "double"
 if _REQUESTED not in (None, PRECISION):
     raise InputError(f"PNODE_PRECISION={_REQUESTED}, but the petsc4py found "
-                     f"({petsc4py.__file__}) is {PRECISION}-precision: run `make setup` (it "
-                     "builds both), or install a petsc4py of that precision")
+                     f"({petsc4py.__file__}) is {PRECISION}-precision: run `make setup-single` "
+                     "(it builds the single-precision PETSc next to the double one; `make test` "
+                     "does too), or install a petsc4py of that precision")

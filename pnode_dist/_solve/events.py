@@ -32,7 +32,9 @@ class EventLocator:
         self.signs = None            # sign of each event function at the start (this rank's)
         self.last = None             # (t, value) at the last accepted step's end
         self.time = self.slope = None
-        self.crossing = None         # fixed steps: (start, end, y at the start) of the step
+        # without a dense output: (start, end, y at the start, step times to the start) of the
+        # step over which the event functions crossed zero
+        self.crossing = None
         self.failed = False
         self.evaluations = 0
 

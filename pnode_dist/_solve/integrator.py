@@ -129,8 +129,10 @@ class _Stepping:
         the start), else a hundredth of the interval; landing on the first target."""
         if not self.adaptive:
             return self._fixed_dt(self.t_out[0])
-        control = self.control
-        first = control.first_step or chosen or (self.t_out[-1] - self.t_out[0]) * 1e-2
+        control, span = self.control, self.t_out[-1] - self.t_out[0]
+        if math.isinf(span):         # an event solve, no first step from f (implicit methods)
+            span = 1.0
+        first = control.first_step or chosen or span * 1e-2
         if chosen is not None and not control.first_step:   # within TSAdapt's limits
             first = min(max(first, control.min_step or 0.0), control.max_step or math.inf)
         return _landing(first, self._target() - self.t_out[0])
@@ -188,7 +190,8 @@ class _Stepping:
         try:
             crossing = event.crossed(record.times[n], integrator.x_view)
             if crossing is not None and not self.interpolate:
-                event.crossing = crossing + (integrator.step_start.clone(),)
+                event.crossing = crossing + (integrator.step_start.clone(),
+                                             list(record.times[:n]))
                 crossing = None
             t_event = None if crossing is None else event.root(
                 *crossing, lambda s: integrator.interpolated(s))
