@@ -221,7 +221,7 @@ def _warn_callbacks(func):
                       "called by pnode_dist: the backward pass is PETSc's discrete adjoint, "
                       "and rejected steps are retried inside PETSc (stats['rejected_steps'] "
                       "counts them); callback_step and callback_accept_step are called",
-                      UserWarning, stacklevel=3)
+                      UserWarning, stacklevel=4)
 
 
 def _check_y0(y0):

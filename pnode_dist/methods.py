@@ -312,7 +312,7 @@ def get_method(name: Optional[str]) -> Method:
         name, note = ALIASES[name]
         if note not in _said:
             _said.add(note)
-            warnings.warn(note, UserWarning, stacklevel=3)
+            warnings.warn(note, UserWarning, stacklevel=4)
     try:
         return METHODS[name]
     except (KeyError, TypeError):
