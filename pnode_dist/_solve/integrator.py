@@ -21,7 +21,7 @@ from ..errors import InputError, SolverError
 from . import dense
 from .device import SOLVER_DTYPE, vec_type
 from .controller import ExplicitController
-from .explicit import GraphStore, ParamJacobianMat, StateJacobianMat
+from .explicit import GraphStore, ParamJacobianMat, StateJacobianMat, round_off_apart
 from .first_step import initial_step
 from .guard import guarded, released
 from .implicit import BlockJacobianPC, IJacobianMat, IJacobianPMat
@@ -455,18 +455,31 @@ class Integrator:
 
     def stage_graphs(self, t_start, t_end):
         """f's graphs at the stages of the step just accepted, [(y_leaf, f)] in stage order,
-        if the forward keeps them (a GraphStore) and its last entries are exactly that step's
-        stages (their times say so: an FSAL step's first stage is the previous step's last);
-        else None."""
+        if the forward keeps them (a GraphStore), else None. Stages 2.. are the store's last
+        entries (their times say so); the first is the entry before them, or for an FSAL step
+        after a rejected attempt (whose evaluations lie in between) the last one at the step's
+        start whose state is the step's start to round-off (the previous step's last stage)."""
         store, tableau = self.graph_store, self.tableau
-        if store is None or tableau is None or len(store.entries) < tableau.stages:
+        s = tableau.stages if tableau is not None else 0
+        if store is None or tableau is None or len(store.entries) < s:
             return None
-        entries = store.entries[-tableau.stages:]
         h = t_end - t_start
         tol = 1e-12 * max(1.0, abs(t_start), abs(t_end))
-        if any(abs(entry[0] - (t_start + c * h)) > tol for entry, c in zip(entries, tableau.c)):
+
+        def at(entry, c):
+            return abs(entry[0] - (t_start + c * h)) <= tol
+        tail = store.entries[len(store.entries) - s + 1:]
+        if not all(at(entry, c) for entry, c in zip(tail, tableau.c[1:])):
             return None
-        return [(y, out) for _, y, out in entries]
+        first = store.entries[-s]
+        if not at(first, tableau.c[0]):
+            start = self.step_start
+            first = next((e for e in reversed(store.entries[-4 * s:-s])
+                          if at(e, tableau.c[0]) and e[1].shape == start.shape
+                          and round_off_apart(e[1].detach(), start.to(e[1].dtype))), None)
+            if first is None:
+                return None
+        return [(y, out) for _, y, out in [first] + tail]
 
     def _first_step(self, y0, t_out, control):
         """The first step from f at the start (explicit adaptive solves without first_step),
