@@ -148,9 +148,10 @@ def parse_args(argv=None):
         args.iterations = 20 if rates else 120
     if args.lr is None:
         args.lr = 1.0 if rates else 1e-2
-    if args.quick:
+    if args.quick:             # a minute on a busy 2-core machine
         args.iterations, args.trajectories = (8 if rates else 20), 4
         args.held_out = min(args.held_out, 2)
+        args.points = min(args.points, 21)
     workflow.at_least_ranks(p, args, "trajectories")
     return args
 
