@@ -101,6 +101,24 @@ def _frozen_event_time(func, y0, times, level):
     return b
 
 
+def _assert_central_differences(grad, weight, value, eps=1e-6):
+    """grad (of a scalar w.r.t. the tensor `weight`) equals central differences of value()
+    with each entry of weight moved by +-eps, to 1e-7 relative (their own error)."""
+    fd = []
+    for i in range(weight.numel()):
+        values = []
+        for sign in (1, -1):
+            with torch.no_grad():
+                weight[i] += sign * eps
+            values.append(value())
+            with torch.no_grad():
+                weight[i] -= sign * eps
+        fd.append((values[0] - values[1]) / (2 * eps))
+    fd = torch.tensor(fd, dtype=F64)
+    assert float(fd.abs().max()) > 0
+    assert float((grad - fd).abs().max()) <= 1e-7 * float(fd.abs().max()), (grad, fd)
+
+
 class StepRecorder(TimeMLP):
     """TimeMLP that records the accepted steps (torchdiffeq's callback)."""
 
@@ -122,20 +140,7 @@ def test_event_gradient_equals_central_differences_of_the_same_steps():
     assert abs(_frozen_event_time(func, y0, times, level) - float(event_t)) <= 1e-12
     weight = func.l2.bias
     grad, = torch.autograd.grad(event_t, weight)
-    eps = 1e-6
-    fd = []
-    for i in range(weight.numel()):
-        values = []
-        for sign in (1, -1):
-            with torch.no_grad():
-                weight[i] += sign * eps
-            values.append(_frozen_event_time(func, y0, times, level))
-            with torch.no_grad():
-                weight[i] -= sign * eps
-        fd.append((values[0] - values[1]) / (2 * eps))
-    fd = torch.tensor(fd, dtype=F64)
-    assert float(fd.abs().max()) > 0
-    assert float((grad - fd).abs().max()) <= 1e-7 * float(fd.abs().max()), (grad, fd)
+    _assert_central_differences(grad, weight, lambda: _frozen_event_time(func, y0, times, level))
 
 
 def test_fixed_step_event_gradient_equals_central_differences_of_the_same_steps():
@@ -172,19 +177,7 @@ def test_fixed_step_event_gradient_equals_central_differences_of_the_same_steps(
     assert abs(frozen() - float(event_t)) <= 1e-12
     weight = func.l2.bias
     grad, = torch.autograd.grad(event_t, weight)
-    eps, fd = 1e-6, []
-    for i in range(weight.numel()):
-        values = []
-        for sign in (1, -1):
-            with torch.no_grad():
-                weight[i] += sign * eps
-            values.append(frozen())
-            with torch.no_grad():
-                weight[i] -= sign * eps
-        fd.append((values[0] - values[1]) / (2 * eps))
-    fd = torch.tensor(fd, dtype=F64)
-    assert float(fd.abs().max()) > 0
-    assert float((grad - fd).abs().max()) <= 1e-7 * float(fd.abs().max()), (grad, fd)
+    _assert_central_differences(grad, weight, frozen)
 
 
 def test_imex_event():

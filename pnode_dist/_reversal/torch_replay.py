@@ -6,18 +6,12 @@ how a backward pass with create_graph=True gets gradients that are themselves di
 """
 import torch
 
-from .._solve.dense import interpolate_step
+from .._solve.dense import interpolate_step, stages
 
 
 def rk_step(func, t, y, h, tableau):
     """One explicit RK step of size h from (t, y); func(t: float, y)."""
-    k = []
-    for i in range(tableau.stages):
-        yi = y
-        for j, a in enumerate(tableau.a[i]):
-            if a != 0.0:
-                yi = yi + (h * a) * k[j]
-        k.append(func(t + tableau.c[i] * h, yi))
+    k = stages(func, t, h, y, tableau, [tableau.b])
     out = y
     for b, ki in zip(tableau.b, k):
         if b != 0.0:

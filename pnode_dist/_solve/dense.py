@@ -17,9 +17,9 @@ def theta(t, t_start, t_end):
     return (t - t_end) / (t_end - t_start) + 1.0
 
 
-def _stages(f, t_start, h, y, tableau, weights):
-    """The stage derivatives k_i of the step from (t_start, y) of size h, as far as any of
-    `weights` (one list per output) uses them."""
+def stages(f, t_start, h, y, tableau, weights):
+    """The stage derivatives k_i of the step from (t_start, y) of size h (a number, or a
+    tensor to differentiate in), as far as any of `weights` (one list per output) uses them."""
     used = [i for i in range(tableau.stages) if any(w[i] != 0.0 for w in weights)]
     k = []
     for i in range(used[-1] + 1 if used else 0):
@@ -35,7 +35,7 @@ def dense_slope(f, t_start, t_end, y, t, tableau, dense):
     """d/dt of the step's dense output at t (sum_i b_i'(theta) k_i): how an output inside the
     step moves with its time. f(t: float, y) -> dy/dt."""
     slopes = dense.slopes(theta(t, t_start, t_end))
-    k = _stages(f, t_start, t_end - t_start, y, tableau, [slopes])
+    k = stages(f, t_start, t_end - t_start, y, tableau, [slopes])
     out = torch.zeros_like(y)
     for s, ki in zip(slopes, k):
         if s != 0.0:
@@ -49,13 +49,7 @@ def step_slope(f, t_start, y, size, tableau):
     derivative is taken as a vjp's derivative in its cotangent)."""
     with torch.enable_grad():
         h = torch.tensor(size, dtype=y.dtype, device=y.device, requires_grad=True)
-        k = []
-        for i in range(tableau.stages):
-            yi = y
-            for j, a in enumerate(tableau.a[i]):
-                if a != 0.0:
-                    yi = yi + (h * a) * k[j]
-            k.append(f(t_start + tableau.c[i] * h, yi))
+        k = stages(f, t_start, h, y, tableau, [tableau.b])
         end = y + h * sum(b * ki for b, ki in zip(tableau.b, k) if b != 0.0)
         u = torch.zeros_like(end, requires_grad=True)
         along, = torch.autograd.grad(end, h, u, create_graph=True)
@@ -68,7 +62,7 @@ def interpolate_step(f, t_start, t_end, y, out_times, tableau, dense):
     [len(out_times), *y.shape]. f(t: float, y) -> dy/dt."""
     h = t_end - t_start
     weights = [dense.weights(theta(t, t_start, t_end)) for t in out_times]
-    k = _stages(f, t_start, h, y, tableau, weights)
+    k = stages(f, t_start, h, y, tableau, weights)
     outs = []
     for w in weights:
         out = y
