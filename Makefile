@@ -20,7 +20,7 @@ $(STAMP): tools/setup.sh tools/cuda_petsc.sh requirements.txt setup.cfg
 setup: $(STAMP)
 
 $(SINGLE_STAMP): $(STAMP)
-	GPU=$(GPU) SINGLE=1 bash tools/setup.sh
+	GPU=$(GPU) BUILD_SINGLE=1 bash tools/setup.sh
 	touch $(SINGLE_STAMP)
 
 setup-single: $(SINGLE_STAMP)

@@ -120,8 +120,8 @@ fi
 
 # 4b. The same PETSc + petsc4py in single precision, installed apart (.venv/petsc-single):
 #     PNODE_PRECISION=single selects it at run time, for float32 models without casts. Built
-#     only with SINGLE=1 (`make setup-single`, which `make test` runs): the main job needs
-#     only the double-precision build.
+#     only with BUILD_SINGLE=1 (`make setup-single`, which `make test` runs): the main job
+#     needs only the double-precision build.
 SINGLE=$VENV/petsc-single
 petsc_version=$(pin petsc | cut -d= -f3)
 petsc4py_version=$(pin petsc4py | cut -d= -f3)
@@ -134,7 +134,7 @@ single_ok() {
   so=$(ls "$SINGLE"/petsc4py/lib/PETSc*.so 2>/dev/null | head -1)
   [ -n "$so" ] && readelf -d "$so" | grep -E "RUNPATH|RPATH" | grep -q "$SINGLE/petsc"
 }
-if [ "${SINGLE:-0}" = 1 ] && ! single_ok; then
+if [ "${BUILD_SINGLE:-0}" = 1 ] && ! single_ok; then
   say "building single-precision $(pin petsc) + petsc4py in $SINGLE (about 10 minutes)"
   rm -rf "$SINGLE"
   options=$(configure_options)
