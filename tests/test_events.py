@@ -312,6 +312,9 @@ def test_event_fn_errors_and_missing_events_are_solver_errors():
     with pytest.raises(SolverError, match="injected failure") as info:
         pnode_dist.odeint(_fall, y0, t, event_fn=failing)
     assert isinstance(info.value.__cause__, ValueError)
+    with pytest.raises(SolverError, match="event_fn returned NaN"):
+        pnode_dist.odeint(_fall, y0, t,
+                          event_fn=lambda s, y: y[..., 0] * (float("nan") if s > 0.5 else 1.0))
     with pytest.raises(SolverError, match="no event"):
         pnode_dist.odeint(lambda s, y: torch.zeros_like(y), y0, t, event_fn=_height,
                           options={"max_num_steps": 50})

@@ -3,15 +3,15 @@ several event functions; the solve stops where the first of them reaches zero fr
 had at the start. Their combination is min_k(sign_k(t0) * g_k(t, y)), positive until the event.
 
 After each accepted step the combination is evaluated at the step's end; where it is no longer
-positive, the crossing inside the step is located on the method's dense output (Illinois'
-regula falsi, bisecting where it stalls) to `tol` in time. On several ranks event_fn sees this
+positive, the crossing inside the step is located (Illinois' regula falsi, bisecting where it
+stalls) to `tol` in time: on the method's dense output, or, for methods without one, on the
+crossing step retaken with shorter sizes (api._land_on_event). On several ranks event_fn sees this
 rank's part of the state, and the combination is the minimum over the ranks: one allgather per
 evaluation, so that every rank takes the same decisions and finds the same event time.
 """
 import math
 
 import torch
-
 
 
 class EventElsewhere(RuntimeError):
@@ -38,7 +38,7 @@ class EventLocator:
         self.failed = False
         self.evaluations = 0
 
-    # the forward solve's observer calls (nothing to do: the Integrator asks `locate`)
+    # the forward solve's observer calls (nothing to do: the Integrator asks `crossed`)
     def starting(self, step, t, dt, state):
         pass
 
@@ -60,7 +60,8 @@ class EventLocator:
         failed = exc is not None
         if self.mpi is not None:
             gathered = self.mpi.allgather((local_value, failed))
-            value = min(v for v, _ in gathered)
+            values = [v for v, _ in gathered]
+            value = math.nan if any(math.isnan(v) for v in values) else min(values)
             bad = [r for r, (_, f) in enumerate(gathered) if f]
         else:
             value, bad = local_value, [0] if failed else []
@@ -70,17 +71,19 @@ class EventLocator:
             if exc is not None:
                 raise exc
             raise EventElsewhere(f"event_fn failed on rank {bad[0]}")
-        if not math.isfinite(value):
+        if not math.isfinite(value):     # NaN somewhere, or no event function on any rank
             self.failed = True
-            raise FloatingPointError(f"event_fn returned a non-finite value at t="
-                                     f"{self.time_sign * self._t:g}")
+            raise FloatingPointError(
+                f"event_fn returned {'NaN' if math.isnan(value) else 'no value'} at t="
+                f"{self.time_sign * self._t:g}: it must give finite event functions")
         return value
 
     def value(self, t, y):
         """min_k(sign_k * g_k(t, y)) over every rank's event functions (collective)."""
         self._t = t
         try:
-            local, exc = float((self._local(t, y) * self.signs).min()), None
+            g = self._local(t, y) * self.signs
+            local, exc = (float(g.min()) if g.numel() else math.inf), None
         except Exception as error:               # every rank must still take part
             local, exc = math.nan, error
         return self._agreed(local, exc)
