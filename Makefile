@@ -1,14 +1,16 @@
 # pnode_dist: `make run` (set up + main job), `make test` (set up + whole test suite).
 # `make run` builds only the double-precision PETSc; `make test` (and `make setup-single`) also
-# the single-precision one (PNODE_PRECISION=single).
+# the single-precision one (PNODE_PRECISION=single) and the docs' tools; `make docs` builds the
+# documentation site into docs/_build/html.
 PY      := .venv/bin/python
 NP      ?= 2
 RUN_ARGS ?=
 GPU     ?= 0
 STAMP   := .venv/.pnode-setup-stamp-gpu$(GPU)
 SINGLE_STAMP := .venv/.pnode-setup-single-stamp-gpu$(GPU)
+DOCS_STAMP := .venv/.pnode-setup-docs-stamp
 
-.PHONY: setup setup-single run test bench clean gpu-bundle
+.PHONY: setup setup-single setup-docs run test docs bench clean gpu-bundle
 
 # The set-up script is idempotent; the stamp only saves its few seconds of checks when nothing
 # it depends on changed.
@@ -25,11 +27,22 @@ $(SINGLE_STAMP): $(STAMP)
 
 setup-single: $(SINGLE_STAMP)
 
+# Sphinx + MyST for `make docs`, Chromium for the docs' browser test.
+$(DOCS_STAMP): $(STAMP)
+	DOCS=1 bash tools/setup.sh
+	touch $(DOCS_STAMP)
+
+setup-docs: $(DOCS_STAMP)
+
 run: setup
 	mpiexec -n $(NP) $(PY) apps/classify.py --resume auto $(RUN_ARGS)
 
-test: setup setup-single
+test: setup setup-single setup-docs
 	$(PY) -m pytest -q tests
+
+# The documentation site, warnings as errors (open docs/_build/html/index.html).
+docs: setup setup-docs
+	$(PY) -m sphinx -W --keep-going -q -b html docs docs/_build/html
 
 bench: setup setup-single
 	$(PY) benchmarks/overhead.py
@@ -47,4 +60,4 @@ gpu-bundle:
 	bash tools/gpu_bundle.sh
 
 clean:
-	rm -rf .venv runs *.egg-info
+	rm -rf .venv runs *.egg-info docs/_build docs/_generated

@@ -1,5 +1,6 @@
-"""The checkpointing policy users pass to odeint / ODEBlock, and its resolution for one solve
-into a reversal strategy (reversal.py) over checkpoint tiers (store.py)."""
+"""The checkpointing policy users pass to odeint / ODEBlock (:class:`Checkpointing`), and its
+resolution for one solve into a reversal strategy (``StoreAll``, ``Spill``, ``Revolve``,
+``Uniform``) over checkpoint tiers (:class:`Tier`: GPU memory, host memory, HDF5 files)."""
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -86,33 +87,87 @@ class Plan:
 
 @dataclass(frozen=True)
 class Checkpointing:
-    """How the forward solve keeps states for the backward pass.
+    """How the forward solve keeps states for the backward pass: a policy for odeint/ODEBlock.
 
-    schedule:     'auto'     the fastest of these whose memory fits the budget, per solve:
-                             'graphs' (every step, its stages and f's stage graphs: no f
-                             re-evaluation in the adjoint), 'all', 'states' (every state
-                             without stages: each step re-run once, with its graphs, right
-                             before its adjoint), 'binomial' with as many slots as fit
-                  'all'      PETSc's memory trajectory: every step with its stages
-                  'uniform'  `slots` checkpoints evenly spread; each segment between them is
-                             re-run once, recorded, and its adjoint applied
-                  'binomial' revolve (Griewank-Walther): the fewest re-run steps for `slots`
-    memory:       the budget of 'auto' in bytes per rank: what the kept states and graphs may
-                  take (GPU memory for a state on a GPU). Default: host_bytes (device_bytes on
-                  a GPU) if given, else half the memory free when the problem is first solved
-                  (MemAvailable shared by this solve's ranks on the node; torch's free GPU
-                  memory). An adaptive solve is planned for the previous solve's step count in
-                  3/4 of it; a solve that outgrows its plan stops keeping graphs, then
-                  continues with binomial checkpoints in what is left ('spilled' in stats)
-    slots:        checkpoint states kept at once (y0's included); by default as many as the
-                  byte budgets hold (with slots, 'auto' means 'binomial')
-    host_bytes, device_bytes, disk_bytes: budget of each tier (None: unlimited). The device
-                  tier serves states on a GPU when device_bytes is given, and is also bounded
-                  by the free GPU memory; host memory is then page-locked, with copies that
-                  overlap the solve
-    disk_dir:     directory of the HDF5 tier (one file per rank and solve); None: no disk tier
-    keep_files:   keep the HDF5 files after the backward pass (for pnode-inspect)
-    prefetch:     checkpoints read ahead from disk while the adjoint runs
+    Pass it as ``checkpointing=`` to :func:`pnode_dist.odeint` or :class:`pnode_dist.ODEBlock`;
+    it is resolved per solve into a reversal strategy over checkpoint tiers. A checkpoint goes
+    to the fastest tier with room: GPU memory, host memory, then HDF5 files. Gradients are the
+    same as with ``'all'`` to round-off and bitwise the same whatever tiers hold the
+    checkpoints. The policy is immutable (a frozen dataclass).
+
+    Parameters
+    ----------
+    schedule : {'auto', 'all', 'uniform', 'binomial'}, optional
+        ``'auto'`` (default): the fastest of these whose memory fits the budget, per solve:
+        ``'graphs'`` (every step, its stages and f's stage graphs: no f re-evaluation in the
+        adjoint), ``'all'``, ``'states'`` (every state without stages: each step re-run once,
+        with its graphs, right before its adjoint), ``'binomial'`` with as many slots as fit;
+        ``'binomial'`` whenever ``slots`` is given.
+        ``'all'``: PETSc's memory trajectory: every step with its stages.
+        ``'uniform'``: ``slots`` checkpoints evenly spread; each segment between them is re-run
+        once, recorded, and its adjoint applied.
+        ``'binomial'``: revolve (Griewank-Walther): the fewest re-run steps for ``slots``.
+    slots : int, optional
+        Checkpoint states kept at once (y0's included, >= 1); by default as many as the byte
+        budgets hold (``host_bytes`` in memory, ``disk_bytes`` in the HDF5 tier). With slots,
+        'auto' means 'binomial'.
+    memory : int, optional
+        The budget of 'auto' in bytes per rank: what the kept states and graphs may take (GPU
+        memory for a state on a GPU). Default: ``host_bytes`` (``device_bytes`` on a GPU) if
+        given, else half the memory free when the problem is first solved (MemAvailable shared
+        by this solve's ranks on the node; torch's free GPU memory). An adaptive solve is
+        planned for the previous solve's step count in 3/4 of it; a solve that outgrows its
+        plan stops keeping graphs, then continues with binomial checkpoints in what is left
+        (``spilled_at_step`` in stats). Only with ``schedule='auto'`` and no ``slots``.
+    host_bytes, device_bytes, disk_bytes : int, optional
+        Budget of each tier in bytes (None: unlimited). The device tier serves states on a GPU
+        when ``device_bytes`` is given, and is also bounded by the free GPU memory; host memory
+        is then page-locked, with copies on a side CUDA stream that overlap the solve (read
+        back ahead of the adjoint). ``disk_bytes`` needs ``disk_dir``.
+    disk_dir : str, optional
+        Directory of the HDF5 tier (one file per rank and solve,
+        ``<disk_dir>/<prefix or ode>-<run tag>-<solve>.rank<r>-of-<n>.h5``); None: no disk
+        tier. The files are removed after the backward pass unless ``keep_files``.
+    keep_files : bool, optional
+        Keep the HDF5 files after the backward pass, with every checkpoint written (for
+        ``pnode-inspect``).
+    prefetch : int, optional
+        Checkpoints read ahead from disk by a worker thread while the adjoint runs (default 2,
+        >= 0); writes also happen behind the solve, and the last ``prefetch`` written stay in
+        memory for the restores that often follow them.
+
+    Raises
+    ------
+    InputError
+        At construction: an unknown schedule; ``slots`` not an integer >= 1; a byte budget that
+        is not an integer >= 0; ``memory`` with another schedule or with ``slots``; a
+        ``disk_dir`` that is not a str; ``disk_bytes`` without ``disk_dir``; ``prefetch`` not
+        an integer >= 0; ``'uniform'`` or ``'binomial'`` without ``slots`` or a byte budget on
+        every tier; ``'all'`` with ``slots``. In a solve (on every rank): budgets that cannot
+        reverse a step or hold the slots asked for.
+
+    Notes
+    -----
+    With adaptive steps the accepted step times are recorded and replayed exactly when a
+    segment is re-run; the previous solve's step count places the checkpoints, and before that,
+    or past it, an online rule keeps them evenly spread. A checkpoint that changed on disk
+    between the forward and the backward pass is never used (its restore is checked against the
+    SHA-256 the writer kept): the backward pass raises ``SolverError`` on every rank, naming the
+    file and the step. A full disk is a ``SolverError`` too (a write that would leave less than
+    1 MiB free is refused), and the partial file is removed. ``stats`` reports what a solve
+    chose (``checkpoint_schedule``, ``memory_budget``, ``memory_estimate``, ``memory_used``,
+    ``checkpoint_slots``, ``recomputed_steps``, the tiers' bytes and disk seconds). A tier of
+    your own is a :class:`Tier` subclass that an override of :meth:`tiers` lists.
+
+    Examples
+    --------
+    ::
+
+        policy = Checkpointing(memory=2**30)                                # fastest in 1 GiB
+        policy = Checkpointing(schedule="binomial", slots=20)               # 20 states
+        policy = Checkpointing(host_bytes=2**30, disk_dir="/scratch/ckpt")  # then HDF5 files
+        ys = odeint(func, y0, t, method="rk4", options={"step_size": 1e-3},
+                    checkpointing=policy)
     """
     schedule: str = "auto"
     slots: Optional[int] = None
@@ -158,11 +213,15 @@ class Checkpointing:
 
     @property
     def measures(self):
-        """Whether plans need the problem's measured Sizes ('auto' without slots)."""
+        """Whether plans need the problem's measured sizes ('auto' without slots)."""
         return self.schedule == "auto" and self.slots is None
 
     def capacities(self, on_device):
-        """Byte budget of each tier in use, fastest first: [(name, bytes or None)]."""
+        """Byte budget of each tier in use, fastest first: ``[(name, bytes or None)]``.
+
+        ``'device'`` (a GPU state with ``device_bytes``), ``'host'``, then ``'disk'`` (with
+        ``disk_dir``); None is unlimited.
+        """
         tiers = [("device", self.device_bytes)] if on_device and self.device_bytes is not None \
             else []
         tiers.append(("host", self.host_bytes))
@@ -171,7 +230,8 @@ class Checkpointing:
         return tiers
 
     def budget(self, on_device, sizes):
-        """The byte budget of 'auto' (see `memory`)."""
+        """The byte budget of 'auto' (see ``memory``): ``memory``, else ``device_bytes`` (GPU) or
+        ``host_bytes`` if given, else the measured free memory in ``sizes``."""
         if self.memory is not None:
             return self.memory
         given = self.device_bytes if on_device else self.host_bytes
@@ -189,11 +249,36 @@ class Checkpointing:
         return caps
 
     def plan(self, cost, expected_steps, adaptive, on_device, sizes=None, graphs=None):
-        """The Plan of one solve. cost: the method's StepCost at the agreed sizes;
-        expected_steps: exact for fixed steps, the previous solve's count for adaptive ones
-        (None before the first); sizes: the problem's measured Sizes (needed by 'auto' only
-        without a memory or host/device_bytes budget); graphs: the user's store_graphs (None:
-        the plan decides). Raises InputError if the budgets cannot hold what is asked."""
+        """The Plan of one solve: which schedule, how many slots, within which budget.
+
+        Parameters
+        ----------
+        cost : StepCost
+            The method's bytes per step at the agreed sizes.
+        expected_steps : int or None
+            Exact for fixed steps, the previous solve's count for adaptive ones (None before
+            the first).
+        adaptive : bool
+            Whether the steps are adaptive (a quarter of the budget is then reserved for the
+            binomial tail of a solve that outgrows its plan).
+        on_device : bool
+            Whether the state is on a GPU.
+        sizes : optional
+            The problem's measured Sizes (needed by 'auto' only without a memory or
+            host/device_bytes budget).
+        graphs : bool or None, optional
+            The user's ``store_graphs`` (None: the plan decides).
+
+        Returns
+        -------
+        Plan
+
+        Raises
+        ------
+        InputError
+            If the budgets cannot hold what is asked (a step cannot be reversed in the budget,
+            the slots do not fit the tier budgets, or the tiers hold no checkpoint).
+        """
         if self.schedule == "all":
             return Plan("all")
         if not self.measures:
@@ -241,9 +326,22 @@ class Checkpointing:
         return slots
 
     def strategy(self, pool, t_out, control, y0):
-        """The reversal strategy of one solve of `pool`'s problem. The plan depends only on
-        values every rank shares (the agreed sizes, step counts), so all ranks take the same
-        steps."""
+        """The reversal strategy of one solve of ``pool``'s problem (called by odeint).
+
+        The plan depends only on values every rank shares (the agreed sizes, step counts), so
+        all ranks take the same steps.
+
+        Returns
+        -------
+        StoreAll, Spill, Revolve or Uniform
+            ``StoreAll`` (with or without graphs), ``Spill`` (a StoreAll continued by a
+            Revolve), ``Revolve`` (binomial or every state) or ``Uniform``.
+
+        Raises
+        ------
+        InputError
+            If the budgets cannot hold what is asked (see :meth:`plan`).
+        """
         layout = pool.layout
         on_device = layout.device.type == "cuda"
         state = SOLVER_ITEMSIZE * max(math.prod(s) for s in layout.all_local_shapes)
@@ -281,8 +379,25 @@ class Checkpointing:
         return Revolve(pool, self.tiers(pool, caps), slots, cost.state, overhead=cost.record)
 
     def tiers(self, pool, capacities=None):
-        """The checkpoint tiers of one solve, fastest first: `capacities` [(name, bytes)], by
-        default the policy's own (as `capacities` lists them)."""
+        """The checkpoint tiers of one solve, fastest first: the extension point for tiers.
+
+        A policy subclass that overrides it (keeping this signature) stores checkpoints in
+        tiers of its own (:class:`Tier` subclasses).
+
+        Parameters
+        ----------
+        pool
+            The solve's integrator pool (its ``layout`` says the device, ranks and shapes).
+        capacities : list of (str, int or None), optional
+            ``[(name, bytes)]`` with name ``'device'``, ``'host'`` or ``'disk'``; by default
+            the policy's own (as :meth:`capacities` lists them).
+
+        Returns
+        -------
+        list of Tier
+            A device tier (GPU memory), a host tier (page-locked for a GPU state) and an HDF5
+            disk tier, as the capacities name them.
+        """
         layout = pool.layout
         on_device = layout.device.type == "cuda"
         tiers = []

@@ -1,24 +1,6 @@
-"""A state that is a field on a structured 1-D/2-D/3-D grid, split over ranks by a PETSc DMDA.
-
-    grid = Grid((64, 64), channels=2, periodic=True, halo=2)      # collective
-    patch = grid.scatter(field)            # this rank's [C, h, w] part of a [C, 64, 64] field
-    ys = odeint(func, patch, t, grid=grid) # func written for whole fields, evaluated per patch
-
-Each rank evaluates `func` on its patch plus `halo` cells of its neighbours' data (a DMDA
-global-to-local scatter; zeros beyond a non-periodic boundary, the wrapped-around data across a
-periodic one) and keeps the interior of the result. When every output cell depends on inputs
-at most `halo` cells away (func's receptive field, checked on first use), this is on any number
-of ranks what it is on one: func on the field extended by `halo` cells (zeros, or wrapped-around
-values), interior kept. For a periodic grid and a func with circular padding that is func on the
-field itself; for a non-periodic grid it equals func with zero padding only when func pads once
-(one stencil layer): deeper funcs see their own hidden values beyond the edge, not zeros. The
-adjoint of the exchange is the reverse scatter with addition, so gradients with respect to the
-field and to func's (shared) parameters equal the one-rank gradients.
-
-Torch shapes: fields are [C, *spatial] or [B, C, *spatial] (the batch kept whole on every rank);
-spatial dimensions in torch order (z, y, x). The PETSc Vec stores a patch as (*spatial, B*C)
-with the B*C values of one cell contiguous (DMDA's interleaved degrees of freedom); the solver
-sees that "vec order", and odeint converts at entry and exit.
+"""A state that is a field on a structured 1-D/2-D/3-D grid, split over ranks by a PETSc DMDA
+(:class:`Grid`): each rank holds a patch, ``func`` is written for whole fields and evaluated on
+each patch plus a halo of its neighbours' cells, and gradients equal the one-rank ones.
 """
 import math
 import time
@@ -34,12 +16,91 @@ from .errors import InputError
 
 
 class Grid:
-    """A DMDA over `shape` (torch order, 1 to 3 dimensions) with `channels` values per cell
-    (times `batch` if given), `halo` ghost cells per side (box stencil), periodic or not per
-    dimension, on the ranks of `comm`. `proc_sizes` (torch order) fixes the process grid (by
-    default the most even split). To split the batch too, make one Grid per group of ranks
-    (comm = the group, batch = the group's share) and pass gradient_comm = all the groups'
-    ranks: parameter gradients are then summed over every rank, still in one allreduce."""
+    """A field on a structured 1-D/2-D/3-D grid split over ranks by a PETSc DMDA (collective).
+
+    Pass it as ``grid=`` to :func:`pnode_dist.odeint` (or :class:`pnode_dist.ODEBlock`) when one
+    sample is too large for one rank: ``y0`` is then this rank's patch (:meth:`scatter`) and
+    ``func`` is written for whole fields. The DMDA has ``channels`` values per cell (times
+    ``batch`` if given), ``halo`` ghost cells per side (box stencil), periodic or not per
+    dimension, on the ranks of ``comm``.
+
+    Parameters
+    ----------
+    shape : sequence of int
+        The grid's cells per dimension, torch order (z, y, x), 1 to 3 dimensions.
+    channels : int
+        Values per cell.
+    batch : int, optional
+        A batch kept whole on every rank: fields are then ``[B, C, *spatial]`` instead of
+        ``[C, *spatial]``.
+    periodic : bool or sequence of bool, optional
+        Periodic boundaries, for all dimensions or one flag per dimension (default False).
+    halo : int, optional
+        Ghost cells per side (default 1): must cover func's receptive field (two 3x3
+        convolutions: 2), checked on first use.
+    comm : optional
+        The ranks of the grid (default PETSc's world).
+    proc_sizes : sequence of int, optional
+        Ranks per dimension (torch order); by default the most even split, with the most parts
+        along the longest dimensions.
+    gradient_comm : optional
+        To split the batch too, make one Grid per group of ranks (``comm`` = the group,
+        ``batch`` = the group's share) and pass ``gradient_comm`` = all the groups' ranks:
+        parameter gradients are then summed over every rank, still in one allreduce.
+
+    Attributes
+    ----------
+    local_shape : tuple of int
+        The torch shape of this rank's patch (``[B?, C, *local]``).
+    global_shape : tuple of int
+        The torch shape of the whole field (``[B?, C, *shape]``).
+    local_start : tuple of int
+        Where this rank's patch starts in the field (spatial dims).
+    stats : dict
+        This rank's halo traffic: ``exchanges``, ``adds`` (their adjoints) and
+        ``halo_seconds`` spent in both.
+
+    Raises
+    ------
+    InputError
+        On every rank, if the arguments are bad on any rank or differ between ranks: a shape
+        of other than 1 to 3 positive sizes, a negative or non-integer halo, a periodic flag
+        count that differs from the dimensions, proc_sizes that do not multiply to the ranks,
+        or patches narrower than the halo (use fewer ranks, other proc_sizes or a larger grid).
+        From odeint: a func whose receptive field exceeds the halo (the message names the
+        right value), a patch of the wrong shape, a GPU state (grids keep their fields in host
+        memory in this version), an implicit method with ``linear_solver='exact'`` or a mass
+        matrix (grids use the matrix-free GMRES Newton), or ``method='arkimex'``.
+
+    Notes
+    -----
+    Each rank evaluates ``func`` on its patch plus ``halo`` cells of its neighbours' data (a
+    DMDA global-to-local scatter; zeros beyond a non-periodic boundary, the wrapped-around data
+    across a periodic one) and keeps the interior of the result. When every output cell depends
+    on inputs at most ``halo`` cells away (func's receptive field, checked on first use), this
+    is on any number of ranks what it is on one: func on the field extended by ``halo`` cells
+    (zeros, or wrapped-around values), interior kept. For a periodic grid and a func with
+    circular padding that is func on the field itself; for a non-periodic grid it equals func
+    with zero padding only when func pads once (one stencil layer): deeper funcs see their own
+    hidden values beyond the edge, not zeros. The adjoint of the exchange is the reverse scatter
+    with addition, so gradients with respect to the field and to func's (shared) parameters
+    equal the one-rank gradients.
+
+    Torch shapes: fields are ``[C, *spatial]`` or ``[B, C, *spatial]`` (the batch kept whole
+    on every rank); spatial dimensions in torch order (z, y, x). The PETSc Vec stores a patch
+    as ``(*spatial, B*C)`` with the B*C values of one cell contiguous (DMDA's interleaved degrees of
+    freedom); the solver sees that "vec order", and odeint converts at entry and exit.
+
+    Examples
+    --------
+    ::
+
+        grid = Grid((256, 256), channels=2, periodic=True, halo=2)    # collective
+        patch = grid.scatter(field)        # this rank's [2, h, w] part of [2, 256, 256]
+        ys = odeint(func, patch, t, method="rk4", options={"step_size": 0.05}, grid=grid)
+        whole = grid.gather(ys[-1])        # the full field on rank 0
+        padded = grid.with_halo(ys[-1])    # patch plus neighbours' halo (differentiable)
+    """
 
     def __init__(self, shape, channels, *, batch=None, periodic=False, halo=1, comm=None,
                  proc_sizes=None, gradient_comm=None):
@@ -114,19 +175,45 @@ class Grid:
         return proc_sizes
 
     def destroy(self):
-        """Free the DMDA and its work Vecs (also done for every live Grid at exit, before
-        PETSc finalizes)."""
+        """Free the DMDA and its work Vecs.
+
+        Also done for every live Grid at exit, before PETSc finalizes; the grid is unusable
+        afterwards.
+        """
         for obj in (self._gvec, self._lvec, self.da):
             obj.destroy()
         _live.discard(self)
 
     # -------------------------------------------------------------- fields <-> patches
     def patch_slices(self):
-        """This rank's index ranges into a global field (torch order, spatial dims only)."""
+        """This rank's index ranges into a global field (torch order, spatial dims only).
+
+        Returns
+        -------
+        tuple of slice
+            One slice per spatial dimension: ``field[(Ellipsis,) + grid.patch_slices()]``
+            is this rank's patch.
+        """
         return tuple(slice(s, s + n) for s, n in zip(self.local_start, self.local_spatial))
 
     def scatter(self, field):
-        """This rank's patch of a whole field every rank holds (a view)."""
+        """This rank's patch of a whole field every rank holds (a view).
+
+        Parameters
+        ----------
+        field : Tensor
+            The whole field, shape :attr:`global_shape` (``[B?, C, *shape]``).
+
+        Returns
+        -------
+        Tensor
+            This rank's part, shape :attr:`local_shape`: the ``y0`` of a grid solve.
+
+        Raises
+        ------
+        InputError
+            If ``field`` does not have the grid's global shape.
+        """
         if tuple(field.shape) != self.global_shape:
             raise InputError(f"field must have the grid's global shape {self.global_shape}; got "
                              f"{tuple(field.shape)}")
@@ -134,7 +221,22 @@ class Grid:
         return field[lead + self.patch_slices()]
 
     def gather(self, patch, root=0):
-        """The whole field on `root` (None elsewhere); collective."""
+        """The whole field on ``root`` (None elsewhere), for plots and checks; collective.
+
+        Parameters
+        ----------
+        patch : Tensor
+            This rank's patch (``[B?, C, *local]``, or with more leading dimensions such as
+            output times: ``ys`` or ``ys[-1]``); detached and copied to the host.
+        root : int, optional
+            The rank that receives the field.
+
+        Returns
+        -------
+        Tensor or None
+            On ``root``, the field ``[..., *shape]`` in the patch's dtype (not differentiable);
+            None on the other ranks.
+        """
         mpi = self.comm.tompi4py()
         parts = mpi.gather((self.patch_slices(), patch.detach().cpu()), root=root)
         if mpi.Get_rank() != root:
@@ -146,7 +248,7 @@ class Grid:
         return field
 
     def to_vec_order(self, field):
-        """[B?, C, *local] -> (*local, B*C), differentiable (a permuted copy)."""
+        """``[B?, C, *local]`` -> ``(*local, B*C)``, differentiable (a permuted copy)."""
         lead = field.dim() - self.ndim
         perm = tuple(range(lead, field.dim())) + tuple(range(lead))
         return field.permute(perm).reshape(self.vec_shape_of(field.shape[lead:]))
@@ -155,8 +257,8 @@ class Grid:
         return tuple(spatial) + (self.dof,)
 
     def from_vec_order(self, v, spatial=None):
-        """(..., *spatial, B*C) -> (..., [B,] C, *spatial): the inverse of to_vec_order, with any
-        leading dimensions (such as output times) kept in front."""
+        """``(..., *spatial, B*C)`` -> ``(..., [B,] C, *spatial)``: the inverse of to_vec_order,
+        with any leading dimensions (such as output times) kept in front."""
         spatial = tuple(spatial or self.local_spatial)
         front = v.dim() - self.ndim - 1
         lead = (self.channels,) if self.batch is None else (self.batch, self.channels)
@@ -167,9 +269,27 @@ class Grid:
         return v.permute(perm)
 
     def with_halo(self, patch):
-        """This rank's patch [B?, C, *local] extended by `halo` cells of its neighbours' values
-        per side (zeros beyond a non-periodic boundary), differentiable; collective. For
-        losses that read neighbouring cells, such as finite differences of a field."""
+        """This rank's patch extended by ``halo`` cells of its neighbours' values per side.
+
+        Differentiable and collective (call it on every rank). For losses that read
+        neighbouring cells, such as finite differences of a field across patch edges.
+
+        Parameters
+        ----------
+        patch : Tensor
+            This rank's patch, shape :attr:`local_shape` (``[B?, C, *local]``).
+
+        Returns
+        -------
+        Tensor
+            ``[B?, C, *(local + 2 halo)]``: zeros beyond a non-periodic boundary, the
+            wrapped-around values across a periodic one.
+
+        Raises
+        ------
+        InputError
+            If ``patch`` does not have this rank's shape (on that rank).
+        """
         if tuple(patch.shape) != self.local_shape:
             raise InputError(f"patch must have this rank's shape {self.local_shape}; got "
                              f"{tuple(patch.shape)}")

@@ -1,14 +1,25 @@
-"""pnode-inspect FILE...: read pnode_dist's HDF5 files (h5format's layouts) and list what they
-hold (checkpoints: steps, times, shapes, ranks, norms, sizes; other pnode_dist files: their
-datasets and attributes). Sealed files (training states, kept checkpoint files) are verified
-against their whole-file checksum before HDF5 reads them; other files are read in a child
-process with a time limit, so no file can hang or crash pnode-inspect.
+"""``pnode-inspect FILE...``: read pnode_dist's HDF5 files and list what they hold.
+
+For checkpoint files: the steps, times, step sizes, shapes, norms and sizes of the checkpoints,
+and the ranks; for training states and other pnode_dist files: their datasets and attributes
+(arguments, iteration, progress, parameter norms, checksum status). The entry point is
+:func:`main`; :func:`describe` is the same reading for scripts.
+
+Examples
+--------
+::
 
     pnode-inspect runs/ckpt/*.h5            # a table per file
     python -m pnode_dist.inspect --json F   # the same as JSON, for scripts
-Exit status 0 when every file was read, 1 otherwise (each failure says why on stderr).
-Only regular files are opened; datasets declared larger than the file (or 1 GiB) are listed
-without their norms; text from a file is printed with control characters escaped.
+
+Notes
+-----
+Exit status 0 when every file was read, 1 otherwise (each failure says why on stderr: a file
+that is missing, truncated or not written by pnode_dist). Sealed files (training states, kept
+checkpoint files) are verified against their whole-file checksum before HDF5 reads them; other
+files are read in a child process with a time limit, so no file can hang or crash
+pnode-inspect. Only regular files are opened; datasets declared larger than the file (or 1 GiB)
+are listed without their norms; text from a file is printed with control characters escaped.
 """
 import argparse
 import json
@@ -138,15 +149,44 @@ def _norm(ds):
 
 
 def describe(path):
-    """What a pnode_dist HDF5 file holds, as a JSON-ready dict. Whatever the file holds, a
-    problem is a FileFormatError naming it; no dataset or attribute declared larger than the
-    file (or MAX_READ_BYTES) is read, and no link to another file is followed.
+    """What a pnode_dist HDF5 file holds, as a JSON-ready dict.
 
+    Whatever the file holds, a problem is a FileFormatError naming it; no dataset or attribute
+    declared larger than the file (or ``MAX_READ_BYTES``, 1 GiB) is read, and no link to
+    another file is followed.
+
+    Parameters
+    ----------
+    path : str
+        The file.
+
+    Returns
+    -------
+    dict
+        ``file``, ``bytes``, ``format``, ``attributes`` (the root's), ``checksum_status``
+        (``'ok'`` or ``'not verified ...'``); for a checkpoint file ``checkpoints`` (one row
+        per checkpoint: ``name``, ``step``, ``time``, ``step_size``, ``shape``, ``dtype``,
+        ``norm``, ``bytes``, and ``skipped`` with why its data was not read) and, with step
+        times, ``steps``, ``t_start``, ``t_end``; for another pnode_dist file ``datasets``
+        (``name``, ``shape``, ``dtype``, ``attributes``, ``norm`` or ``skipped``).
+
+    Raises
+    ------
+    FileFormatError
+        A file that is missing, not a regular file (a directory, FIFO, socket or device), not
+        HDF5, not written by pnode_dist, a sealed file that fails its checksum or whose header
+        disagrees with its content, a damaged or truncated file, or one that HDF5 hangs on or
+        crashes reading.
+
+    Notes
+    -----
     A sealed file (a training state, a kept checkpoint file) is opened with HDF5 only once its
     whole-file checksum matches; a file without that header (a checkpoint file still being
     written or left by a run that stopped, a file of an older pnode_dist or of another program)
-    is read in a child process with a time limit, since a damaged HDF5 file can make the HDF5
-    library loop for ever or crash: that is then a FileFormatError too."""
+    is read in a child process with a time limit (20 s plus a second per 50 MB), since a damaged
+    HDF5 file can make the HDF5 library loop for ever or crash: that is then a FileFormatError
+    too.
+    """
     kind = _sealed_kind(path)
     if kind is None:
         info = _isolated(_describe_hdf5, path, UNVERIFIED_SECONDS + os.path.getsize(path) / 50e6)
@@ -341,14 +381,15 @@ def _human_bytes(n):
 
 
 def safe(value):
-    """str(value) with every non-printable character escaped as in a Python literal (\\n,
-    \\r, \\x1b, \\u202e, ...): text from a file can neither break lines nor send terminal
-    escape sequences, so it cannot fake output lines."""
+    """``str(value)`` with every non-printable character escaped as in a Python literal
+    (``\\n``, ``\\r``, ``\\x1b``, ``\\u202e``, ...): text from a file can neither break lines
+    nor send terminal escape sequences, so it cannot fake output lines."""
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(value))
 
 
 def format_text(info):
-    """A file's description as readable lines (everything taken from the file escaped)."""
+    """A file's description (from :func:`describe`) as readable lines, everything taken from
+    the file escaped (see :func:`safe`); returns one string."""
     a = {safe(k): safe(v) for k, v in info["attributes"].items()}
     lines = [f"{safe(info['file'])}  ({safe(info['format'])}, {_human_bytes(info['bytes'])}, "
              f"checksum {safe(info.get('checksum_status', 'not verified'))})"]
@@ -384,6 +425,28 @@ def format_text(info):
 
 
 def main(argv=None):
+    """The ``pnode-inspect`` command (also ``python -m pnode_dist.inspect``).
+
+    Describes every file (see :func:`describe`) and prints a table per file, or with
+    ``--json`` one JSON document (a list with one object per file that could be read). Each
+    file that cannot be read is one line on stderr saying why; the other files are still
+    listed.
+
+    Parameters
+    ----------
+    argv : list of str, optional
+        The arguments (``FILE... [--json]``); None: the command line's.
+
+    Returns
+    -------
+    int
+        The exit status: 0 when every file was read, 1 otherwise.
+
+    Raises
+    ------
+    SystemExit
+        From argparse, for ``--help`` (status 0) or bad usage such as no file (status 2).
+    """
     parser = argparse.ArgumentParser(
         prog="pnode-inspect",
         description="List what pnode_dist HDF5 files (checkpoints, training states) hold.")

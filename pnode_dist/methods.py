@@ -1,7 +1,9 @@
-"""Integration methods. Each family is one class that owns its set-up: the options it accepts,
-the torch callbacks (parts) its TS needs, how the TS is configured, and the states PETSc's
-memory trajectory keeps per step. A new method is one registry entry (one tableau); a new family
-is one class.
+"""Integration methods: the registry :data:`METHODS` of every ``method=`` name, and the classes
+behind it. Each family is one class (:class:`Method` subclasses such as :class:`ExplicitRK`)
+that owns its set-up: the options it accepts, the torch callbacks (parts) its TS needs, how the
+TS is configured, and the states PETSc's memory trajectory keeps per step. A new method is one
+registry entry (one tableau, see :class:`ExplicitRK`); a new family is one class. :class:`IMEX`
+splits a right-hand side for ``method='arkimex'``.
 """
 import warnings
 from dataclasses import dataclass
@@ -37,9 +39,32 @@ class SetupConfig:
 
 
 class IMEX(nn.Module):
-    """A right-hand side split as f = implicit + explicit, for method='arkimex' (the implicit
-    part is solved by Newton, the explicit part stepped explicitly). With any other method it is
-    just their sum."""
+    """A right-hand side split as f = implicit + explicit, for ``method='arkimex'``.
+
+    PETSc's ARKIMEX solves the implicit part by Newton and steps the explicit part explicitly.
+    With any other method it is just their sum.
+
+    Parameters
+    ----------
+    implicit : callable
+        ``implicit(t, y)``: the stiff part, solved by Newton (typically an ``nn.Module``).
+    explicit : callable
+        ``explicit(t, y)``: the non-stiff part, stepped explicitly.
+
+    Raises
+    ------
+    InputError
+        From :func:`pnode_dist.odeint`: ``method='arkimex'`` without an ``IMEX`` func, with a
+        tuple ``y0`` or decreasing ``t`` (arkimex takes a tensor ``y0`` and increasing ``t``),
+        or on a grid (not supported yet).
+
+    Examples
+    --------
+    ::
+
+        func = pnode_dist.IMEX(implicit=diffusion, explicit=reaction)
+        ys = odeint(func, y0, t, method="arkimex", options={"tableau": "3"})
+    """
 
     def __init__(self, implicit, explicit):
         super().__init__()
@@ -50,7 +75,26 @@ class IMEX(nn.Module):
 
 
 class Method:
-    """One integration method as PETSc runs it. Subclasses say how."""
+    """One integration method as PETSc runs it; the base class of every family.
+
+    Subclasses say how: :meth:`setup` checks odeint's set-up options, :meth:`parts` builds the
+    torch callbacks of a TS (explicit right-hand side, implicit IFunction), :meth:`configure`
+    sets the TS type, and :attr:`states_per_step` / ``graphs_per_step`` size the checkpointing
+    plan. The class attributes say what a method is: ``kind`` ('explicit': RHS form,
+    'implicit': IFunction, 'imex': both), ``options`` (the set-up options it accepts),
+    ``interpolates`` (evaluates output times by its dense output), ``on_grids`` (usable with a
+    :class:`pnode_dist.Grid`), ``ts_types`` (PETSc TS types that run it: ``-ts_type`` may pick
+    among them).
+
+    Parameters
+    ----------
+    name : str
+        The ``method=`` name.
+    order : int
+        The order of the method.
+    adaptive : bool
+        Whether it has an error estimate usable by TSAdapt.
+    """
     interpolates = False         # evaluates output times by its dense output (ExplicitRK)
     kind = None                  # 'explicit' (RHS form), 'implicit' (IFunction), 'imex' (both)
     options: Tuple[str, ...] = ()    # the SETUP_OPTIONS it accepts
@@ -97,10 +141,58 @@ class Method:
 
 
 class ExplicitRK(Method):
-    """An explicit Runge-Kutta tableau, run by PETSc's TSRK (registered with it first when
-    PETSc does not ship it). An adaptive one with a continuous extension (`dense`, of order
-    `dense_order`) evaluates output times by
-    interpolation instead of stepping onto them."""
+    """An explicit Runge-Kutta tableau, run by PETSc's TSRK: the class to instantiate to add a
+    method.
+
+    The tableau is registered with TSRK first when PETSc does not ship it (``register=True``);
+    its gradients are then exact like the others' (PETSc's discrete adjoint uses the tableau
+    generically). An adaptive one with a continuous extension (``dense``, of order
+    ``dense_order``) evaluates output times by interpolation instead of stepping onto them.
+
+    Parameters
+    ----------
+    name : str
+        The ``method=`` name (the key under which it goes in :data:`METHODS`).
+    subtype : str
+        PETSc's ``-ts_rk_type`` name: one PETSc ships (``'4'``, ``'5dp'``, ``'6vr'``...), or,
+        with ``register=True``, a new name under which the tableau is registered.
+    order : int
+        The order of the method.
+    adaptive : bool
+        Whether it adapts its steps (needs an error estimate: ``embedded`` for a registered
+        tableau).
+    tableau : ButcherTableau
+        The Butcher tableau (``a`` strictly lower triangular, ``b``, ``c``), typically from
+        ``pnode_dist.methods.from_fractions(a, b)`` (c follows from the rows of a).
+    register : bool, optional
+        A tableau PETSc does not ship: registered with TSRK under ``subtype`` at first use
+        (once per process).
+    embedded : sequence of float, optional
+        Weights of the error estimate's formula on the same stages (registered tableaus).
+    dense : DenseOutput, optional
+        A continuous extension registered with the tableau.
+    dense_order : int, optional
+        The order of ``dense``.
+
+    Raises
+    ------
+    InputError
+        At first use, if PETSc refuses the tableau (TSRKRegister error) or the libpetsc to
+        register it with cannot be told. ``from_fractions`` raises ``ValueError`` for a tableau
+        that is not explicit or whose rows of a do not sum to c, or b to 1.
+
+    Examples
+    --------
+    ::
+
+        from fractions import Fraction as F
+        from pnode_dist import METHODS
+        from pnode_dist.methods import ExplicitRK, from_fractions
+        ralston = from_fractions([[], [F(2, 3)]], [F(1, 4), F(3, 4)])
+        METHODS["ralston"] = ExplicitRK("ralston", "my_ralston", 2, False, ralston,
+                                        register=True)
+        ys = odeint(func, y0, t, method="ralston", options={"step_size": 0.1})
+    """
     kind = "explicit"
     ts_types = ("rk",)
 
@@ -115,8 +207,11 @@ class ExplicitRK(Method):
 
     @property
     def interpolates(self):
-        """Output times by interpolation is the default: an adaptive method whose dense output
-        is at most one order below the method (dopri5's, as torchdiffeq's)."""
+        """Whether output times are interpolated by default (``options['outputs']``).
+
+        True for an adaptive method whose dense output is at most one order below the method
+        (dopri5's, as torchdiffeq's).
+        """
         return self.adaptive and self.dense is not None and self.dense_order >= self.order - 1
 
     def parts(self, func, params, shape, dtype, device, setup):
@@ -240,6 +335,12 @@ class DIRK(ARKIMEX):
         ts.setARKIMEXType(self.subtype)
 
 
+#: The registry of methods: ``method=`` name -> :class:`Method`. Explicit ``euler``,
+#: ``midpoint``, ``heun2``, ``heun3``, ``rk4`` (classic), ``rk4_38`` (the 3/8 rule, torchdiffeq's
+#: ``rk4``); adaptive ``adaptive_heun``, ``fehlberg2``, ``bosh3``, ``dopri5`` (the default),
+#: ``tsit5``, ``verner6``, ``verner7``, ``verner8``; implicit ``beuler``, ``cn``, ``theta``,
+#: ``sdirk2``, ``trbdf2``; IMEX ``arkimex``. A method of your own is one more entry (see
+#: :class:`ExplicitRK`).
 METHODS = {
     m.name: m for m in (
         ExplicitRK("euler", "1fe", 1, False, tab.EULER),
@@ -303,8 +404,33 @@ UNAVAILABLE.update(dict.fromkeys(
 
 
 def get_method(name: Optional[str]) -> Method:
-    """Look a method up by name (or a torchdiffeq alias); None means the default (dopri5, as
-    in torchdiffeq)."""
+    """Look a method up by name (or a torchdiffeq alias).
+
+    Parameters
+    ----------
+    name : str or None
+        A key of :data:`METHODS`, or torchdiffeq's ``implicit_euler``, ``trapezoid``,
+        ``implicit_midpoint`` (the same schemes as ``beuler``, ``cn``, ``theta``) or ``dopri8``
+        (runs ``verner8``). None means the default (dopri5, as in torchdiffeq).
+
+    Returns
+    -------
+    Method
+        The registry entry.
+
+    Raises
+    ------
+    InputError
+        For an unknown name: the message lists the valid methods, says why a torchdiffeq method
+        is not available (Adams, SciPy, fully implicit RK), and how to choose any other PETSc RK
+        tableau (``-[prefix]ts_rk_type``).
+
+    Warns
+    -----
+    UserWarning
+        Once, for ``dopri8``: it runs ``verner8`` (same order and error control, another
+        tableau).
+    """
     if name is None:
         name = DEFAULT_METHOD
     name = SAME_SCHEME.get(name, name) if isinstance(name, str) else name

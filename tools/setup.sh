@@ -157,4 +157,18 @@ if ! (cd / && "$PY" -c "import pnode_dist, sys; sys.exit(0 if pnode_dist.__file_
   say "installing pnode_dist (editable)"
   pipi --no-build-isolation --no-deps -e "$ROOT"
 fi
+# 7. The documentation's tools, only with DOCS=1 (`make setup-docs`, which `make docs` and
+#    `make test` run): Sphinx and MyST from PyPI, and Debian's Chromium for the tests that open
+#    the built site in a headless browser.
+if [ "${DOCS:-0}" = 1 ]; then
+  for p in sphinx myst-parser; do
+    have "$(pin $p)" || { say "installing $(pin $p)"; pipi "$(pin $p)"; }
+  done
+  if ! dpkg -s chromium >/dev/null 2>&1; then
+    say "installing Debian's chromium (headless browser for the docs' tests)"
+    SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends chromium >/dev/null
+  fi
+fi
 say "ready: $VENV"

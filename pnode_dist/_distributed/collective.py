@@ -229,12 +229,41 @@ def allreduce_sum(tensor, mpi):
 
 
 def allreduce_gradients(parameters, comm=None, average=False):
-    """Sum (or average) the .grad of `parameters` over the ranks, in one allreduce.
+    """Sum (or average) the ``.grad`` of ``parameters`` over the ranks, in one allreduce.
 
     Use it for the parameters *outside* an ODE block (stem, head) in data-parallel training;
     the ODE block's own parameters are already reduced by its backward pass. A parameter
     with a gradient on some ranks only (a tensor an event function uses reaches only the rank
     whose event stopped the solve) counts as zero on the others and gets one everywhere.
+    Collective: call it on every rank of ``comm``, after the backward pass.
+
+    Parameters
+    ----------
+    parameters : iterable of Tensor
+        The same tensors, in the same order, on every rank (``head.parameters()``).
+    comm : optional
+        None (PETSc's world), ``'world'``, ``'self'``, or an mpi4py or petsc4py communicator.
+    average : bool, optional
+        Divide the sum by the number of ranks.
+
+    Raises
+    ------
+    InputError
+        For a ``comm`` that is not a communicator.
+
+    Notes
+    -----
+    The gradients are summed in float64 and copied back into each ``.grad``. GPU tensors go to
+    MPI directly when MPI is GPU-aware (``MPIX_Query_cuda_support``, or forced with
+    ``PNODE_GPU_AWARE_MPI=1``/``0``), else through one host copy.
+
+    Examples
+    --------
+    ::
+
+        loss.backward()                       # the ODE block's gradients are summed already
+        allreduce_gradients(list(stem.parameters()) + list(head.parameters()))
+        optimizer.step()
     """
     import torch
     mpi = _mpi(comm)
@@ -260,7 +289,25 @@ def allreduce_gradients(parameters, comm=None, average=False):
 
 
 def broadcast_parameters(module, comm=None, root=0):
-    """Copy rank `root`'s parameters and buffers to every rank (identical replicas)."""
+    """Copy rank ``root``'s parameters and buffers to every rank (identical replicas).
+
+    Call it once at the start of training, on every rank (collective), so that every rank
+    starts from the same weights.
+
+    Parameters
+    ----------
+    module : nn.Module
+        The model; its parameters and buffers are overwritten in place (through a host copy).
+    comm : optional
+        None (PETSc's world), ``'world'``, ``'self'``, or an mpi4py or petsc4py communicator.
+    root : int, optional
+        The rank whose values are copied.
+
+    Raises
+    ------
+    InputError
+        For a ``comm`` that is not a communicator.
+    """
     import torch
     mpi = _mpi(comm)
     if mpi.Get_size() == 1:

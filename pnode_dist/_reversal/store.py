@@ -27,9 +27,59 @@ class _Damaged(Exception):
 
 
 class Tier:
-    """Where checkpoints are kept, up to `capacity` bytes (None: unbounded). put/get/drop by
-    step position; a tier whose restores can fail (`fallible`) reports its first failure in
-    `error` instead of raising, so that every rank learns of it at the same point."""
+    """Where checkpoints are kept, up to ``capacity`` bytes: the extension point for tiers.
+
+    A tier of your own (remote memory, compression) subclasses it, sets ``name`` (the prefix of
+    its ``stats`` keys), implements :meth:`put`, :meth:`get` and :meth:`drop` by step position,
+    and counts its bytes: ``put`` calls ``self._count(nbytes)``, ``drop`` subtracts them from
+    ``self.bytes``. A ``pnode_dist.Checkpointing`` subclass whose ``tiers(pool,
+    capacities=None)`` returns it puts it to use. A checkpoint goes to the first tier (fastest
+    first) whose :meth:`has_room` says yes.
+
+    A tier whose puts or restores can fail on one rank only (``fallible = True``: a disk, GPU
+    memory) reports its first failure in ``error`` instead of raising, so that every rank
+    learns of it at the same point; the backward pass then raises ``SolverError`` on every
+    rank.
+
+    Parameters
+    ----------
+    capacity : int or None
+        The tier's byte budget (None: unbounded).
+
+    Attributes
+    ----------
+    bytes : int
+        Bytes held now.
+    peak : int
+        The most bytes held at once (``<name>_bytes_peak`` in stats).
+    stored : int
+        Checkpoints put so far (``<name>_checkpoints`` in stats).
+    error : tuple or None
+        The first failure of a fallible tier, as (severity, message), or None.
+
+    Examples
+    --------
+    ::
+
+        class BytesTier(Tier):
+            name = "bytes"
+            def __init__(self):
+                super().__init__(capacity=None)
+                self.data = {}
+            def put(self, pos, state, meta):
+                self.data[pos] = (state.cpu().numpy().tobytes(), state.shape, state.dtype)
+                self._count(state.nbytes)
+            def get(self, pos):
+                raw, shape, dtype = self.data[pos]
+                return torch.frombuffer(bytearray(raw), dtype=dtype).view(shape)
+            def drop(self, pos):
+                raw, _, _ = self.data.pop(pos)
+                self.bytes -= len(raw)
+
+        class BytesPolicy(Checkpointing):
+            def tiers(self, pool, capacities=None):
+                return [BytesTier()]
+    """
     name = None
     fallible = False
 
@@ -39,6 +89,7 @@ class Tier:
         self.error = None
 
     def has_room(self, nbytes):
+        """Whether a checkpoint of ``nbytes`` bytes fits the budget now."""
         return self.capacity is None or self.bytes + nbytes <= self.capacity
 
     def _count(self, nbytes):
@@ -47,12 +98,26 @@ class Tier:
         self.peak = max(self.peak, self.bytes)
 
     def put(self, pos, state, meta):
+        """Keep a copy of the state at step position ``pos``.
+
+        Parameters
+        ----------
+        pos : int
+            The step position (0: y0).
+        state : Tensor
+            This rank's state, in the solver's dtype and on its device; its memory is
+            overwritten by the next step, so keep a copy.
+        meta : dict
+            ``time``, ``step`` and ``step_size`` (of the step that reached it).
+        """
         raise NotImplementedError
 
     def get(self, pos):
+        """The state kept at ``pos``, as a tensor of the shape and dtype it was put with."""
         raise NotImplementedError
 
     def drop(self, pos):
+        """Forget the state at ``pos`` and subtract its bytes from ``self.bytes``."""
         raise NotImplementedError
 
     def prefetch(self, pos):

@@ -25,7 +25,25 @@ def petsc_has_cuda():
 
 def rank_device():
     """This rank's torch device: its GPU if torch sees one and PETSc is built with CUDA, else
-    the CPU. Put the model and y0 there: `model.to(pnode_dist.rank_device())`."""
+    the CPU.
+
+    One GPU per MPI rank: at import, rank r of a node takes GPU ``r % (visible GPUs)`` for torch
+    and PETSc alike (``-device_select_cuda N`` on the command line overrides it). Put the model
+    and y0 there.
+
+    Returns
+    -------
+    torch.device
+        ``cuda:k`` on a GPU node, else ``cpu``.
+
+    Examples
+    --------
+    ::
+
+        dev = pnode_dist.rank_device()
+        block = ODEBlock(func.to(dev), method="rk4", options={"step_size": 0.1})
+        out = block(x.to(dev))
+    """
     if torch.cuda.is_available() and petsc_has_cuda():
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")

@@ -64,7 +64,34 @@ def hermite(tableau, fsal):
 
 
 def from_fractions(a, b):
-    """Build a tableau from exact fractions (c follows from the rows of a)."""
+    """Build an explicit Butcher tableau from exact fractions (c follows from the rows of a).
+
+    Parameters
+    ----------
+    a : sequence of sequence
+        The rows of the strictly lower triangular a: row i has i entries (``[]`` first);
+        ``fractions.Fraction``, int or float.
+    b : sequence
+        The weights, one per stage, summing to 1.
+
+    Returns
+    -------
+    ButcherTableau
+        The tableau in floats, for :class:`pnode_dist.methods.ExplicitRK`.
+
+    Raises
+    ------
+    ValueError
+        If a and b describe different numbers of stages, a row of a has the wrong length, or
+        b does not sum to 1 (within 1e-14).
+
+    Examples
+    --------
+    ::
+
+        from fractions import Fraction as F
+        ralston = from_fractions([[], [F(2, 3)]], [F(1, 4), F(3, 4)])
+    """
     rows = tuple(tuple(float(x) for x in row) for row in a)
     c = tuple(float(sum(row, F(0))) for row in a)
     return ButcherTableau(a=rows, b=tuple(float(x) for x in b), c=c)

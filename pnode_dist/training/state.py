@@ -1,26 +1,8 @@
-"""Training state in HDF5: save it atomically with a whole-file checksum, keep the last few of
-each run, and restore it exactly (bitwise) on every rank.
-
-File layout (format version 2, one file per save, written by rank 0):
-  bytes [0, 512)   the sealed-file header (_sealed.py) of kind 'training state', version 2:
-                   length, run id, SHA-256 of the whole file
-  bytes [512, end) the HDF5 file (h5py userblock_size=512):
-  root attributes: format, format_version, run_id, iteration, epoch, nranks, created,
-                   args (JSON), progress (JSON: the caller's counters such as the batch position)
-  /model/<name>             parameters and buffers (state_dict order)
-  /optimizer/state/<i>/<k>  tensors of the optimizer state (a list of tensors, such as
-                            L-BFGS's history: a group of datasets 0..length-1, None entries
-                            absent); other values in attributes
-  /optimizer attributes     param_groups (JSON)
-  /scheduler attributes     state (JSON), when a scheduler is given
-  /rng/rank_<r>             torch's CPU generator state of rank r
-  /rng/numpy_rank_<r>       numpy's global MT19937 keys of rank r (position etc. in attributes)
-  /rng attributes           python_rank_<r>: Python's `random` state of rank r (JSON)
-
-Reading checks the header and the checksum with plain file I/O (_sealed.read_verified) before
-HDF5 sees a byte: `verify` and `load` never open a file whose checksum does not match. Files of version 1
-(no header) are refused. A run id ties the files to their run: pruning keeps the newest `keep` of
-the saving run only and never touches other files.
+"""Training state in HDF5: :func:`save` it atomically with a whole-file checksum, keep the last
+few of each run, :func:`verify` a file without trusting it, find the newest valid one
+(:func:`latest_valid`), and :func:`load` it exactly (bitwise) on every rank. A run id ties the
+files to their run: pruning keeps the newest ``keep`` of the saving run only and never touches
+other files. The file layout is described under :func:`save`.
 """
 import collections
 import glob
@@ -47,13 +29,32 @@ _RUN_ID = re.compile(r"[0-9A-Za-z_.-]{1,64}")
 open_regular = _sealed.open_regular
 
 StateFile = collections.namedtuple("StateFile", "path run_id problem")
-StateFile.__doc__ = """A state-*.h5 file of a directory: run_id from its header (None when the
-header cannot be read), problem: why not (None when it can)."""
+StateFile.__doc__ = """A ``state-*.h5`` file of a directory (:func:`scan`).
+
+Attributes
+----------
+path : str
+    The file.
+run_id : str or None
+    The run id from its header (None when the header cannot be read).
+problem : str or None
+    Why the header cannot be read (None when it can).
+"""
 
 
 class SaveError(Exception):
-    """The training state could not be written (raised on every rank; the temporary file is
-    removed and earlier states are kept)."""
+    """The training state could not be written.
+
+    Raised by :func:`save` on every rank when rank 0 cannot write (a full disk, an unwritable
+    directory, a file of the same name from another run); the temporary file is removed and
+    the earlier states are kept. It derives from ``Exception``, not from
+    ``pnode_dist.PnodeError``.
+
+    Notes
+    -----
+    What to do: free disk space or choose another directory, then resume from the newest
+    valid state (:func:`latest_valid`).
+    """
 
 
 def _header_bytes(length, run_id, digest):
@@ -61,9 +62,18 @@ def _header_bytes(length, run_id, digest):
 
 
 def read_header(path):
-    """(run_id, None) from a state file's header ('' for a state saved without a run id), or
-    (None, why it cannot be read). A bounded read of the first 512 bytes, the rest of the file
-    is not checked (a truncated file still names its run); never raises."""
+    """The run id in a state file's header, read without trusting the rest of the file.
+
+    A bounded read of the first 512 bytes; the rest of the file is not checked (a truncated
+    file still names its run). Never raises.
+
+    Returns
+    -------
+    run_id : str or None
+        The run id ('' for a state saved without one), or None when the header cannot be read.
+    problem : str or None
+        Why the header cannot be read, or None.
+    """
     fd, size, problem = open_regular(path)
     if problem is not None:
         return None, problem
@@ -125,7 +135,8 @@ def _fsync_directory(directory):
 
 
 def error_reason(exc):
-    """One line saying why an I/O step failed."""
+    """One line saying why an I/O step failed (``'no space left on device'``, the OS's reason
+    with the file name, or the first line of the exception's message)."""
     import errno
     text = str(exc)
     if getattr(exc, "errno", None) == errno.ENOSPC or "errno = 28" in text \
@@ -138,7 +149,8 @@ def error_reason(exc):
 
 
 def scan(directory):
-    """Every state-*.h5 of `directory` as a StateFile (run id from its header), oldest first."""
+    """Every ``state-*.h5`` of ``directory`` as a :class:`StateFile` (run id from its header),
+    oldest first."""
     return [StateFile(path, *read_header(path))
             for path in sorted(glob.glob(os.path.join(glob.escape(str(directory)), "state-*.h5")))]
 
@@ -149,18 +161,85 @@ def _tensor_dataset(group, name, tensor):
 
 def save(directory, *, model, optimizer, iteration, epoch, comm, scheduler=None, args=None,
          progress=None, keep=3, run_id=None):
-    """Write the training state (collective: rank 0 writes, every rank's RNG state included);
-    returns the file's path on every rank.
+    """Write the training state; collective: rank 0 writes, every rank's RNG state included.
 
-    Built in memory (HDF5 never writes to the disk, so a full disk is a plain write error),
-    sealed with its checksum header, written to a temporary name, flushed, then renamed, so a
-    crash leaves either the previous files or a complete new one. `run_id` (letters, digits,
-    '_.-', at most 64; None: saved without one) goes into the header and the root attributes;
-    afterwards only the newest `keep` files *of this run id* remain (keep <= 0: all), files of
-    other runs or with unreadable headers are never removed, nor replaced (an existing file of
-    the same name and another run is an error). Raises SaveError on every rank when rank 0
-    cannot write (a full disk, an unwritable directory): the temporary file is removed and the
-    earlier states are kept."""
+    The file is built in memory (HDF5 never writes to the disk, so a full disk is a plain write
+    error), sealed with its checksum header, written to a temporary name, flushed, then
+    renamed, so a crash leaves either the previous files or a complete new one. Afterwards only
+    the newest ``keep`` files *of this run id* remain; files of other runs or with unreadable
+    headers are never removed, nor replaced.
+
+    Parameters
+    ----------
+    directory : str
+        Where ``state-<iteration>.h5`` goes (created if needed).
+    model : nn.Module
+        Its ``state_dict`` (parameters and buffers) is saved.
+    optimizer : torch.optim.Optimizer
+        Its state (tensors, lists of tensors such as L-BFGS's history, other values).
+    iteration : int
+        The training iteration; it names the file.
+    epoch : int
+        The training epoch.
+    comm : mpi4py communicator
+        The ranks (every rank's torch, numpy and Python ``random`` states are gathered).
+    scheduler : optional
+        A learning-rate scheduler whose ``state_dict`` is saved.
+    args : dict, optional
+        The run's arguments (saved as JSON).
+    progress : dict, optional
+        The caller's counters, such as the batch position (saved as JSON).
+    keep : int, optional
+        How many files of this run to keep, this one included (default 3; <= 0: all).
+    run_id : str, optional
+        Letters, digits and '_.-', at most 64; goes into the header and the root attributes.
+        None: saved without one.
+
+    Returns
+    -------
+    str
+        The file's path, on every rank.
+
+    Raises
+    ------
+    SaveError
+        On every rank when rank 0 cannot write (a full disk, an unwritable directory): the
+        temporary file is removed and the earlier states are kept. Also when a file of the
+        same name exists that is not a state of this run (it is not replaced).
+    ValueError
+        For a ``run_id`` of other characters or longer than 64.
+
+    Notes
+    -----
+    File layout (format version 2, one file per save, written by rank 0)::
+
+        bytes [0, 512)   the sealed-file header of kind 'training state', version 2:
+                         length, run id, SHA-256 of the whole file (`head -c 512` shows it)
+        bytes [512, end) the HDF5 file (h5py userblock_size=512):
+        root attributes: format, format_version, run_id, iteration, epoch, nranks, created,
+                         args (JSON), progress (JSON: the caller's counters)
+        /model/<name>             parameters and buffers (state_dict order)
+        /optimizer/state/<i>/<k>  tensors of the optimizer state (a list of tensors, such as
+                                  L-BFGS's history: a group of datasets 0..length-1, None
+                                  entries absent); other values in attributes
+        /optimizer attributes     param_groups (JSON)
+        /scheduler attributes     state (JSON), when a scheduler is given
+        /rng/rank_<r>             torch's CPU generator state of rank r
+        /rng/numpy_rank_<r>       numpy's global MT19937 keys of rank r (position etc. in
+                                  attributes)
+        /rng attributes           python_rank_<r>: Python's `random` state of rank r (JSON)
+
+    Reading checks the header and the checksum with plain file I/O before HDF5 sees a byte:
+    :func:`verify` and :func:`load` never open a file whose checksum does not match. Files of
+    version 1 (no header) are refused.
+
+    Examples
+    --------
+    ::
+
+        path = state.save("runs/x/state", model=model, optimizer=opt, iteration=it,
+                          epoch=epoch, comm=MPI.COMM_WORLD, run_id=run_id)
+    """
     import h5py
     if run_id is not None and not _RUN_ID.fullmatch(str(run_id)):
         raise ValueError(f"run_id {run_id!r}: letters, digits and '_.-' only, at most 64")
@@ -303,10 +382,24 @@ def _read_optimizer(group):
 
 
 def verify(path):
-    """None if `path` is a complete training state of this format whose checksum matches, else
-    why not (a short reason). Never raises and never hangs: non-regular files (FIFOs,
-    directories, devices) are refused without reading, the header and the SHA-256 of the whole
-    file are checked with plain reads, and only a file that passes is opened with h5py."""
+    """Check a training-state file without trusting it: None if it is sound, else why not.
+
+    Never raises and never hangs: non-regular files (FIFOs, directories, devices) are refused
+    without reading, the header and the SHA-256 of the whole file are checked with plain reads
+    (a damaged HDF5 file can make the HDF5 library loop for ever), and only a file that passes
+    is opened with h5py.
+
+    Parameters
+    ----------
+    path : str
+        The file.
+
+    Returns
+    -------
+    str or None
+        None if ``path`` is a complete training state of this format whose checksum matches,
+        else why not (a short reason).
+    """
     problem, header, _ = _read_verified(path)
     if problem is not None:
         return problem
@@ -319,9 +412,29 @@ def verify(path):
 
 
 def latest_valid(directory, run_id=None):
-    """(path, [(skipped path, reason)...]): the newest state file of `directory` that verifies;
-    with `run_id`, only files whose header names that run ('' for states saved without one)
-    count, and files whose header cannot be read are skipped (and listed)."""
+    """The newest state file of ``directory`` that verifies, and the ones skipped on the way.
+
+    Parameters
+    ----------
+    directory : str
+        A folder of ``state-*.h5`` files.
+    run_id : str, optional
+        Only files whose header names that run count ('' for states saved without one); files
+        whose header cannot be read are then skipped (and listed), those of other runs ignored.
+
+    Returns
+    -------
+    path : str or None
+        The newest file that passes :func:`verify`, or None.
+    skipped : list of (str, str)
+        ``[(skipped path, reason)...]``, newest first.
+
+    Notes
+    -----
+    Never raises for a damaged file: only headers and checksums are read before a file passes
+    (see :func:`verify`); a header that claims more bytes than the file holds (a sparse file)
+    is refused before the file is read.
+    """
     skipped = []
     for entry in reversed(scan(directory)):
         if run_id is not None and entry.run_id != run_id:
@@ -336,10 +449,37 @@ def latest_valid(directory, run_id=None):
 
 
 def load(path, *, model, optimizer, comm, scheduler=None):
-    """Restore a state saved by `save` on every rank: rank 0 verifies the file (as `verify`)
-    while reading it into memory, opens exactly the bytes it verified, and broadcasts. Returns
-    dict(iteration, epoch, args, progress, run_id). Raises FileFormatError on every rank (a
-    missing, damaged or foreign file, other ranks or another model than it was saved with)."""
+    """Restore a state saved by :func:`save` on every rank, exactly (bitwise).
+
+    Collective. Rank 0 verifies the file (as :func:`verify`) while reading it into memory,
+    opens exactly the bytes it verified, and broadcasts; every rank then restores the model's
+    parameters and buffers, the optimizer (and scheduler) state and its own torch, numpy and
+    Python ``random`` generator states.
+
+    Parameters
+    ----------
+    path : str
+        A state file (see :func:`latest_valid` to find the newest valid one).
+    model : nn.Module
+        The model, restored in place (the same parameter names and shapes as saved).
+    optimizer : torch.optim.Optimizer
+        Restored with ``load_state_dict``.
+    comm : mpi4py communicator
+        The ranks, as many as when the state was saved.
+    scheduler : optional
+        A learning-rate scheduler, restored when the file holds one.
+
+    Returns
+    -------
+    dict
+        ``iteration``, ``epoch``, ``args``, ``progress`` and ``run_id`` as saved.
+
+    Raises
+    ------
+    FileFormatError
+        On every rank: a missing, damaged or foreign file, other ranks or another model than
+        it was saved with (resume with the options it was saved with).
+    """
     payload, error = None, None
     if comm.Get_rank() == 0:
         error, header, data = _read_verified(path, keep=True)
