@@ -53,7 +53,7 @@ def test_classify_reports_missing_dataset(tmp_path):
 
 def test_stiff_quick_two_ranks_learns_the_rate_constants(tmp_path):
     """Learning happens on the quick budget: L-BFGS cuts the log-species loss at least
-    100-fold in 8 iterations and brings every log rate constant at least 4x closer to the
+    100-fold in 7 iterations and brings every log rate constant at least 4x closer to the
     truth than its start (7-12x off); the stiffness report shows explicit dopri5 failing."""
     proc = run_mpi(2, ROOT / "apps" / "stiff.py", "--quick", "--out", tmp_path, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -71,7 +71,7 @@ def test_stiff_quick_two_ranks_learns_the_rate_constants(tmp_path):
 
 
 def test_stiff_mlp_model_learns(tmp_path):
-    """The black-box model trains too (Adam): its loss falls at least 2-fold in 20 iterations."""
+    """The black-box model trains too (Adam): its loss falls at least 2-fold in 12 iterations."""
     proc = run_mpi(2, ROOT / "apps" / "stiff.py", "--quick", "--model", "mlp", "--out", tmp_path,
                    timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
