@@ -1,5 +1,6 @@
 """Run under mpiexec -n 2: test_lifetime's soak with func failing on rank 1 only (every rank
-raises SolverError). Prints 'rank <r>: flat' or what grew. argv: PLAN (graphs | binomial)."""
+raises SolverError). Rank 0 prints 'rank <r>: flat' or what grew, a line per rank.
+argv: PLAN (graphs | binomial)."""
 import sys
 from pathlib import Path
 
@@ -12,4 +13,7 @@ from test_lifetime import PLANS, soak  # noqa: E402
 
 rank = MPI.COMM_WORLD.Get_rank()
 grew = soak("dopri5", Checkpointing(**PLANS[sys.argv[1]]), fails_here=rank == 1)
-print(f"rank {rank}: {grew or 'flat'}", flush=True)
+# Rank 0 prints both lines: two ranks printing at once can interleave in mpiexec's output.
+lines = MPI.COMM_WORLD.gather(f"rank {rank}: {grew or 'flat'}", root=0)
+if rank == 0:
+    print("\n".join(lines), flush=True)
