@@ -2,14 +2,14 @@
 F(t, y, ydot) = M ydot - f(t, y)   (M: optional constant mass matrix, identity by default).
 
 Newton's linear systems use the IJacobian A = shift*M - df/dy as a Python-type Mat:
-  mult          = shift*M x - J x        (J x by forward-mode AD: torch.func.jvp)
+  mult          = shift*M x - J x        (J x by a double vjp)
   multTranspose = shift*M^T x - J^T x    (J^T x by a vjp), for the adjoint's transposed solves.
 IJacobianP = dF/dtheta = -df/dtheta (multTranspose only). PETSc calls the IJacobian with any shift,
 0 and negative ones included in the adjoint, and at points held in work Vecs that it changes
 afterwards: every call records its shift and a copy of its point.
 
 BlockJacobianPC is the exact Newton for batched problems whose Jacobian is block diagonal per
-sample: it builds every sample's own block (vmap of jacrev), LU-factors the blocks as a batch and
+sample: it builds every sample's own block (batched vjps), LU-factors the blocks as a batch and
 applies the inverse (or its transpose, for the adjoint) as the preconditioner.
 """
 import torch
@@ -159,23 +159,28 @@ class TorchIFunction(TorchRHS):
 
     def sample_blocks(self):
         """Each sample's Jacobian block of f at the recorded point: [batch, d, d] with d the
-        size of one sample. Because the Jacobian is block diagonal over samples, d jvps with the
-        k-th unit vector repeated in every sample give column k of every block at once."""
-        t, y = self._point
+        size of one sample. Because the Jacobian is block diagonal over samples, a vjp with the
+        k-th unit vector repeated in every sample gives row k of every block at once: d vjps of
+        the point's graph, batched into one backward pass (is_grads_batched). Measured 2-14x
+        faster than d forward-mode products (vmap of torch.func.jvp) from d = 3 to 128: torch's
+        forward-mode AD runs elementwise ops with unbatched operands as Python decompositions."""
+        y, out = self._ensure_graph()
         batch, d = y.shape[0], y[0].numel()
-        time = self._time(t)
-        basis = torch.eye(d, dtype=y.dtype, device=y.device).reshape((d, 1) + y.shape[1:])
-        basis = basis.expand((d,) + y.shape)
-
-        def column(v):
-            return torch.func.jvp(lambda z: self.func(time, z), (y,), (v,))[1]
-
         self.counts["blocks"] += 1
+        if not out.requires_grad:             # f does not depend on y
+            return torch.zeros((batch, d, d), dtype=y.dtype, device=y.device)
+        basis = torch.eye(d, dtype=out.dtype, device=out.device).reshape((d, 1) + out.shape[1:])
+        basis = basis.expand((d,) + out.shape)
         try:
-            cols = torch.func.vmap(column)(basis)
-        except Exception:  # noqa: BLE001 - vmap or forward-mode AD cannot run this func
-            cols = torch.stack([self.jvp(v) for v in basis])    # one double vjp per column
-        return cols.reshape(d, batch, d).permute(1, 2, 0)
+            (rows,) = torch.autograd.grad(out, y, basis, retain_graph=True, allow_unused=True,
+                                          is_grads_batched=True)
+        except RuntimeError:  # an op of func that vmap cannot batch: one vjp per row
+            rows = [torch.autograd.grad(out, y, e, retain_graph=True, allow_unused=True)[0]
+                    for e in basis]
+            rows = None if rows[0] is None else torch.stack(rows)
+        if rows is None:                      # f's graph does not reach y
+            return torch.zeros((batch, d, d), dtype=y.dtype, device=y.device)
+        return rows.reshape(d, batch, d).transpose(0, 1)
 
     def check_block_diagonal(self, blocks):
         """One jvp with a random vector: J v must equal the block-diagonal product, or func
