@@ -6,7 +6,8 @@ a hang or a wrong gradient, and leave the solvers usable. argv[1] picks a group 
                fault (must give the reference gradient: no poisoned solver); checkpoint files
                damaged between forward and backward; an exception in a torchdiffeq step
                callback and in f's derivative in each callback that differentiates f (the
-               guard of every callback kind); a full checkpoint disk (PNODE_TEST_FULL_DIR,
+               guard of every callback kind; PNODE_TEST_METHODS, comma-separated, limits
+               these and the func faults to the methods it names); a full checkpoint disk (PNODE_TEST_FULL_DIR,
                a small tmpfs, when given); grad mode differing between ranks; lastly a backward
                skipped on one rank. Prints 'case <name>: <outcome>' per case (rank 0) and
                'all cases passed' at the end; exits 1 on any wrong outcome.
@@ -135,11 +136,16 @@ def policies(disk):
                                            disk_dir=disk)}
 
 
-def func_faults(disk):
-    """Exception / NaN in func on the last rank, then the same solve without it (for the
-    methods PNODE_TEST_METHODS names, comma-separated; default all)."""
+def chosen_methods():
+    """The methods PNODE_TEST_METHODS names (comma-separated), default all."""
     chosen = os.environ.get("PNODE_TEST_METHODS")
-    for method in chosen.split(",") if chosen else METHODS:
+    return chosen.split(",") if chosen else list(METHODS)
+
+
+def func_faults(disk):
+    """Exception / NaN in func on the last rank, then the same solve without it (for each
+    chosen method)."""
+    for method in chosen_methods():
         for pname, policy in policies(disk).items():
             func = make_func(method)
             reference = solve(func, method, policy)
@@ -241,12 +247,14 @@ class DerivativeFault(TimeMLP):
 
 def derivative_faults():
     """An exception in f's derivative on the last rank, in each kind of callback that
-    differentiates f, then the same solve without it."""
+    differentiates f (of the chosen methods), then the same solve without it."""
     kinds = {"a vector-Jacobian product (rk4 adjoint)": ("rk4", "adjoint"),
              "Newton's Jacobian-vector products (cn forward)": ("cn", "forward"),
              "the transposed products (cn adjoint)": ("cn", "adjoint"),
              "the exact block solve (beuler forward)": ("beuler", "forward")}
     for kind, (method, phase) in kinds.items():
+        if method not in chosen_methods():
+            continue
         func = DerivativeFault()
         reference = solve(func, method, None)
 
