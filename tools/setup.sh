@@ -18,16 +18,21 @@ long_build() {
   shift
   log=$(mktemp /tmp/pnode-setup.XXXXXX)
   start=$SECONDS
-  "$@" -vv >"$log" 2>&1 &
+  setsid "$@" -vv >"$log" 2>&1 &      # its own process group, compilers included
   pid=$!
+  # The build must not outlive this script (Ctrl-C, or a failure of the script itself).
+  trap 'kill -- -"$pid" 2>/dev/null' EXIT
   while kill -0 "$pid" 2>/dev/null; do
     for _ in 1 2 3 4 5 6; do kill -0 "$pid" 2>/dev/null && sleep 5; done
     if kill -0 "$pid" 2>/dev/null; then
+      # (|| true: before its first stage line the log matches nothing, and under pipefail
+      # that would end the whole set-up while the build went on alone.)
       stage=$(grep -aE "TESTING: |Configuring|^ *(CC|CXX|CLINKER|FC) |Compiling|Cythoniz|building '|Installing|Copying" \
-                "$log" 2>/dev/null | tail -1 | tr -s ' ' | cut -c1-90)
+                "$log" 2>/dev/null | tail -1 | tr -s ' ' | cut -c1-90 || true)
       say "$label: $(( (SECONDS - start) / 60 )) min $(( (SECONDS - start) % 60 )) s${stage:+ ($stage)}"
     fi
   done
+  trap - EXIT
   if ! wait "$pid"; then
     tail -40 "$log" >&2
     echo "[setup] $label failed (whole log: $log)" >&2
