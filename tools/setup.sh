@@ -18,8 +18,10 @@ long_build() {
   shift
   log=$(mktemp /tmp/pnode-setup.XXXXXX)
   start=$SECONDS
-  setsid "$@" -vv >"$log" 2>&1 &      # its own process group, compilers included
+  set -m                           # job control: the build gets its own process group
+  "$@" -vv </dev/null >"$log" 2>&1 &
   pid=$!
+  set +m
   # The build must not outlive this script (Ctrl-C, or a failure of the script itself).
   trap 'kill -- -"$pid" 2>/dev/null' EXIT
   while kill -0 "$pid" 2>/dev/null; do
