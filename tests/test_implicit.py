@@ -153,6 +153,50 @@ def test_exact_newton_uses_every_samples_own_jacobian():
     assert _rel(exact_ys, gmres_ys) < 1e-10
 
 
+class _BufferedBackward(torch.autograd.Function):
+    """y -> 2 y whose backward writes into a fresh buffer: twice differentiable, but a graph
+    that batched vjps (vmap) cannot run."""
+
+    @staticmethod
+    def forward(x):
+        return 2 * x
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, grad):
+        buffer = torch.zeros(grad.shape, dtype=grad.dtype)
+        buffer.copy_(2 * grad)
+        return buffer
+
+
+def test_exact_newton_blocks_without_batched_vjps(mlp, y0):
+    """A func whose graph vmap cannot batch gets its blocks one vjp per row: the solve and its
+    gradients equal those of the same func with a plain 2 y."""
+    class Through(nn.Module):
+        def __init__(self, buffered):
+            super().__init__()
+            self.mlp, self.buffered = mlp, buffered
+
+        def forward(self, t, y):
+            y2 = _BufferedBackward.apply(y) if self.buffered else 2 * y
+            return self.mlp(t, 0.5 * y2)
+
+    results = []
+    for buffered in (False, True):
+        y = y0.clone().requires_grad_(True)
+        ys = odeint(Through(buffered), y, T_OUT, method="beuler",
+                    options={"step_size": 0.1, "linear_solver": "exact"})
+        grads = torch.autograd.grad(_loss(ys), [y] + list(mlp.parameters()))
+        results.append((ys.detach(), grads))
+    (ys_a, g_a), (ys_b, g_b) = results
+    assert _rel(ys_b, ys_a) < 1e-12
+    for a, b in zip(g_a, g_b):
+        assert _rel(b, a) < 1e-12
+
+
 def test_arkimex_adjoint_matches_finite_differences():
     func = IMEX(TimeMLP(seed=2), Linear(A_SOFT.clone()))
     y0 = torch.randn(3, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(4))

@@ -111,7 +111,8 @@ def test_failed_solves_release_everything(tmp_path, method, plan):
 def soak(method, policy, fails_here=True):
     """Rounds of (a solve failing in the forward pass, one failing in the backward pass, a
     good one): None when, after 2 rounds, 3 more leave no more Integrators, tensors or
-    memory (within 100 MiB; one lost trajectory here is about 600), else what grew."""
+    memory (within 100 MiB; one lost trajectory here is about 600; the counts catch smaller
+    losses), else what grew."""
     torch.manual_seed(0)
     func = FlakyIMEX(hidden=64) if method == "arkimex" else Flaky(hidden=64)
     y0 = torch.randn(2048, 3, dtype=torch.float64)            # 48 KiB

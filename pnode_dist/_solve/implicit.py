@@ -174,7 +174,7 @@ class TorchIFunction(TorchRHS):
         try:
             (rows,) = torch.autograd.grad(out, y, basis, retain_graph=True, allow_unused=True,
                                           is_grads_batched=True)
-        except RuntimeError:  # an op of func that vmap cannot batch: one vjp per row
+        except (RuntimeError, NotImplementedError):  # an op vmap cannot batch: a vjp per row
             rows = [torch.autograd.grad(out, y, e, retain_graph=True, allow_unused=True)[0]
                     for e in basis]
             rows = None if rows[0] is None else torch.stack(rows)
