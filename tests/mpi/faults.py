@@ -7,9 +7,9 @@ a hang or a wrong gradient, and leave the solvers usable. argv[1] picks a group 
                damaged between forward and backward; an exception in a torchdiffeq step
                callback and in f's derivative in each callback that differentiates f (the
                guard of every callback kind; PNODE_TEST_METHODS, comma-separated, limits
-               these and the func faults to the methods it names); a full checkpoint disk (PNODE_TEST_FULL_DIR,
-               a small tmpfs, when given); grad mode differing between ranks; lastly a backward
-               skipped on one rank. Prints 'case <name>: <outcome>' per case (rank 0) and
+               these and the func faults to the methods it names); a full checkpoint disk
+               (PNODE_TEST_FULL_DIR, a small tmpfs, when given); grad mode differing between
+               ranks; lastly a backward skipped on one rank. Prints 'case <name>: <outcome>' per case (rank 0) and
                'all cases passed' at the end; exits 1 on any wrong outcome.
   keyboard     KeyboardInterrupt inside func on the last rank (not catchable per rank: the job
                must be aborted, promptly).
