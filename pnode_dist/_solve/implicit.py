@@ -167,18 +167,18 @@ class TorchIFunction(TorchRHS):
         y, out = self._ensure_graph()
         batch, d = y.shape[0], y[0].numel()
         self.counts["blocks"] += 1
-        if not out.requires_grad:             # f does not depend on y
-            return torch.zeros((batch, d, d), dtype=y.dtype, device=y.device)
-        basis = torch.eye(d, dtype=out.dtype, device=out.device).reshape((d, 1) + out.shape[1:])
-        basis = basis.expand((d,) + out.shape)
-        try:
-            (rows,) = torch.autograd.grad(out, y, basis, retain_graph=True, allow_unused=True,
-                                          is_grads_batched=True)
-        except (RuntimeError, NotImplementedError):  # an op vmap cannot batch: a vjp per row
-            rows = [torch.autograd.grad(out, y, e, retain_graph=True, allow_unused=True)[0]
-                    for e in basis]
-            rows = None if rows[0] is None else torch.stack(rows)
-        if rows is None:                      # f's graph does not reach y
+        rows = None
+        if out.requires_grad:
+            basis = torch.eye(d, dtype=out.dtype, device=out.device)
+            basis = basis.reshape((d, 1) + out.shape[1:]).expand((d,) + out.shape)
+            try:
+                (rows,) = torch.autograd.grad(out, y, basis, retain_graph=True,
+                                              allow_unused=True, is_grads_batched=True)
+            except (RuntimeError, NotImplementedError):  # vmap cannot batch func's graph
+                rows = [torch.autograd.grad(out, y, e, retain_graph=True, allow_unused=True)[0]
+                        for e in basis]
+                rows = None if rows[0] is None else torch.stack(rows)
+        if rows is None:                      # f does not depend on y
             return torch.zeros((batch, d, d), dtype=y.dtype, device=y.device)
         return rows.reshape(d, batch, d).transpose(0, 1)
 
