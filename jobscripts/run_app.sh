@@ -14,6 +14,8 @@
 #   for SLURM to notice (it cancels the job with NODE_FAIL and requeues it, see #SBATCH
 #   --requeue) and requeues itself if SLURM has not after twice its SlurmdTimeout; the next
 #   start resumes from the newest valid training state on whatever nodes it gets.
+# - Exit status: the first failing task's own status (each task records it in
+#   $out/.exit-codes; srun ends the others with SIGTERM and would report their 143).
 # - Stopping early: SIGUSR1 (from `#SBATCH --signal=B:USR1@<seconds>`) or SIGTERM (the time
 #   limit) reaching this script is forwarded to the app, which saves its training state at the
 #   next iteration and exits with status 75. The job then requeues itself (`scontrol requeue`,
@@ -79,7 +81,17 @@ echo "job $SLURM_JOB_ID (start $(( ${SLURM_RESTART_COUNT:-0} + 1 ))) on ${SLURM_
      "$app with ${SLURM_NTASKS:-?} ranks via ${launch[0]}, output in $out," \
      "node-local scratch $PNODE_SCRATCH"
 
-"${launch[@]}" python "apps/$app.py" --out "$out" --no-progress --resume auto "$@" &
+# Each task records its own exit status (in a file named after its host and pid) in $codes,
+# on the shared file system: when one task fails, srun ends the others with SIGTERM and
+# reports the highest status, which would then be theirs (143), not the failure's.
+codes=$out/.exit-codes
+rm -rf "$codes" && mkdir -p "$codes" \
+  || { echo "cannot create $codes for the tasks' exit statuses" >&2; exit 2; }
+# The launchers signal a task's whole process group: the wrapper outlives USR1/TERM (the
+# trap), the app gets them and acts (saves its state and exits 75, or dies).
+task='trap : USR1 TERM; "$@"; s=$?; echo "$s" >"$PNODE_EXIT_CODES/$(hostname)-$$" 2>/dev/null; exit "$s"'
+PNODE_EXIT_CODES=$codes "${launch[@]}" bash -c "$task" task \
+  python "apps/$app.py" --out "$out" --no-progress --resume auto "$@" &
 app_pid=$!
 # A signal that came before the launch was only recorded: pass it on now.
 [ -z "$stop_signal" ] || kill -USR1 "$app_pid" 2>/dev/null
@@ -88,6 +100,27 @@ while :; do                      # `wait` returns early whenever a trapped signa
   status=$?
   kill -0 "$app_pid" 2>/dev/null || break
 done
+first_failure() {                # the status of the task that failed first, by its own hand
+  local file code fallback=""    # (codes from SIGTERM/SIGKILL: ended by srun, or not)
+  for file in $(ls -tr "$codes" 2>/dev/null); do
+    code=$(cat "$codes/$file" 2>/dev/null) || continue
+    case $code in
+      0|'') ;;
+      143|137) fallback=${fallback:-$code} ;;
+      *) echo "$code"; return ;;
+    esac
+  done
+  echo "$fallback"
+}
+if [ "$status" -gt 128 ]; then
+  first=$(first_failure)
+  if [ -n "$first" ] && [ "$first" != "$status" ]; then
+    echo "a task of $app failed with status $first, then the launcher ended the others" \
+         "(status $status): the job's status is $first"
+    status=$first
+  fi
+fi
+rm -rf "$codes"
 
 if [ -f "$out/metrics.json" ] && [ "$status" -eq 0 ]; then
   echo "$app finished: $out/metrics.json"

@@ -2,6 +2,7 @@
 app's quick job completes with both launchers, writes its outputs under a per-job directory,
 and a job told to stop before its time limit saves, requeues itself and resumes exactly."""
 import json
+import shutil
 import time
 
 import pytest
@@ -74,3 +75,30 @@ def test_stopped_job_requeues_and_resumes_exactly(slurm, tmp_path, classify_refe
     assert "requeueing job" in log and "resumed from" in log and "stop signal" in log, log
     metrics = json.loads((tmp_path / f"classify-{job}" / "metrics.json").read_text())
     assert_same_state(classify_reference, metrics["training_state"])
+
+
+FAIL_FIRST = """\
+import os, sys, time
+if os.environ["SLURM_PROCID"] == "1":
+    sys.exit(3)
+time.sleep(120)                     # rank 0 would go on: srun ends it when rank 1 fails
+"""
+
+
+def test_failed_task_gives_the_job_its_status(slurm, tmp_path):
+    """One task fails (status 3) while the other runs on: srun ends that one with SIGTERM and
+    itself reports 143, the highest status. run_app.sh gives the job the failure's own status."""
+    submit = tmp_path / "submit"
+    (submit / "apps").mkdir(parents=True)
+    (submit / "jobscripts").mkdir()
+    (submit / "apps" / "fail_first.py").write_text(FAIL_FIRST)
+    shutil.copy(JOBS / "run_app.sh", submit / "jobscripts")
+    (submit / "job.sbatch").write_text('#!/bin/bash\nexec jobscripts/run_app.sh fail_first\n')
+    env = {"PNODE_RUNS": str(tmp_path), "PNODE_VENV": str(ROOT / ".venv")}
+    job = slurm.sbatch(submit / "job.sbatch", cwd=submit, env=env,
+                       options=("--ntasks=2", f"--output={tmp_path}/slurm-%j.out"))
+    info = slurm.wait(job, timeout=120)
+    log = _log(tmp_path, job)
+    assert info["JobState"] == "FAILED" and info["ExitCode"] == "3:0", log
+    assert "failed with status 3" in log and "(status 143)" in log, log
+    assert not (tmp_path / f"fail_first-{job}" / ".exit-codes").exists()
