@@ -1,4 +1,6 @@
-# pnode_dist: `make run` (set up + main job), `make test` (set up + whole test suite).
+# pnode_dist: `make run` (set up + main job), `make test` (set up + the test suite, minutes),
+# `make test-long` (the long end-to-end tests: SLURM clusters, learning-quality runs, 3-4 ranks;
+# CI runs both).
 # `make run` builds only the double-precision PETSc; `make test` (and `make setup-single`) also
 # the single-precision one (PNODE_PRECISION=single) and the docs' tools; `make docs` builds the
 # documentation site into docs/_build/html.
@@ -10,7 +12,7 @@ STAMP   := .venv/.pnode-setup-stamp-gpu$(GPU)
 SINGLE_STAMP := .venv/.pnode-setup-single-stamp-gpu$(GPU)
 DOCS_STAMP := .venv/.pnode-setup-docs-stamp
 
-.PHONY: setup setup-single setup-docs run test docs bench clean gpu-bundle
+.PHONY: setup setup-single setup-docs run test test-long docs bench clean gpu-bundle
 
 # The set-up script is idempotent; the stamp only saves its few seconds of checks when nothing
 # it depends on changed.
@@ -38,7 +40,11 @@ run: setup
 	mpiexec -n $(NP) $(PY) apps/classify.py --resume auto $(RUN_ARGS)
 
 test: setup setup-single setup-docs
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -m "not long" tests
+
+# Tests marked `long` (setup.cfg): minutes each, beyond what a quick check needs.
+test-long: setup setup-single
+	$(PY) -m pytest -q -m long tests
 
 # The documentation site, warnings as errors (open docs/_build/html/index.html).
 docs: setup setup-docs

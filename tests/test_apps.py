@@ -70,6 +70,7 @@ def test_stiff_quick_two_ranks_learns_the_rate_constants(tmp_path):
     assert (tmp_path / "fit.png").exists()
 
 
+@pytest.mark.long
 def test_stiff_mlp_model_learns(tmp_path):
     """The black-box model trains too (Adam): its loss falls at least 2-fold in 12 iterations."""
     proc = run_mpi(2, ROOT / "apps" / "stiff.py", "--quick", "--model", "mlp", "--out", tmp_path,
@@ -143,7 +144,7 @@ def test_classify_killed_and_resumed_ends_bitwise_equal(tmp_path, classify_refer
                       json.loads((out / "metrics.json").read_text())["training_state"])
 
 
-@pytest.mark.parametrize("name", ["SIGTERM", "SIGUSR1"])
+@pytest.mark.parametrize("name", [pytest.param("SIGTERM", marks=pytest.mark.long), "SIGUSR1"])
 def test_stop_signal_saves_state_and_resume_ends_bitwise_equal(tmp_path, classify_reference,
                                                                name):
     """SIGTERM/SIGUSR1 to mpiexec (forwarded to every rank): the app saves its state at the next
@@ -184,6 +185,7 @@ def test_cnf_quick_two_ranks(tmp_path, data, trace):
     assert training_state.verify(metrics["training_state"]) is None
 
 
+@pytest.mark.long
 def test_cnf_learns_8gaussians_toward_the_true_density(tmp_path):
     """Learning happens on a small budget: in 250 iterations the held-out gap to the true
     density's NLL (on the same points) falls at least 4-fold from the first evaluation's. The
@@ -221,6 +223,7 @@ def test_classify_two_blocks_take_their_own_method_and_options(tmp_path):
     assert bad.returncode == 2 and "one per block" in bad.stderr
 
 
+@pytest.mark.long
 def test_cnf_stopped_and_resumed_ends_bitwise_equal(tmp_path):
     """The CNF draws its batches and Hutchinson noise on each rank from that rank's generator:
     a run stopped by SIGUSR1 and resumed restores every rank's RNG and ends bit-identical."""
@@ -247,7 +250,8 @@ def test_cnf_stopped_and_resumed_ends_bitwise_equal(tmp_path):
                                    for i, h in enumerate(final[1]["history"])]
 
 
-@pytest.mark.parametrize("dataset", ["fashion-mnist", "mnist5k"])
+@pytest.mark.parametrize("dataset", [pytest.param("fashion-mnist", marks=pytest.mark.long),
+                                     "mnist5k"])
 def test_classify_real_datasets_quick(tmp_path, dataset):
     proc = run_mpi(2, ROOT / "apps" / "classify.py", "--quick", "--no-progress", "--dataset",
                    dataset, "--epochs", "1", "--out", tmp_path, timeout=300)

@@ -229,6 +229,7 @@ def test_rnode_regularisers_are_the_kinetic_energy_and_frobenius_norm():
     assert plain(t, torch.cat([z, torch.zeros(4, 1, dtype=torch.float64)], 1)).shape == (4, 4)
 
 
+@pytest.mark.long
 def test_cnf_learns_digits_beyond_the_gaussian(tmp_path):
     """A small budget on the 64-D digits (2 ranks, Hutchinson's trace in training, the exact
     trace held out): the untrained flow's held-out bound equals the Gaussian baseline's (the

@@ -9,7 +9,8 @@ from pnode_dist import METHODS, Grid, InputError, odeint
 from pnode_dist.testing import rk_replay
 
 
-@pytest.mark.parametrize("nranks", [1, 2, 3, 4])
+@pytest.mark.parametrize("nranks", [1, 2, *(pytest.param(n, marks=pytest.mark.long)
+                                            for n in (3, 4))])
 def test_n_ranks_equal_one_rank(nranks):
     proc = run_mpi(nranks, ROOT / "tests" / "mpi" / "grid_equivalence.py", timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -63,7 +63,7 @@ def test_other_pnode_files_are_listed_generically(tmp_path):
     assert info["datasets"][0]["norm"] == pytest.approx(6 ** 0.5)
 
 
-def test_missing_truncated_and_foreign_files_fail_clearly(tmp_path, checkpoint_file):
+def test_missing_truncated_and_foreign_files_fail_clearly(tmp_path, checkpoint_file, capsys):
     foreign = tmp_path / "foreign.h5"
     with h5py.File(foreign, "w") as f:
         f["x"] = np.zeros(3)
@@ -73,9 +73,9 @@ def test_missing_truncated_and_foreign_files_fail_clearly(tmp_path, checkpoint_f
     truncated.write_bytes(checkpoint_file.read_bytes()[:3000])
     cases = {tmp_path / "missing.h5": "no such file", foreign: "not written by pnode_dist",
              text: "not an HDF5 file", truncated: "truncated"}
-    for path, words in cases.items():
-        out = _inspect(path)
-        assert out.returncode == 1 and words in out.stderr, (path, out.stderr)
+    for path, words in cases.items():          # in this process (the command: below)
+        status, _, err = _inspect_here(capsys, path)
+        assert status == 1 and words in err, (path, err)
     both = _inspect(checkpoint_file, tmp_path / "missing.h5")
     assert both.returncode == 1 and "pnode_dist.checkpoints" in both.stdout
 

@@ -11,6 +11,8 @@ from conftest import RESUME_ARGS, ROOT, assert_same_state
 from pnode_dist.training import state as training_state
 from slurm_cluster import SlurmCluster, SlurmUnavailable
 
+pytestmark = pytest.mark.long        # minutes: SLURM daemons and an app per job (make test-long)
+
 JOBS = ROOT / "jobscripts"
 
 

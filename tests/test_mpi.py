@@ -33,6 +33,7 @@ def test_fixed_step_explicit_solve_does_not_communicate():
     assert "no communication in the solve" in proc.stdout, proc.stdout
 
 
+@pytest.mark.long
 def test_checkpointed_gradients_on_three_ranks():
     proc = run_mpi(3, HERE / "mpi" / "checkpointing.py", timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -46,8 +47,9 @@ def test_torchdiffeq_style_calls_on_several_ranks():
     assert "second derivatives refused on every rank" in proc.stdout, proc.stdout
 
 
-@pytest.mark.parametrize("nranks, method", [(2, "dopri5"), (3, "dopri5"), (2, "rk4"),
-                                            (3, "cn")])
+@pytest.mark.parametrize("nranks, method", [(2, "dopri5"), (2, "rk4"), (2, "cn"),
+                                            *(pytest.param(3, m, marks=pytest.mark.long)
+                                              for m in ("dopri5", "cn"))])
 def test_events_on_several_ranks_equal_one_rank(nranks, method):
     proc = run_mpi(nranks, HERE / "mpi" / "events.py", method, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -55,7 +57,7 @@ def test_events_on_several_ranks_equal_one_rank(nranks, method):
     assert "event_fn failure raised on every rank" in proc.stdout, proc.stdout
 
 
-@pytest.mark.parametrize("nranks", [2, 3])
+@pytest.mark.parametrize("nranks", [2, pytest.param(3, marks=pytest.mark.long)])
 def test_events_on_a_grid_equal_the_whole_field(nranks):
     proc = run_mpi(nranks, HERE / "mpi" / "grid_events.py", timeout=180)
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -19,6 +19,8 @@ from conftest import RESUME_ARGS, ROOT, assert_same_state, run_mpi
 from pnode_dist.training import state as training_state
 from slurm_cluster import NetworkCluster, SlurmUnavailable, remove_stale_clusters
 
+pytestmark = pytest.mark.long        # minutes: a three-node cluster (make test-long)
+
 JOBS = ROOT / "jobscripts"
 PYTHON = ROOT / ".venv" / "bin" / "python"
 
