@@ -10,8 +10,7 @@ class PnodeError(RuntimeError):
     """Base class of pnode_dist's errors.
 
     Catch it to handle any error pnode_dist raises (:class:`InputError`, :class:`SolverError`,
-    :class:`FileFormatError`). ``pnode_dist.training.state.SaveError`` is not one of them: it
-    derives from ``Exception`` directly.
+    :class:`FileFormatError`, ``pnode_dist.training.state.SaveError``).
     """
 
 

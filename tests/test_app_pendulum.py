@@ -3,6 +3,8 @@ outputs and learns (the loss falls, g and c move toward the truth), and two rank
 as one does (the lam0 path's gradient is summed over the ranks too)."""
 import json
 
+import pytest
+
 from conftest import ROOT, run_mpi
 
 APP = ROOT / "apps" / "pendulum.py"
@@ -30,6 +32,7 @@ def test_pendulum_quick_two_ranks_learns(tmp_path):
         assert (tmp_path / name).stat().st_size > 0, name
 
 
+@pytest.mark.long
 def test_pendulum_two_ranks_train_as_one(tmp_path):
     """The trajectories split over two ranks give the same iterates as all of them on one."""
     runs = {}

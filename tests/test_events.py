@@ -330,6 +330,7 @@ def test_second_derivatives_through_an_event_time_are_refused():
         torch.autograd.grad(event_t, h, create_graph=True)
 
 
+@pytest.mark.long
 def test_bouncing_ball_example_learns_the_restitution_on_two_ranks():
     """examples/bouncing_ball.py under mpiexec -n 2: the restitution moves from 0.5 towards
     the true 0.75, and the run prints what one rank prints."""

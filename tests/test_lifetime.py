@@ -99,7 +99,7 @@ PLANS = {"graphs": dict(), "all": dict(schedule="all"), "uniform": dict(schedule
 
 @pytest.mark.parametrize("method, plan", [("dopri5", p) for p in PLANS] + [
     ("rk4", "graphs"), ("cn", "graphs"), ("cn", "binomial"), ("arkimex", "graphs"),
-    ("arkimex", "binomial")])
+    pytest.param("arkimex", "binomial", marks=pytest.mark.long)])
 def test_failed_solves_release_everything(tmp_path, method, plan):
     kwargs = dict(PLANS[plan])
     if plan == "disk":

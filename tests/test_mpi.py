@@ -8,7 +8,7 @@ from conftest import run_mpi
 HERE = Path(__file__).resolve().parent
 
 
-@pytest.mark.parametrize("nranks", [2, 3])
+@pytest.mark.parametrize("nranks", [2, pytest.param(3, marks=pytest.mark.long)])
 def test_n_ranks_equal_one_rank(nranks):
     proc = run_mpi(nranks, HERE / "mpi" / "equivalence.py")
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -14,7 +14,7 @@ import torch
 
 from conftest import ROOT, TimeMLP
 from pnode_dist.training import state as training_state
-from pnode_dist import FileFormatError
+from pnode_dist import FileFormatError, InputError, PnodeError
 from pnode_dist.inspect import describe
 from pnode_dist.parallel import MPI
 
@@ -228,9 +228,13 @@ def test_full_disk_keeps_the_previous_state(small_tmpfs):
     first = training_state.save(small_tmpfs, model=model, optimizer=opt, iteration=1, epoch=1,
                                 comm=COMM, run_id="full")
     free = os.statvfs(small_tmpfs).f_bavail
-    with pytest.raises(training_state.SaveError, match="no space left on device"):
+    with pytest.raises(training_state.SaveError, match="no space left on device") as error:
         training_state.save(small_tmpfs, model=model, optimizer=opt, iteration=2, epoch=1,
                             comm=COMM, run_id="full")
+    assert isinstance(error.value, PnodeError)      # one except clause catches every error
+    with pytest.raises(InputError, match="letters, digits"):       # before anything is written
+        training_state.save(small_tmpfs, model=model, optimizer=opt, iteration=2, epoch=1,
+                            comm=COMM, run_id="../elsewhere")
     assert [p.name for p in small_tmpfs.iterdir()] == ["state-0000000001.h5"]
     assert os.statvfs(small_tmpfs).f_bavail == free
     assert training_state.verify(first) is None

@@ -18,7 +18,7 @@ import torch
 from .._h5format import TRAINING_STATE_FORMAT as FORMAT
 from .._h5format import utc_now
 from .. import _sealed
-from ..errors import FileFormatError
+from ..errors import FileFormatError, InputError, PnodeError
 
 VERSION = 2
 KIND = "training state"
@@ -42,13 +42,12 @@ problem : str or None
 """
 
 
-class SaveError(Exception):
+class SaveError(PnodeError):
     """The training state could not be written.
 
     Raised by :func:`save` on every rank when rank 0 cannot write (a full disk, an unwritable
     directory, a file of the same name from another run); the temporary file is removed and
-    the earlier states are kept. It derives from ``Exception``, not from
-    ``pnode_dist.PnodeError``.
+    the earlier states are kept. A ``pnode_dist.PnodeError``.
 
     Notes
     -----
@@ -206,8 +205,8 @@ def save(directory, *, model, optimizer, iteration, epoch, comm, scheduler=None,
         On every rank when rank 0 cannot write (a full disk, an unwritable directory): the
         temporary file is removed and the earlier states are kept. Also when a file of the
         same name exists that is not a state of this run (it is not replaced).
-    ValueError
-        For a ``run_id`` of other characters or longer than 64.
+    pnode_dist.InputError
+        For a ``run_id`` of other characters or longer than 64 (a ``ValueError`` too).
 
     Notes
     -----
@@ -242,7 +241,7 @@ def save(directory, *, model, optimizer, iteration, epoch, comm, scheduler=None,
     """
     import h5py
     if run_id is not None and not _RUN_ID.fullmatch(str(run_id)):
-        raise ValueError(f"run_id {run_id!r}: letters, digits and '_.-' only, at most 64")
+        raise InputError(f"run_id {run_id!r}: letters, digits and '_.-' only, at most 64")
     run_id = str(run_id or "")
     rng_states = comm.gather(_rng_states(), root=0)
     path = error = None
