@@ -12,6 +12,7 @@ TRUE_G, TRUE_C = 9.81, 0.25
 INITIAL_G, INITIAL_C = 6.0, 0.0          # the app's defaults
 
 
+@pytest.mark.long
 def test_pendulum_quick_two_ranks_learns(tmp_path):
     proc = run_mpi(2, APP, "--quick", "--no-progress", "--out", tmp_path, timeout=180)
     assert proc.returncode == 0, proc.stdout + proc.stderr

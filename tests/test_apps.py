@@ -51,6 +51,7 @@ def test_classify_reports_missing_dataset(tmp_path):
     assert "apt-get install dataset-fashion-mnist" in proc.stderr
 
 
+@pytest.mark.long
 def test_stiff_quick_two_ranks_learns_the_rate_constants(tmp_path):
     """Learning happens on the quick budget: L-BFGS cuts the log-species loss at least
     100-fold in 7 iterations and brings every log rate constant at least 4x closer to the

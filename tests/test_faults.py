@@ -20,10 +20,12 @@ def full_disk(small_tmpfs):
     return small_tmpfs
 
 
-# 3 ranks on this machine's 2 cores: explicit methods only (implicit ones communicate in every
+# make test: one explicit and one implicit method; the long tests: every method, and 3 ranks
+# on this machine's 2 cores with explicit methods only (implicit ones communicate in every
 # Newton iteration, and oversubscribed ranks take turns: minutes).
 @pytest.mark.parametrize("nranks,methods,cases", [
-    (2, "", 150), pytest.param(3, "rk4,dopri5", 60, marks=pytest.mark.long)])
+    (2, "dopri5,cn", 60), pytest.param(2, "", 150, marks=pytest.mark.long),
+    pytest.param(3, "rk4,dopri5", 60, marks=pytest.mark.long)])
 def test_faults_on_one_rank_raise_on_every_rank(full_disk, nranks, methods, cases):
     proc = run_mpi(nranks, SCRIPT, "collective", timeout=300,
                    env={"PNODE_TEST_FULL_DIR": str(full_disk), "PNODE_TEST_METHODS": methods})
