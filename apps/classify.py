@@ -43,13 +43,18 @@ class ConvODEFunc(nn.Module):
         return self.conv2(torch.tanh(self.conv1(z) + t))
 
 
+def stem_stride(side):
+    """The stem's stride for images side x side (it keeps small images whole)."""
+    return 1 if side <= 8 else 2
+
+
 class ODENet(nn.Module):
     """Conv stem -> ODE block 1 -> 1x1 conv transition -> ODE block 2 ... -> pooled linear head.
     Block i solves with PETSc options prefix 'ode<i>_' and its own method and steps."""
 
     def __init__(self, side, channels, classes, block_kwargs):
         super().__init__()
-        stride = 1 if side <= 8 else 2
+        stride = stem_stride(side)
         self.stem = nn.Sequential(nn.Conv2d(1, channels, 3, stride=stride, padding=1), nn.ReLU())
         self.blocks = nn.ModuleList(
             ODEBlock(ConvODEFunc(channels), t=(0.0, 1.0), prefix=f"ode{i + 1}_", **kw)
@@ -126,6 +131,38 @@ def block_kwargs(args, policy):
     return out
 
 
+def memory_needs(args, rank, size, data, device, policy):
+    """What a rank holds at once in a training or evaluation batch (workflow.Need, a lower
+    bound): the ODE blocks' states, the stem's output, the parameters with Adam's state, and on
+    a GPU the data set copied there. data: the loaded (xtr, ytr), (xte, yte)."""
+    (xtr, ytr), (xte, yte) = data
+    side = xtr.shape[-1]
+    lo, hi = workflow.shard(min(args.batch_size, len(ytr)), rank, size)
+    train_rows = hi - lo
+    lo, hi = workflow.shard(len(yte), rank, size)
+    rows = max(train_rows, min(hi - lo, 256))              # evaluate() takes 256 at a time
+    feature = (side - 1) // stem_stride(side) + 1
+    numbers = rows * args.channels * feature * feature
+    option = (f"--batch-size {args.batch_size} " if rows == train_rows else "") + \
+        f"--channels {args.channels}"
+    sizes = f"--channels {args.channels}" + (f" --blocks {args.blocks}" if args.blocks > 1 else "")
+    # One block, and what each further block (its function and transition) adds.
+    one, two = (workflow.parameter_bytes(lambda: ODENet(side, args.channels, int(ytr.max()) + 1,
+                                                        block_kwargs(args, policy)[:k]))
+                for k in (1, 2))
+    params = one + (args.blocks - 1) * (two - one)
+    shape = f"{rows} x {args.channels} x {feature} x {feature}"
+    method = max(args.method, key=lambda m: pnode_dist.METHODS[m].states_per_step)
+    needs = [workflow.ode_states_need(method, numbers, option, f"ODE blocks' state of {shape}"),
+             workflow.Need(f"the stem's output ({shape} float32)", 4 * numbers, option,
+                           split=True),
+             workflow.parameters_need(params, sizes)]
+    if device.type == "cuda":
+        needs.append(workflow.Need("the data set copied to the GPU",
+                                   sum(a.nbytes for a in (xtr, ytr, xte, yte))))
+    return needs
+
+
 def evaluate(model, x, y, comm):
     rank, size = comm.Get_rank(), comm.Get_size()
     lo, hi = workflow.shard(len(y), rank, size)
@@ -149,10 +186,13 @@ def main(argv=None):
     try:
         (xtr, ytr), (xte, yte) = datasets.load(args.dataset, args.seed, args.limit)
         policy = ode_cli.checkpoint_policy(args)
-        model = ODENet(xtr.shape[-1], args.channels, int(ytr.max()) + 1,
-                       block_kwargs(args, policy))
         # This rank's GPU when there is one (and PETSc has CUDA), else the CPU.
         device = pnode_dist.rank_device()
+        # Refused before the model is allocated if it and a batch cannot fit.
+        workflow.check_memory(comm, memory_needs(args, rank, size, ((xtr, ytr), (xte, yte)),
+                                                 device, policy), device=device)
+        model = ODENet(xtr.shape[-1], args.channels, int(ytr.max()) + 1,
+                       block_kwargs(args, policy))
         model.to(device)
         xtr, ytr, xte, yte = (a.to(device) for a in (xtr, ytr, xte, yte))
     except (datasets.DatasetUnavailable, pnode_dist.InputError) as exc:

@@ -353,6 +353,35 @@ def held_out_report(model, name, test, comm):
     return report
 
 
+def memory_needs(args, rank, size, dim, regularise, held):
+    """What a rank holds at once (workflow.Need lists, lower bounds) while training: the
+    batch's ODE states, its samples and the flow's input, f's hidden activations, the
+    parameters with Adam's state, the held-out data; and before, while the held-out data is
+    made (`held`: its numbers, copies alive then, option; None: already made)."""
+    lo, hi = workflow.shard(args.batch_size, rank, size)
+    batch, width = hi - lo, dim + (3 if regularise else 1)
+    option = f"--batch-size {args.batch_size}"
+    sizes = f"--hidden {args.hidden} --layers {args.layers}" + (
+        f" --elementwise {args.elementwise}" if args.elementwise else "")
+    params = workflow.parameter_bytes(lambda: CNFDynamics(
+        dim, args.hidden, args.layers, regularise=regularise,
+        elementwise=args.elementwise).double())
+    activations = batch * (args.hidden * args.layers + dim * args.elementwise)
+    needs = [workflow.ode_states_need(args.method, batch * width, option, "batch's ODE state"),
+             workflow.Need(f"the batch's samples and flow input ({batch} x {dim + width} "
+                           "float64)", 8 * batch * (dim + width), option, split=True),
+             workflow.Need(f"f's hidden activations ({batch} x {activations // batch} float64, "
+                           f"{sizes})", 8 * activations, option, split=True),
+             workflow.parameters_need(params, sizes)]
+    if held is None:
+        return [needs]
+    numbers, copies, option = held
+    making = [workflow.Need(f"the held-out data as it is made ({numbers} float64 x {copies}, on "
+                            "every rank)", 8 * numbers * copies, option)]
+    return [needs + [workflow.Need(f"the held-out data ({numbers} float64, on every rank)",
+                                   8 * numbers, option)], making]
+
+
 class Sampler:
     """This rank's share of each global batch: fresh samples of a 2-D density, rows of the
     training table drawn with replacement, or training images drawn with replacement and freshly
@@ -379,21 +408,31 @@ def main(argv=None):
     rank, size = comm.Get_rank(), comm.Get_size()
     workflow.set_threads(comm)
     images = args.data in densities.IMAGES
+    # The held-out data yet to be made: its numbers, the copies alive while it is made (the
+    # result and the tensors it is computed from), the option that sizes it.
+    held = None
     if args.data in densities.TOY:
-        train = None
-        test = densities.sample_toy(args.data, args.test_size,
-                                    torch.Generator().manual_seed(args.seed + 10_000))
+        train, dim = None, 2
+        held = (args.test_size * dim, 2, f"--test-size {args.test_size}")
     elif images:
         train = densities.DequantizedImages(args.data, args.seed, args.alpha,
                                             whiten=args.preprocess == "whiten")
+        dim = train.dim
+        held = (len(train.test) * args.test_draws * dim, 4, f"--test-draws {args.test_draws}")
+    else:
+        train, test = densities.load_tabular(args.data, args.seed)
+        dim = test.shape[-1]
+    trace = args.trace if args.trace != "auto" else ("exact" if dim <= 4 else "hutchinson")
+    regularise = args.kinetic_weight > 0 or args.jacobian_weight > 0
+    # Refused before the held-out data, the model or a batch is allocated if it cannot fit.
+    workflow.check_memory(comm, *memory_needs(args, rank, size, dim, regularise, held))
+    if args.data in densities.TOY:
+        test = densities.sample_toy(args.data, args.test_size,
+                                    torch.Generator().manual_seed(args.seed + 10_000))
+    elif images:
         test = train.held_out(args.test_draws, args.seed + 30_000)      # [M, draws, D]
         lo, hi = workflow.shard(len(test), rank, size)
         gaussian_bits = train.bits_per_dim(train.gaussian_log_prob(test[lo:hi])).mean(1)
-    else:
-        train, test = densities.load_tabular(args.data, args.seed)
-    dim = test.shape[-1]
-    trace = args.trace if args.trace != "auto" else ("exact" if dim <= 4 else "hutchinson")
-    regularise = args.kinetic_weight > 0 or args.jacobian_weight > 0
     torch.manual_seed(args.seed)
     try:
         model = CNF(dim, args.hidden, args.layers, trace, ode_kwargs(args), regularise,

@@ -137,12 +137,50 @@ def parse_args(argv=None):
     return args
 
 
+def memory_needs(args, rank, size):
+    """What a rank holds at once (workflow.Need lists, lower bounds), while training and while
+    reporting: the initial conditions and times, its training and held-out trajectories, the
+    training solve's output and states; then the held-out predictions before and after
+    training, and on rank 0 every rank's held-out positions gathered for the picture."""
+    points = args.points
+    lo, hi = workflow.shard(args.trajectories, rank, size)
+    batch = hi - lo
+    train = points * batch * 5
+    lo, hi = workflow.shard(args.held_out, rank, size)
+    held = points * (hi - lo) * 5
+    option = f"--trajectories {args.trajectories} --points {points}"
+    held_option = f"--held-out {args.held_out} --points {points}"
+    common = [
+        workflow.Need(f"the initial conditions ({args.trajectories} + {args.held_out} x 2 "
+                      "float64, on every rank)", 16 * (args.trajectories + args.held_out),
+                      f"--trajectories {args.trajectories} --held-out {args.held_out}"),
+        workflow.Need(f"the times ({points} float64)", 8 * points, f"--points {points}"),
+        workflow.Need(f"the training trajectories ({train} float64)", 8 * train, option,
+                      split=True),
+        workflow.Need(f"the held-out trajectories ({held} float64)", 8 * held, held_option,
+                      split=True)]
+    training = common + [
+        workflow.Need(f"the solve's output ({train} numbers)", workflow.SOLVER_BYTES * train,
+                      option, split=True),
+        workflow.ode_states_need(args.method, 5 * batch, option, "trajectories' ODE state")]
+    report = common + [workflow.Need(
+        f"the held-out predictions before and after training ({held} numbers x 2)",
+        2 * workflow.SOLVER_BYTES * held, held_option, split=True)]
+    if rank == 0:
+        gathered = points * args.held_out * 2 * 3
+        report.append(workflow.Need(f"the held-out positions gathered on rank 0 ({gathered} "
+                                    "float64 x 2)", 16 * gathered, held_option))
+    return [training, report]
+
+
 @workflow.reports_run_errors
 def main(argv=None):
     args = parse_args(argv)
     comm = MPI.COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()
     workflow.set_threads(comm)
+    # Refused before the data are made if the run cannot fit.
+    workflow.check_memory(comm, *memory_needs(args, rank, size))
     torch.manual_seed(args.seed)
     times = torch.linspace(0.0, args.duration, args.points, dtype=torch.float64)
     train_ic = initial_conditions(args.trajectories, args.seed)

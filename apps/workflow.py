@@ -19,10 +19,11 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+from typing import NamedTuple
 
 from pnode_dist.training import state as training_state
 from pnode_dist import FileFormatError, PnodeError
-from pnode_dist.parallel import MPI
+from pnode_dist.parallel import MPI, PRECISION
 from pnode_dist.training.preemption import REQUEUE_EXIT_CODE, StopSignals
 
 
@@ -204,6 +205,123 @@ def reports_run_errors(main):
     return wrapper
 
 
+# -- memory: refuse a run that cannot fit before it allocates ---------------------------------
+
+def format_bytes(n):
+    """'512 bytes', '3.5 KiB', '120 GiB', ...: n bytes in binary units, 3 significant digits."""
+    value = float(min(n, 10 ** 300))
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if value < 1024 or unit == "PiB":
+            return f"{value:.0f} bytes" if unit == "bytes" else f"{value:.3g} {unit}"
+        value /= 1024
+
+
+class Need(NamedTuple):
+    """One part of what a run holds on one rank at a time, for check_memory: `what` it is (how
+    it is counted), its `bytes` on this rank, the `option` that sizes it, as given ('--batch-size
+    64'; '' for a fixed part), and whether it is `split` over the ranks (more ranks, less)."""
+    what: str
+    bytes: int
+    option: str = ""
+    split: bool = False
+
+
+SOLVER_BYTES = 8 if PRECISION == "double" else 4      # one number of PETSc's state
+
+
+def parameter_bytes(build):
+    """Bytes of the parameters of the module `build()` returns, built on torch's meta device:
+    nothing is allocated, so this may count a model too large to exist."""
+    import torch
+    with torch.device("meta"):
+        module = build()
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+def parameters_need(nbytes, option, moments=2):
+    """Need: the parameters (nbytes), their gradients and the optimizer's `moments` tensors of
+    the same size (Adam: 2), on every rank."""
+    return Need(f"the parameters ({format_bytes(nbytes)} x {2 + moments}: values, gradients, "
+                f"{moments} optimizer moments)", nbytes * (2 + moments), option)
+
+
+def ode_states_need(method, numbers, option, what="ODE state"):
+    """Need: the states PETSc's TS of `method` holds during a solve (its stages and solution, at
+    least METHODS[method].states_per_step of them), each `numbers` values of this rank's state
+    in the solver precision."""
+    from pnode_dist import METHODS
+    one = numbers * SOLVER_BYTES
+    count = METHODS[method].states_per_step
+    return Need(f"the {what} ({format_bytes(one)} x {count}: {method}'s stages and solution)",
+                one * count, option, split=True)
+
+
+def check_memory(comm, *phases, device=None):
+    """Collective: RunError (exit status 2, one message on every rank) before a run allocates
+    what cannot fit. Each phase is a list of Needs this rank holds at the same time (a lower
+    bound: what the run allocates from now on, not what it already holds); a rank needs its
+    largest phase. Refused when the ranks sharing a node's memory need more together than is
+    available there: MemAvailable of /proc/meminfo, or with a CUDA `device` the GPU's free
+    memory (torch.cuda.mem_get_info), shared by the ranks on that GPU. The message names the
+    estimate and its parts, what is available on which host, and the option to lower."""
+    import torch
+    from pnode_dist._reversal.budget import available_host_bytes
+    needs = max(phases, key=lambda phase: sum(n.bytes for n in phase), default=[])
+    total = sum(n.bytes for n in needs)
+    node = comm.Split_type(MPI.COMM_TYPE_SHARED)
+    leader = node.bcast(comm.Get_rank(), root=0)            # names this node
+    node.Free()
+    host = socket.gethostname()
+    try:
+        if device is not None and torch.device(device).type == "cuda":
+            index = torch.device(device).index
+            index = torch.cuda.current_device() if index is None else index
+            free = torch.cuda.mem_get_info(index)[0]
+            pool, where = (leader, index), f"GPU {index} of host {host}"
+        else:
+            free, pool, where = available_host_bytes(), (leader, None), f"host {host}"
+    except (OSError, RuntimeError):
+        free, pool, where = None, (leader, None), f"host {host}"   # unknown: nothing refused
+    pools = {}
+    for pool_, where_, free_, total_, needs_ in comm.allgather(
+            (pool, where, free, total, [tuple(n) for n in needs])):
+        entry = pools.setdefault(pool_, {"where": where_, "free": free_, "ranks": 0, "sum": 0,
+                                         "top": (-1, [])})
+        if free_ is not None and entry["free"] is not None:
+            entry["free"] = max(entry["free"], free_)        # the same memory, read at once
+        entry["ranks"] += 1
+        entry["sum"] += total_
+        entry["top"] = max(entry["top"], (total_, needs_), key=lambda top: top[0])
+    for entry in pools.values():
+        if entry["free"] is not None and entry["sum"] > entry["free"]:
+            raise RunError(_memory_message(entry))
+
+
+def _memory_message(pool):
+    """The one-line refusal of check_memory for a pool (a node's memory, or one GPU's) whose
+    ranks need more than it has."""
+    import re
+    total, parts = pool["top"]
+    parts = sorted((Need(*p) for p in parts), key=lambda n: -n.bytes)
+    shown = [n for n in parts if 100 * n.bytes >= total] or parts[:1]
+    listed = "; ".join(f"{n.what}: {format_bytes(n.bytes)}" for n in shown)
+    if len(parts) > len(shown):
+        listed += f"; {len(parts) - len(shown)} smaller part(s)"
+    lead = parts[0] if parts else Need("", 0)
+    ranks, free = pool["ranks"], pool["free"]
+    available = (f"the {format_bytes(free)} available on {pool['where']}" if ranks == 1 else
+                 f"the {format_bytes(free / ranks)} available per rank on {pool['where']} "
+                 f"({format_bytes(free)} shared by its {ranks} ranks)")
+    flags = re.findall(r"--[a-z][a-z0-9-]*", lead.option)
+    hint = " or ".join(flags) if flags else "the sizes"
+    if lead.split:
+        hint += " or use more ranks/nodes" if ranks == 1 else " or use more nodes"
+    elif ranks > 1:
+        hint += " or run fewer ranks per node"
+    return (f"{lead.option or 'this run'} needs at least {format_bytes(total)} per rank "
+            f"({listed}), more than {available}: lower {hint}")
+
+
 def _check_writable(directory, option):
     """Create `directory` (and parents) and write and remove a small file in it."""
     try:
@@ -309,6 +427,16 @@ def _results_owner(out):
         return "unknown"
 
 
+def _results(out):
+    """What of a run's results `out` holds: metrics.json, pictures, training states in
+    OUT/state ([] when none)."""
+    out = Path(out)
+    found = [name for name in ("metrics.json",) if (out / name).exists()]
+    found += sorted(p.name for p in out.glob("*.png"))
+    states = training_state.scan(out / "state") if (out / "state").is_dir() else []
+    return found + ([f"{len(states)} training state(s) in {out / 'state'}"] if states else [])
+
+
 class Stopped(Exception):
     """A stop signal arrived; the state is saved. Carries the exit status for the job script."""
     exit_code = REQUEUE_EXIT_CODE
@@ -341,6 +469,7 @@ class TrainingSession:
         self.hosts = comm.allgather(socket.gethostname())   # rank -> host, in metrics.json
         self.run_id = None                      # set by resume()
         self._lock = None                       # rank 0: the fd holding STATE_DIR/.lock
+        self._out_lock = None                   # rank 0: the fd holding OUT/.lock
         self._plot_warned = set()
 
     # -- output ---------------------------------------------------------------------------
@@ -476,7 +605,8 @@ class TrainingSession:
                 raise RunError(f"{where} already holds {len(files)} training state file(s) of "
                                f"another run ({what}): continue it with --resume auto, or use a "
                                "new --out or --state-dir")
-            return self._claim_out(uuid.uuid4().hex), None, notes
+            run_id, claimed = self._claim_out(uuid.uuid4().hex)
+            return run_id, None, notes + claimed
         if spec != "auto":
             run, _ = training_state.read_header(spec)
             foreign = [f for f in files if f.run_id != run]
@@ -485,10 +615,11 @@ class TrainingSession:
                                f"run than {spec} (e.g. {foreign[0].path}): resume into a new "
                                "--out or --state-dir")
             if run is not None:
-                self._claim_out(run)
+                notes += self._claim_out(run)[1]
             return None, spec, notes
         if not files:
-            return self._claim_out(uuid.uuid4().hex), None, notes + [
+            run_id, claimed = self._claim_out(uuid.uuid4().hex)
+            return run_id, None, notes + claimed + [
                 f"no training state in {self.state_dir}: starting fresh"]
         if len(runs) > 1:
             raise RunError(f"{where} holds the states of {len(runs)} runs ({', '.join(runs)}): "
@@ -499,7 +630,7 @@ class TrainingSession:
             raise RunError(f"{where}: {unknown[0].path}{more} may belong to another run, its "
                            f"header cannot be read ({unknown[0].problem}): move it away, or "
                            "use a new --out or --state-dir")
-        self._claim_out(files[0].run_id)
+        notes += self._claim_out(files[0].run_id)[1]
         path, skipped = training_state.latest_valid(self.state_dir, run_id=files[0].run_id)
         notes += [f"skipping {bad}: {why}" for bad, why in skipped]
         if path is None:
@@ -509,22 +640,35 @@ class TrainingSession:
         return None, path, notes
 
     def _claim_out(self, run_id):
-        """Rank 0: make OUT the results folder of run `run_id` (OUT/.pnode-run names it);
-        RunError if it holds another run's results. Returns run_id."""
+        """Rank 0: make OUT the results folder of run `run_id` (OUT/.pnode-run names it). While
+        the run lives, rank 0 holds OUT/.lock (unless OUT is the state directory, whose lock
+        covers it). RunError if another live run uses OUT, or OUT holds another run's results;
+        a folder whose run left no results (killed or failed before it wrote any) is taken
+        over. Returns (run_id, lines to print)."""
+        notes = []
+        if self.out.resolve() != self.state_dir.resolve():
+            self._out_lock, warning = _lock(self.out)
+            notes += [warning] if warning else []
+        mine = run_id or "-"
         owner = _results_owner(self.out)
         if owner is None:
             try:                           # exclusive: of two runs starting at once, one wins
                 fd = os.open(self.out / OWNER_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-                os.write(fd, f"{run_id or '-'}\n".encode())
+                os.write(fd, f"{mine}\n".encode())
                 os.close(fd)
-                return run_id
+                return run_id, notes
             except FileExistsError:
                 owner = _results_owner(self.out)
-        if owner != (run_id or "-"):
+        if owner == mine:
+            return run_id, notes
+        results = _results(self.out)
+        if results:
             raise RunError(f"--out {self.out} holds the results of another run ({owner}: "
-                           "metrics.json, pictures); they are not replaced: use a new --out, or "
+                           f"{', '.join(results)}); they are not replaced: use a new --out, or "
                            "continue that run with --resume auto and its --state-dir")
-        return run_id
+        _write_atomically(self.out / OWNER_FILE, f"{mine}\n")
+        return run_id, notes + [f"--out {self.out}: run {owner} left no results there; this "
+                                "run takes it over"]
 
     def save(self, iteration, epoch, progress):
         """Write the training state (collective); returns its path. RunError (exit status 1)
@@ -542,10 +686,12 @@ class TrainingSession:
             raise RunError(str(exc), exit_code=1) from None
 
     def close(self):
-        """Release the state directory's lock (also released when the process ends)."""
-        if self._lock is not None:
-            os.close(self._lock)
-            self._lock = None
+        """Release the locks on the state directory and OUT (also released when the process
+        ends)."""
+        for name in ("_lock", "_out_lock"):
+            if getattr(self, name) is not None:
+                os.close(getattr(self, name))
+                setattr(self, name, None)
 
     def train(self, loop):
         """What every app's training shares: start the run (`resume`; a --resume file that is

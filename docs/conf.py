@@ -10,7 +10,7 @@ project = "pnode_dist"
 author = "the pnode_dist developers"
 copyright = "2026, " + author
 _argv, sys.argv = sys.argv, sys.argv[:1]   # PETSc reads the command line at import: not Sphinx's
-import pnode_dist  # noqa: E402  (the API pages are generated from its docstrings)
+import pnode_dist.parallel  # noqa: E402  (starts PETSc; the API pages come from the docstrings)
 sys.argv = _argv
 release = version = pnode_dist.__version__
 

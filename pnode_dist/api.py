@@ -18,11 +18,11 @@ from ._reversal.strategies import ReplayAll, solve_without_gradient
 from ._solve import conventions, dense
 from ._solve.device import SOLVER_DTYPE, check_device
 from ._solve.events import EventLocator
-from ._solve.integrator import IntegratorPool, StepControl
+from ._solve.integrator import IntegratorPool, StepControl, fixed_steps
 from ._solve.lifetime import at_finalize
 from ._solve.options import freeze
 from .checkpointing import Checkpointing
-from .errors import InputError
+from .errors import InputError, SolverError
 from .grid import Grid, GridLayout
 from .methods import METHODS, SETUP_OPTIONS, get_method
 
@@ -137,7 +137,7 @@ def _control(options, rtol, atol, store_graphs, method):
     if low > high:
         raise InputError(f"options['min_step'] {low:g} exceeds options['max_step'] {high:g}")
     steps = options.get("max_num_steps", StepControl.max_num_steps)
-    if not isinstance(steps, int) or steps < 1:
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise InputError(f"options['max_num_steps'] must be a positive integer; got {steps!r}")
     for name, v in (("rtol", rtol), ("atol", atol)):
         if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
@@ -152,6 +152,17 @@ def _control(options, rtol, atol, store_graphs, method):
                        max_num_steps=steps, rtol=float(rtol), atol=float(atol),
                        store_graphs=store_graphs,
                        interpolate=_output_mode(options, method, adaptive), **limits)
+
+
+def _check_step_count(t_out, control):
+    """A fixed-step solve longer than max_num_steps is refused before it takes a step."""
+    steps = fixed_steps(t_out, control.step_size)
+    if steps > control.max_num_steps:
+        size = ("steps (one per interval of t)" if control.step_size is None else
+                f"steps of options['step_size']={control.step_size:g}")
+        count = f"{steps:.4g}" if steps < math.inf else "more than 1e308"
+        raise InputError(f"t spans {count} {size}, more than options['max_num_steps']="
+                         f"{control.max_num_steps}: raise max_num_steps, or take larger steps")
 
 
 def _parameters(func, y0, t0, adjoint_params=None, module=True):
@@ -481,6 +492,9 @@ def _odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, com
         if method_obj.kind == "imex" and func is not user_func:
             raise InputError("method='arkimex' takes a tensor y0 and increasing t")
         control = _control(options, rtol, atol, store_graphs, method_obj)
+        if event_fn is None and (options or {}).get("event_tol") is not None:
+            raise InputError("options['event_tol'] is the tolerance of an event's time: it "
+                             "needs event_fn")
         if event_fn is not None:
             if not (control.interpolate or control.step_size is not None
                     or method_obj.adaptive):
@@ -488,6 +502,8 @@ def _odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, com
                     f"events with method {method_obj.name!r} need options['step_size']: the "
                     f"step that crosses is retaken to end on the event")
             t_out = [t_out[0], math.inf]             # until the event
+        elif not (method_obj.adaptive and control.step_size is None):
+            _check_step_count(t_out, control)
         setup = method_obj.setup(options or {}, func, y0)
         frozen = freeze(petsc_options)
         if prefix is not None and not (isinstance(prefix, str) and prefix.replace("_", "").isalnum()):
@@ -540,7 +556,7 @@ def _odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, com
         locator = EventLocator(
             event_fn, lambda y: _restore(y if grid is None else grid.from_vec_order(y), spec),
             time_sign, layout.comm, y0.dtype, (options or {}).get("event_tol"))
-        if _event_at_start(locator, t_out[0], y_start, comm) == 0:
+        if _event_at_start(locator, t_out[0], y_start) == 0:
             return (torch.as_tensor(t, dtype=getattr(t, "dtype", None))[0].detach(),
                     _restore(torch.stack([y0, y0]), spec))
         if control.interpolate:
@@ -572,7 +588,7 @@ def _odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, com
         stats["event_evaluations"] = locator.evaluations
     if event_out is not None:            # for odeint_event: the dense output's d/dt there
         event_out["slope"] = locator.to_user(locator.slope.to(y0.dtype))
-        event_out["mpi"] = layout.comm.tompi4py() if layout.nranks > 1 else None
+        event_out["comm"], event_out["call"] = layout.comm, call
     like = t if isinstance(t, torch.Tensor) else torch.tensor(0.0, dtype=torch.float64)
     event_t = torch.tensor(time_sign * locator.time, dtype=like.dtype, device=like.device)
     return event_t, solution
@@ -595,7 +611,12 @@ def _land_on_event(pool, retake, locator, y0, t0, control, func):
         return solve_without_gradient(retake, y_start, [t_start, s],
                                       dc_replace(control, step_size=s - t_start))[1]
 
-    t_event = locator.root(start, end, step_to)
+    try:
+        t_event = locator.root(start, end, step_to)
+    except Exception as exc:
+        if not locator.failed:           # the retaken step's own (raised on every rank)
+            raise
+        locator.raise_failure(exc, "while the crossing step was retaken", SolverError)
     if pool.method.kind == "explicit":
         dtype = pool.dtype
 
@@ -617,14 +638,13 @@ def _land_on_event(pool, retake, locator, y0, t0, control, func):
     return times, dc_replace(control, step_size=widest * (1 + 1e-9))
 
 
-def _event_at_start(locator, t0, y0, comm):
+def _event_at_start(locator, t0, y0):
     """The event combination at the start (collective); event_fn's failure there is an error
     on every rank."""
     try:
         return locator.start(t0, y0.detach().to(SOLVER_DTYPE))
     except Exception as exc:
-        raise_collectively(comm, f"event_fn failed at t[0]: {type(exc).__name__}: {exc}",
-                           InputError, cause=exc)
+        locator.raise_failure(exc, "at the start", InputError)
 
 
 def odeint_event(func, y0, t0, *, event_fn, reverse_time=False, odeint_interface=None,
@@ -677,9 +697,12 @@ def odeint_event(func, y0, t0, *, event_fn, reverse_time=False, odeint_interface
 
     Notes
     -----
-    On several ranks every rank's loss must use the event's outputs (the event time's backward
-    pass is one allreduce). A tensor ``event_fn`` uses gets its gradient on the rank whose event
-    stopped the solve (None elsewhere): :func:`pnode_dist.allreduce_gradients` sums it.
+    On several ranks every rank's loss must use the event time or the state at the event (either
+    will do: both lead every rank through the same backward pass, the event time's sum over the
+    ranks and then the solve's); a rank whose loss uses neither while the others' do is an
+    :class:`~pnode_dist.InputError` on every rank. A tensor ``event_fn`` uses gets its gradient
+    on the rank whose event stopped the solve (None elsewhere):
+    :func:`pnode_dist.allreduce_gradients` sums it.
 
     Examples
     --------
@@ -708,7 +731,8 @@ def _through_event(func, y0, t, event_fn, interface, kwargs):
     if slope is None:
         with torch.no_grad():
             slope = func(event_t, state)
-    event_t, state = reroute(event_fn, event_t, state, slope, found.get("mpi"))
+    event_t, state = reroute(event_fn, event_t, state, slope, found.get("comm"),
+                             found.get("call"))
     if isinstance(solution, tuple):
         solution = tuple(torch.cat([s[:-1], e[None]]) for s, e in zip(solution, state))
     else:

@@ -30,8 +30,8 @@ class StepCost:
 
     @property
     def state_step(self):
-        """One step in PETSc's memory trajectory (its solution and stages)."""
-        return self.per_step * self.state
+        """One step in PETSc's memory trajectory (its solution and stages, each a Vec)."""
+        return self.per_step * (self.state + budget.VEC_OVERHEAD)
 
     @property
     def graph_step(self):

@@ -145,6 +145,26 @@ def test_classify_killed_and_resumed_ends_bitwise_equal(tmp_path, classify_refer
                       json.loads((out / "metrics.json").read_text())["training_state"])
 
 
+def test_classify_killed_before_its_first_save_runs_again(tmp_path, classify_reference):
+    """SIGKILL as soon as the run has claimed OUT (it holds only .pnode-run and state/.lock):
+    the same command runs again, takes OUT over and ends as an uninterrupted run, bit for bit."""
+    out = tmp_path / "early"
+    proc = _start_classify(out)
+    deadline = time.monotonic() + 120
+    while not (out / ".pnode-run").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, "OUT was never claimed"
+        time.sleep(0.005)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate()
+    assert not list((out / "state").glob("state-*.h5")), "the run saved a state first"
+
+    again = run_mpi(2, ROOT / "apps" / "classify.py", *RESUME_ARGS, "--out", out, timeout=300)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "left no results there; this run takes it over" in again.stdout, again.stdout
+    assert_same_state(classify_reference,
+                      json.loads((out / "metrics.json").read_text())["training_state"])
+
+
 @pytest.mark.parametrize("name", [pytest.param("SIGTERM", marks=pytest.mark.long), "SIGUSR1"])
 def test_stop_signal_saves_state_and_resume_ends_bitwise_equal(tmp_path, classify_reference,
                                                                name):

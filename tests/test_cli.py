@@ -2,6 +2,7 @@
 status 2 (never a traceback, never silently accepted), the same on every rank under mpiexec,
 printed once; sensible command lines parse."""
 import importlib.util
+import os
 import subprocess
 import sys
 
@@ -117,3 +118,124 @@ def test_two_ranks_exit_2_and_print_once():
         proc.stderr
     helped = run_mpi(2, ROOT / "apps" / "cnf.py", "--help", timeout=120)
     assert helped.returncode == 0 and helped.stdout.count("usage:") == 1, helped.stdout
+
+
+# Absurd sizes (issue 37): refused in one line, exit status 2, before anything big is allocated,
+# from a lower bound of the model's and the states' bytes against the memory available. Each
+# launch is limited to 4 GB of address space: a run that allocates anyway fails fast (with a
+# traceback) instead of taking the machine's memory.
+ADDRESS_SPACE = 4 * 10 ** 9
+ABSURD = [("cnf", ["--batch-size", "1000000000"], "--batch-size 1000000000"),
+          ("cnf", ["--test-size", "1000000000"], "--test-size 1000000000"),
+          ("classify", ["--channels", "100000"], "--channels 100000"),
+          ("stiff", ["--points", "1000000000"], "--points 1000000000"),
+          ("pendulum", ["--trajectories", "100000000"], "--trajectories 100000000"),
+          ("pde", ["--grid", "30000"], "--grid 30000")]
+
+
+def _limited():
+    import resource
+    resource.setrlimit(resource.RLIMIT_AS, (ADDRESS_SPACE, ADDRESS_SPACE))
+
+
+def _launch(cmd, tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    return subprocess.run(cmd + ["--out", str(tmp_path / "out")], capture_output=True, text=True,
+                          cwd=ROOT, env=env, timeout=120, preexec_fn=_limited)
+
+
+@pytest.mark.parametrize("app,args,option", ABSURD,
+                         ids=[f"{a}:{' '.join(x)}" for a, x, _ in ABSURD])
+def test_absurd_size_is_refused_before_allocating(app, args, option, tmp_path):
+    proc = _launch([sys.executable, f"apps/{app}.py", *args], tmp_path)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stdout == "" and proc.stderr.count("\n") == 1, proc.stderr
+    lead, _, rest = proc.stderr.partition(" needs at least ")
+    assert lead.startswith("error: --") and option in lead and rest, proc.stderr
+    assert "available on host" in rest and option.split()[0] in rest.split(": lower ")[1]
+    assert not (tmp_path / "out").exists()                  # refused before any file is made
+
+
+def test_absurd_size_on_two_ranks_is_refused_once(tmp_path):
+    """The same refusal on every rank (exit status 2), printed once; the two ranks of this
+    node share its memory."""
+    proc = _launch(["mpiexec", "-n", "2", sys.executable, "apps/cnf.py", "--batch-size",
+                    "1000000000"], tmp_path)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.startswith("error: --batch-size 1000000000 needs at least "), proc.stderr
+    assert "shared by its 2 ranks" in proc.stderr and "or use more nodes" in proc.stderr
+
+
+class _Node:
+    """A stand-in communicator: `ranks` ranks on one node, each with this rank's needs."""
+
+    def __init__(self, ranks):
+        self.ranks = ranks
+
+    def Split_type(self, kind):
+        return self
+
+    def bcast(self, value, root=0):
+        return value
+
+    def Free(self):
+        pass
+
+    def Get_rank(self):
+        return 0
+
+    def allgather(self, value):
+        return [value] * self.ranks
+
+
+def test_memory_estimate_matches_a_real_model_and_the_available_memory(monkeypatch):
+    """The parameters' part is the real model's parameters, gradients and Adam's moments after
+    a step; the states' part is the flow's input in the solver precision times rk4's stages and
+    solution. A run is refused exactly when the ranks of a node need more than it has."""
+    import torch
+    from pnode_dist._reversal import budget
+    cnf = _app("cnf")
+    workflow = sys.modules["workflow"]
+    args = cnf.parse_args(["--hidden", "16", "--layers", "2", "--elementwise", "3",
+                           "--batch-size", "1000"])
+    needs = {n.what.split(" (")[0]: n for n in cnf.memory_needs(args, 0, 1, 2, False, None)[0]}
+    model = cnf.CNFDynamics(2, 16, 2, elementwise=3).double()
+    opt = torch.optim.Adam(model.parameters())
+    sum((p ** 2).sum() for p in model.parameters()).backward()
+    opt.step()
+    moments = [v for state in opt.state.values() for k, v in state.items() if k != "step"]
+    measured = sum(p.nbytes + p.grad.nbytes for p in model.parameters()) + \
+        sum(v.nbytes for v in moments)
+    assert needs["the parameters"].bytes == measured
+    flow_input = torch.cat([torch.zeros(1000, 2), torch.zeros(1000, 1)], dim=1)
+    assert needs["the batch's ODE state"].bytes == \
+        5 * flow_input.numel() * workflow.SOLVER_BYTES
+    classify = _app("classify")
+    real = classify.ODENet(8, 4, 10, [{}, {}])
+    assert workflow.parameter_bytes(lambda: classify.ODENet(8, 4, 10, [{}, {}])) == \
+        sum(p.nbytes for p in real.parameters())
+
+    total = sum(n.bytes for n in needs.values())
+    monkeypatch.setattr(budget, "available_host_bytes", lambda: total)
+    workflow.check_memory(_Node(1), list(needs.values()))            # fits exactly
+    monkeypatch.setattr(budget, "available_host_bytes", lambda: total - 1)
+    with pytest.raises(workflow.RunError) as refused:
+        workflow.check_memory(_Node(1), list(needs.values()))
+    message = str(refused.value)
+    assert refused.value.exit_code == 2 and "\n" not in message
+    assert message.startswith(f"--batch-size 1000 needs at least {workflow.format_bytes(total)} "
+                              "per rank (")
+    assert "lower --batch-size or use more ranks/nodes" in message
+    # Two ranks on the node: each one's share is half of what the node has.
+    monkeypatch.setattr(budget, "available_host_bytes", lambda: 2 * total)
+    workflow.check_memory(_Node(2), list(needs.values()))
+    monkeypatch.setattr(budget, "available_host_bytes", lambda: 2 * total - 1)
+    with pytest.raises(workflow.RunError, match="shared by its 2 ranks.*or use more nodes"):
+        workflow.check_memory(_Node(2), list(needs.values()))
+    # The largest phase counts; a parameter-bound refusal names the model's sizes.
+    big = workflow.parameters_need(total, "--hidden 16 --layers 2")
+    monkeypatch.setattr(budget, "available_host_bytes", lambda: 4 * total - 1)
+    with pytest.raises(workflow.RunError, match="^--hidden 16 --layers 2 needs at least .*: "
+                                                "lower --hidden or --layers$"):
+        workflow.check_memory(_Node(1), list(needs.values()), [big])

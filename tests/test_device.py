@@ -46,11 +46,12 @@ def test_callbacks_use_the_vec_memory():
 
 
 def test_precision_choice_errors():
-    res = _python("import pnode_dist", PNODE_PRECISION="half")
+    start = "from pnode_dist import odeint"          # PETSc starts at a solver name's first use
+    res = _python(start, PNODE_PRECISION="half")
     assert res.returncode != 0 and "choose 'double' or 'single'" in res.stderr
-    res = _python("import petsc4py; import pnode_dist", PNODE_PRECISION="single")
+    res = _python("import petsc4py; " + start, PNODE_PRECISION="single")
     assert res.returncode != 0 and "import pnode_dist first" in res.stderr
-    res = _python("import pnode_dist", PNODE_PRECISION="single", PNODE_PETSC_SINGLE="/nowhere")
+    res = _python(start, PNODE_PRECISION="single", PNODE_PETSC_SINGLE="/nowhere")
     assert res.returncode != 0 and "is double-precision" in res.stderr
     assert "make setup-single" in res.stderr
 

@@ -75,6 +75,64 @@ def test_max_num_steps(mlp, y0):
         _call(mlp, y0, method="dopri5", options={"max_num_steps": 3}, rtol=1e-10, atol=1e-10)
 
 
+class Counting(torch.nn.Module):
+    """-y, counting its evaluations; raises once `fail` is set."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor(-1.0, dtype=torch.float64))
+        self.calls, self.fail = 0, False
+
+    def forward(self, t, y):
+        self.calls += 1
+        if self.fail:
+            raise ValueError("func fails now")
+        return self.w * y
+
+
+@pytest.mark.parametrize("t,kw,words", [
+    ((0.0, 1.0), {"options": {"step_size": 1e-5, "max_num_steps": 1000}},
+     "t spans 1e\\+05 steps of options\\['step_size'\\]=1e-05, more than "
+     "options\\['max_num_steps'\\]=1000"),
+    ((0.0, 1e308), {}, "t spans more than 1e308 steps"),
+    ((0.0, 1.0), {"options": {"step_size": 1e-320}}, "t spans more than 1e308 steps"),
+    ((0.0, 0.5, 1.0), {"options": {"max_num_steps": 1}},
+     "t spans 2 steps \\(one per interval of t\\), more than options"),
+    ((0.0, 1.0), {"options": {"step_size": 0.1, "max_num_steps": True}},
+     "must be a positive integer; got True"),
+    ((0.0, 1.0), {"options": {"step_size": 0.1, "event_tol": 1e-3}}, "it needs event_fn"),
+])
+def test_steps_and_limits_refused_before_stepping(y0, t, kw, words):
+    """A fixed-step solve longer than max_num_steps (also one no float can count), and
+    nonsense limits, are refused before func is called once."""
+    func = Counting()
+    with pytest.raises(InputError, match=words):
+        _call(func, y0.clone().requires_grad_(True), t, **kw)
+    assert func.calls == 0
+
+
+@pytest.mark.parametrize("method,options", [("dopri5", {}), ("rk4", {"step_size": 0.1})])
+def test_an_event_tol_that_cannot_locate_the_event_is_an_error(y0, method, options):
+    with pytest.raises(SolverError, match="options\\['event_tol'\\]=1e\\+09 is not below "
+                                          "the length of the step"):
+        odeint(Counting(), y0, torch.tensor([0.0, 1.0], dtype=torch.float64), method=method,
+               options=dict(options, event_tol=1e9), event_fn=lambda t, y: 0.3 - t)
+
+
+def test_func_failing_in_a_create_graph_backward_is_a_solver_error(y0):
+    func = Counting()
+    y = y0.clone().requires_grad_(True)
+    ys = _call(func, y)
+    func.fail = True
+    with pytest.raises(SolverError, match="ValueError in func while the backward pass "
+                                          "\\(create_graph=True\\) redid") as info:
+        torch.autograd.grad(ys.sum(), y, create_graph=True)
+    assert isinstance(info.value.__cause__, ValueError)
+    func.fail = False
+    (g,) = torch.autograd.grad(_call(func, y).sum(), y, create_graph=True)
+    assert g.requires_grad
+
+
 class NaNBetween(torch.nn.Module):
     """-y, but NaN for 0.4 < t < 0.6 in the evaluations `when` selects: 'always', or
     'derivatives' (only where a graph is built: linearisations, Newton's jvps, the adjoint)."""

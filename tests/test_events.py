@@ -322,6 +322,54 @@ def test_event_fn_errors_and_missing_events_are_solver_errors():
                           options={"max_num_steps": 50})
 
 
+@pytest.mark.parametrize("method", ["rk4", "cn"])
+def test_event_fn_failing_in_the_retaken_crossing_step_is_a_solver_error(method):
+    """Between the fixed steps only the retaken crossing step evaluates event_fn: raising or
+    NaN there is a SolverError chained to the exception, and the next solve works."""
+    y0 = torch.tensor([[10.0, 0.0]], dtype=F64)
+    t = torch.tensor([0.0, 1.0], dtype=F64)
+
+    def between_steps(s):
+        return abs(float(s) / 0.1 - round(float(s) / 0.1)) > 1e-6
+
+    def raising(s, y):
+        if between_steps(s):
+            raise ValueError("injected failure in event_fn")
+        return y[..., 0]
+
+    def nan(s, y):
+        return y[..., 0] * (float("nan") if between_steps(s) else 1.0)
+    options = {"step_size": 0.1}
+    with pytest.raises(SolverError, match="crossing step.*injected failure") as info:
+        pnode_dist.odeint(_fall, y0, t, event_fn=raising, method=method, options=options)
+    assert isinstance(info.value.__cause__, ValueError)
+    with pytest.raises(SolverError, match="event_fn returned NaN"):
+        pnode_dist.odeint(_fall, y0, t, event_fn=nan, method=method, options=options)
+    event_t, _ = pnode_dist.odeint(_fall, y0, t, event_fn=_height, method=method,
+                                   options=options)
+    assert abs(float(event_t) - math.sqrt(2 * 10 / G)) <= 1e-10
+
+
+def test_an_event_function_without_rate_at_the_event_is_a_solver_error():
+    """odeint_event: an event function whose rate of change along the solution is zero at the
+    event (no graph at all: a threshold) has no event time derivative: a SolverError, and the
+    next solve works."""
+    h = torch.tensor([10.0], dtype=F64, requires_grad=True)
+    y0 = torch.cat([h, torch.zeros(1, dtype=F64)])[None]
+
+    def flat(t, y):                  # the height's value, no derivative
+        return y[..., 0] + (y[..., 0].detach() - y[..., 0])
+
+    def threshold(t, y):
+        return (y[..., 0] > 0).to(F64) - 0.5
+    for event_fn in (flat, threshold):
+        with pytest.raises(SolverError, match="tangential crossing"):
+            odeint_event(_fall, y0, T0, event_fn=event_fn)
+    event_t, _ = odeint_event(_fall, y0, T0, event_fn=_height)
+    dt_dh, = torch.autograd.grad(event_t, h)
+    assert abs(float(dt_dh) - 1 / math.sqrt(2 * G * 10)) <= 1e-13
+
+
 def test_second_derivatives_through_an_event_time_are_refused():
     h = torch.tensor([10.0], dtype=F64, requires_grad=True)
     y0 = torch.cat([h, torch.zeros(1, dtype=F64)])[None]

@@ -48,15 +48,13 @@ class BytesTier(Tier):
 
     def put(self, pos, state, meta):
         self.data[pos] = (state.cpu().numpy().tobytes(), state.shape, state.dtype)
-        self._count(state.nbytes)
 
     def get(self, pos):
         raw, shape, dtype = self.data[pos]
         return torch.frombuffer(bytearray(raw), dtype=dtype).view(shape)
 
     def drop(self, pos):
-        raw, _, _ = self.data.pop(pos)
-        self.bytes -= len(raw)
+        del self.data[pos]
 
 
 class BytesPolicy(Checkpointing):

@@ -1,12 +1,15 @@
 """Faults injected on one rank (tests/mpi/faults.py): every case ends promptly, as an error on
 every rank or an aborted job naming the cause; never a hang or a wrong gradient."""
 import os
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import run_mpi
+from conftest import ROOT, run_mpi
 
 HERE = Path(__file__).resolve().parent
 SCRIPT = HERE / "mpi" / "faults.py"
@@ -35,7 +38,8 @@ def test_faults_on_one_rank_raise_on_every_rank(full_disk, nranks, methods, case
 
 
 @pytest.mark.parametrize("case,words", [
-    ("keyboard", ["KeyboardInterrupt", "rank 1 of 2", "aborting the MPI job"]),
+    ("keyboard", ["pnode_dist: rank 1 of 2 was interrupted (KeyboardInterrupt",
+                  "ending the MPI job"]),
     ("uncaught", ["a bug in the user's script", "rank 1 of 2", "aborting the MPI job"]),
     ("lone-backward", ["different points", "backward of odeint call 1", "exiting"]),
 ])
@@ -47,3 +51,39 @@ def test_failure_on_one_rank_ends_the_job(case, words):
     assert all(w in proc.stderr for w in words), proc.stdout + proc.stderr
     assert "was not interrupted" not in proc.stdout
     assert seconds < 30, seconds
+
+
+@pytest.mark.parametrize("name", ["SIGTERM", "SIGINT", "SIGKILL"])
+def test_a_signal_to_one_rank_ends_the_job_and_leaves_no_files(tmp_path, name):
+    """A signal to rank 1 of 2 mid-training, with disk checkpoints open on both ranks: the job
+    ends within seconds, with one line naming the signal (SIGKILL: the launcher's report), no
+    PETSc crash banner or MPI assertion, and no checkpoint file left in the disk folder (the
+    launcher kills the other rank: its files have no name to leave)."""
+    disk, pidfile = tmp_path / "disk", tmp_path / "pid"
+    disk.mkdir()
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT),
+               PNODE_TEST_DISK=str(disk), PNODE_TEST_PIDFILE=str(pidfile))
+    proc = subprocess.Popen(["mpiexec", "-n", "2", sys.executable, str(SCRIPT), "signalled"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            cwd=ROOT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not pidfile.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.01)
+        os.kill(int(pidfile.read_text()), getattr(signal, name))
+        start = time.perf_counter()
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    assert time.perf_counter() - start < 15
+    assert proc.returncode != 0 and "was not interrupted" not in out, out + err
+    ours = [line for line in err.splitlines() if "pnode_dist" in line]
+    expected = {"SIGTERM": ["pnode_dist: rank 1 of 2 received SIGTERM; ending the MPI job"],
+                "SIGINT": ["pnode_dist: rank 1 of 2 was interrupted (KeyboardInterrupt: SIGINT "
+                           "or Ctrl-C); ending the MPI job"], "SIGKILL": []}[name]
+    assert ours == expected, err
+    assert "PETSC ERROR" not in err and "Assertion" not in err and "Traceback" not in err, err
+    assert list(disk.iterdir()) == []

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, TimeMLP
+from conftest import ROOT, TimeMLP, run_mpi
 from pnode_dist import Checkpointing, odeint
 
 
@@ -294,3 +294,16 @@ def test_a_reader_that_hangs_or_crashes_is_one_error(tmp_path):
     with pytest.raises(FileFormatError, match="x.h5: HDF5 crashed reading it \\(SIGSEGV\\)"):
         _isolated(lambda path: os.kill(os.getpid(), signal.SIGSEGV), "x.h5", 10)
     assert _isolated(lambda path: {"file": path}, "x.h5", 10) == {"file": "x.h5"}
+
+
+def test_runs_as_a_child_process_of_an_mpi_rank(checkpoint_file, tmp_path):
+    """A training script under mpiexec runs pnode-inspect on its files (issue 37): the child
+    inherits the rank's PMI_* variables and must not start MPI."""
+    state = tmp_path / "state.h5"
+    with h5py.File(state, "w") as f:                 # an unsealed file: read in a forked child
+        f.attrs["format"] = "pnode_dist.training_state"
+        f["model/weight"] = np.ones((2, 3))
+    proc = run_mpi(2, ROOT / "tests" / "mpi" / "inspect_child.py", checkpoint_file, state,
+                   timeout=180)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.count(": ok (") == 2 and "pnode-inspect;" in proc.stdout, proc.stdout

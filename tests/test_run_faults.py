@@ -181,7 +181,7 @@ def test_a_second_run_into_the_same_out_is_refused(tmp_path):
     second = _run(tmp_path, state_dir=str(tmp_path / "s2"))
     with pytest.raises(workflow.RunError, match=(
             f"--out {tmp_path} holds the results of another run \\({first.run_id}: "
-            "metrics.json, pictures\\); they are not replaced: use a new --out")):
+            "metrics.json\\); they are not replaced: use a new --out")):
         second.resume()
     second.close()
     assert metrics.read_bytes() == before
@@ -193,6 +193,36 @@ def test_a_second_run_into_the_same_out_is_refused(tmp_path):
     with pytest.raises(workflow.RunError, match=f"another run \\({first.run_id}"):
         third.resume()
     third.close()
+
+
+@pytest.mark.parametrize("resume", [None, "auto"])
+def test_a_run_that_left_no_results_is_taken_over(tmp_path, resume):
+    """A run that ended before writing any result (killed early, a failed first solve) leaves
+    only OUT/.pnode-run and the lock files: the same command runs again, with or without
+    --resume auto, takes OUT over and says so; a live run is refused, even with no results."""
+    first = _run(tmp_path)
+    first.resume()
+    first.close()                                      # the process ended: its locks are gone
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == [
+        ".lock", ".pnode-run", "state", "state/.lock"]
+    again = _run(tmp_path, resume=resume)
+    notes = []
+    again.say = notes.append
+    assert again.resume() is None and again.run_id != first.run_id
+    assert (tmp_path / workflow.OWNER_FILE).read_text() == again.run_id + "\n"
+    assert f"--out {tmp_path}: run {first.run_id} left no results there; this run takes it " \
+        "over" in notes, notes
+    again.save(1, 1, {})
+    again.close()
+
+    live = _run(tmp_path / "b", state_dir=str(tmp_path / "s1"))
+    live.resume()                                      # alive: holds b/.lock, no results yet
+    other = _run(tmp_path / "b", state_dir=str(tmp_path / "s2"))
+    with pytest.raises(workflow.RunError, match=f"{tmp_path / 'b'} is in use by another run "
+                       f"\\(pid {os.getpid()} on "):
+        other.resume()
+    other.close()
+    live.close()
 
 
 def test_a_resumed_run_refuses_changed_options(tmp_path):

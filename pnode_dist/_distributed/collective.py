@@ -5,7 +5,9 @@ broadcast helpers. (PETSc start-up: startup.py.)
 """
 import atexit
 import os
+import signal
 import sys
+import threading
 import time
 import traceback
 
@@ -151,6 +153,8 @@ def abort_on_uncaught(exc_type, exc, tb):
     if getattr(exc, "collective", False):
         _previous_excepthook(exc_type, exc, tb)
         return
+    if issubclass(exc_type, KeyboardInterrupt):     # Ctrl-C or SIGINT: no traceback
+        _end_job("was interrupted (KeyboardInterrupt: SIGINT or Ctrl-C)", 128 + signal.SIGINT)
     rank, size = MPI.COMM_WORLD.Get_rank(), MPI.COMM_WORLD.Get_size()
     _abort(f"{''.join(traceback.format_exception(exc_type, exc, tb))}"
            f"pnode_dist: uncaught {exc_type.__name__} on rank {rank} of {size} ({exc}); "
@@ -158,9 +162,26 @@ def abort_on_uncaught(exc_type, exc, tb):
            "(PNODE_ABORT_ON_ERROR=0 turns this off)\n")
 
 
-def _abort(message):
+def _end_on_signal(signum, frame=None):
+    """SIGTERM or SIGHUP ends the process with one line naming it, instead of PETSc's crash
+    banner: one process exits (SystemExit, so that its files are cleaned up); under mpiexec the
+    whole job ends, not a rank alone. Installed only where the signal had its default action;
+    the apps' StopSignals replace it while they train."""
+    name = signal.Signals(signum).name
+    if MPI.COMM_WORLD.Get_size() == 1:
+        os.write(2, f"pnode_dist: received {name}; exiting\n".encode())
+        raise SystemExit(128 + signum)
+    _end_job(f"received {name}", 128 + signum)
+
+
+def _end_job(what, code):
+    _abort(f"pnode_dist: rank {MPI.COMM_WORLD.Get_rank()} of {MPI.COMM_WORLD.Get_size()} {what}; "
+           "ending the MPI job\n", code)
+
+
+def _abort(message, code=1):
     """Write `message` to stderr in one piece, give the launcher a moment to pass it on (it
-    stops forwarding output once it tears the job down), then MPI_Abort."""
+    stops forwarding output once it tears the job down), then MPI_Abort with status `code`."""
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
@@ -171,7 +192,7 @@ def _abort(message):
     except OSError:
         pass
     time.sleep(0.5)
-    MPI.COMM_WORLD.Abort(1)
+    MPI.COMM_WORLD.Abort(code)
 
 
 def _exit_check():
@@ -191,6 +212,10 @@ _previous_excepthook = sys.excepthook
 if MPI.COMM_WORLD.Get_size() > 1 and os.environ.get("PNODE_ABORT_ON_ERROR", "1") != "0":
     sys.excepthook = abort_on_uncaught
     atexit.register(_exit_check)
+for _signum in (signal.SIGTERM, signal.SIGHUP):
+    if signal.getsignal(_signum) in (signal.SIG_DFL, None) and \
+            threading.current_thread() is threading.main_thread():
+        signal.signal(_signum, _end_on_signal)        # replaces PETSc's handler (a crash banner)
 
 
 def _mpi(comm):
@@ -249,7 +274,9 @@ def allreduce_gradients(parameters, comm=None, average=False):
     Raises
     ------
     InputError
-        For a ``comm`` that is not a communicator.
+        For a ``comm`` that is not a communicator, and on every rank when the ranks are at
+        different points of the program (a rank whose loss did not use a solve's outputs calls
+        it while another is still in that solve's backward pass).
 
     Notes
     -----
@@ -266,11 +293,15 @@ def allreduce_gradients(parameters, comm=None, average=False):
         optimizer.step()
     """
     import torch
-    mpi = _mpi(comm)
+    comm = resolve_comm(comm)
+    mpi = comm.tompi4py()
     parameters = list(parameters)
     if mpi.Get_size() == 1:
         return
-    held = mpi.allgather([p.grad is not None for p in parameters])
+    # A phase check too: a rank still in a backward pass (its loss used a solve's outputs, this
+    # rank's did not) meets this one in an InputError, not in a mismatched collective.
+    held = raise_collectively(comm, None, same={"phase": "allreduce_gradients"},
+                              share=[p.grad is not None for p in parameters])
     params = [p for i, p in enumerate(parameters) if any(h[i] for h in held)]
     if not params:
         return

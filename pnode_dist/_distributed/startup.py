@@ -1,5 +1,7 @@
-"""PETSc and MPI start-up, done once per process when pnode_dist is first imported: every
-pnode_dist module gets PETSc (and MPI, PRECISION) from here. What happens, in order:
+"""PETSc and MPI start-up, done once per process when a solver name of pnode_dist is first used
+(``from pnode_dist import odeint``, ``import pnode_dist.parallel``: pnode_dist/__init__.py
+imports them lazily, so that a bare ``import pnode_dist`` and ``pnode-inspect`` need no MPI):
+every pnode_dist module gets PETSc (and MPI, PRECISION) from here. What happens, in order:
 
 - Precision: PNODE_PRECISION=single selects the single-precision PETSc + petsc4py that
   `make setup-single` (or `make test`) installs in <venv>/petsc-single (or the folder PNODE_PETSC_SINGLE names; float32
@@ -34,7 +36,8 @@ def _requested_precision():
     if precision == "single" and os.path.isdir(os.path.join(path, "petsc4py")):
         if "petsc4py" in sys.modules and not sys.modules["petsc4py"].__file__.startswith(path):
             raise InputError("PNODE_PRECISION=single, but another petsc4py was imported before "
-                             "pnode_dist: import pnode_dist first")
+                             "pnode_dist: import pnode_dist first (a name of its solver, such "
+                             "as `from pnode_dist import odeint`, or pnode_dist.parallel)")
         if path not in sys.path:
             sys.path.insert(0, path)
     return precision

@@ -7,6 +7,7 @@ import torch
 
 from .._distributed.collective import allreduce_sum, check_phase
 from .._solve.device import SOLVER_DTYPE
+from ..errors import SolverError
 from .torch_replay import record_outputs
 
 
@@ -91,7 +92,14 @@ def _differentiable_backward(ctx, problem, grad_outputs):
         start = (y0.to(SOLVER_DTYPE) if y0.requires_grad
                  else y0.detach().to(SOLVER_DTYPE).requires_grad_(True))
         wanted = [start] + [p for p, needed in zip(params, ctx.needs_input_grad[3:]) if needed]
-        outputs = record_outputs(f, start, ctx.record, tableau, dense)
+        where = "func while the backward pass (create_graph=True) redid the solve's steps"
+        try:
+            outputs = record_outputs(f, start, ctx.record, tableau, dense)
+        except Exception as exc:
+            raise SolverError(f"{type(exc).__name__} in {where}: {exc}") from exc
+        if not bool(torch.isfinite(outputs).all()):
+            raise SolverError(f"NaN or Inf from {where}, although the forward pass's were "
+                              "finite: func is not the same function as in the forward pass")
         found = torch.autograd.grad(outputs, wanted, grad_outputs.to(SOLVER_DTYPE),
                                     create_graph=True, allow_unused=True)
         grads = {id(x): (torch.zeros_like(x) if g is None else g)

@@ -10,16 +10,19 @@ on a side CUDA stream, so that the solve goes on meanwhile.
 import collections
 import errno
 import os
+import re
+import socket
 import time
 import warnings
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
 from .. import _h5format as h5format
 from .. import _sealed
-from .._distributed.collective import SYMPTOM
-from .._solve.device import SOLVER_DTYPE
+from .._distributed.collective import CAUSE, SYMPTOM
+from ..errors import InputError
 
 
 class _Damaged(Exception):
@@ -30,16 +33,22 @@ class Tier:
     """Where checkpoints are kept, up to ``capacity`` bytes: the extension point for tiers.
 
     A tier of your own (remote memory, compression) subclasses it, sets ``name`` (the prefix of
-    its ``stats`` keys), implements :meth:`put`, :meth:`get` and :meth:`drop` by step position,
-    and counts its bytes: ``put`` calls ``self._count(nbytes)``, ``drop`` subtracts them from
-    ``self.bytes``. A ``pnode_dist.Checkpointing`` subclass whose ``tiers(pool,
-    capacities=None)`` returns it puts it to use. A checkpoint goes to the first tier (fastest
-    first) whose :meth:`has_room` says yes.
+    its ``stats`` keys) and implements :meth:`put`, :meth:`get` and :meth:`drop` by step
+    position. The :class:`CheckpointStore` does the rest: it counts each tier's checkpoints and
+    bytes (``bytes``, ``peak``, ``stored``), verifies what every :meth:`get` returns (the shape
+    and dtype put, and for a tier that is not ``trusted`` a CRC-32 of the bytes kept at put
+    time), and turns an exception in a tier's method or a wrong restore into ``SolverError``
+    on every rank, naming the tier and the step. A ``pnode_dist.Checkpointing`` subclass whose
+    ``tiers(pool, capacities=None)`` returns it puts it to use. A checkpoint goes to the first
+    tier (fastest first) whose :meth:`has_room` says yes. Calling ``Tier.__init__`` is
+    optional (without it: no byte budget).
 
-    A tier whose puts or restores can fail on one rank only (``fallible = True``: a disk, GPU
-    memory) reports its first failure in ``error`` instead of raising, so that every rank
-    learns of it at the same point; the backward pass then raises ``SolverError`` on every
-    rank.
+    Where a tier's puts or restores can fail on one rank only (``fallible = True``, the
+    default: a tier of your own, a disk, GPU memory), every rank checks for a failure on any
+    rank after each restore and each put of the backward pass (the forward's puts: after the
+    solve), one allgather each on several ranks, so that all learn of it at the same point. A
+    tier whose failures come later (a disk tier writing behind) records its first one in
+    ``error``.
 
     Parameters
     ----------
@@ -49,36 +58,39 @@ class Tier:
     Attributes
     ----------
     bytes : int
-        Bytes held now.
+        Bytes held now (counted by the store).
     peak : int
         The most bytes held at once (``<name>_bytes_peak`` in stats).
     stored : int
         Checkpoints put so far (``<name>_checkpoints`` in stats).
     error : tuple or None
-        The first failure of a fallible tier, as (severity, message), or None.
+        The first failure a tier records itself, as (severity, message), or None.
+    fallible : bool
+        Whether a put or a restore can fail on one rank only (see above).
+    trusted : bool
+        Whether :meth:`get` returns exactly the bytes :meth:`put` was given by construction
+        (the built-in tiers; the disk tier checks its own SHA-256): then the store keeps no
+        CRC-32 of them (about 0.3 ms per MiB at put and at get). False for a tier of your own.
 
     Examples
     --------
     ``tests/test_extension.py`` holds a complete one: ``BytesTier`` keeps checkpoints as raw
-    bytes (``put`` counts them with ``_count``, ``drop`` subtracts them from ``bytes``) and a
-    ``Checkpointing`` subclass lists it in ``tiers``; its gradients equal the built-in tiers'.
+    bytes and a ``Checkpointing`` subclass lists it in ``tiers``; its gradients equal the
+    built-in tiers'.
     """
     name = None
-    fallible = False
+    fallible = True
+    trusted = False
+    capacity = None              # (class defaults: a subclass may skip Tier.__init__)
+    bytes = peak = stored = 0
+    error = None
 
-    def __init__(self, capacity):
+    def __init__(self, capacity=None):
         self.capacity = capacity
-        self.bytes = self.peak = self.stored = 0
-        self.error = None
 
     def has_room(self, nbytes):
         """Whether a checkpoint of ``nbytes`` bytes fits the budget now."""
         return self.capacity is None or self.bytes + nbytes <= self.capacity
-
-    def _count(self, nbytes):
-        self.bytes += nbytes
-        self.stored += 1
-        self.peak = max(self.peak, self.bytes)
 
     def put(self, pos, state, meta):
         """Keep a copy of the state at step position ``pos``.
@@ -96,11 +108,12 @@ class Tier:
         raise NotImplementedError
 
     def get(self, pos):
-        """The state kept at ``pos``, as a tensor of the shape and dtype it was put with."""
+        """The state kept at ``pos``: a tensor of the shape, dtype and bytes it was put with
+        (the store checks them), on any device."""
         raise NotImplementedError
 
     def drop(self, pos):
-        """Forget the state at ``pos`` and subtract its bytes from ``self.bytes``."""
+        """Forget the state at ``pos``."""
         raise NotImplementedError
 
     def prefetch(self, pos):
@@ -126,6 +139,8 @@ class MemoryTier(Tier):
     (resident memory 2-4x the checkpoints' bytes, measured at 1000 steps of 64 KiB)."""
 
     SLAB = 4 << 20
+    fallible = False
+    trusted = True
 
     def __init__(self, name, capacity, device="cpu"):
         super().__init__(capacity)
@@ -147,14 +162,12 @@ class MemoryTier(Tier):
 
     def put(self, pos, state, meta):
         self.data[pos] = self._row(state).copy_(state)
-        self._count(state.nbytes)
 
     def get(self, pos):
         return self.data[pos]
 
     def drop(self, pos):
         row = self.data.pop(pos)
-        self.bytes -= row.nbytes
         if self.slabbed:
             self.free.append(row)
 
@@ -210,7 +223,6 @@ class PinnedHostTier(MemoryTier):
     def put(self, pos, state, meta):
         snapshot = state.clone()
         self.data[pos], self.copied[pos] = self._on_side_stream(snapshot, "cpu")
-        self._count(state.nbytes)
 
     def prefetch(self, pos):
         if pos in self.data and pos not in self.ahead and len(self.ahead) < self.depth:
@@ -254,10 +266,16 @@ class DiskTier(Tier):
     Each checkpoint's SHA-256 is kept in memory when it is written (and stored with it); a
     restore whose bytes differ (a file truncated, overwritten or damaged meanwhile) is an
     error, never a wrong gradient. A write that would not fit on the disk is refused before
-    HDF5 sees it: HDF5 was seen to crash closing a file after running out of space."""
+    HDF5 sees it: HDF5 was seen to crash closing a file after running out of space.
+
+    No death of the process leaves a file behind, not even SIGKILL (MPI launchers end the other
+    ranks of a failed job so): a file that is not kept is unlinked as soon as it is created (the
+    open handle holds it); a kept one is written under a name carrying its process's id, sealed,
+    then renamed, and a later disk tier on the same host removes such files of dead
+    processes."""
 
     name = "disk"
-    fallible = True
+    trusted = True               # its own SHA-256 per checkpoint
     MARGIN = 1 << 20             # free bytes left for HDF5's own metadata
 
     def __init__(self, path, capacity, root_attributes, method, depth, keep_files=False):
@@ -265,10 +283,10 @@ class DiskTier(Tier):
         self.path, self.keep_files = path, keep_files
         self.root_attributes, self.method, self.depth = root_attributes, method, depth
         self.file = None
+        self.named = None                          # the open file's name (None: unlinked)
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pnode-disk")
         self.writes = collections.OrderedDict()   # pos -> (state copy, future): recent writes
         self.reads = {}                            # pos -> future of a read-ahead
-        self.nbytes = {}                           # pos -> bytes of the stored checkpoint
         self.write_seconds = self.read_seconds = 0.0
         self.hits = self.misses = 0
         self.digests = {}                          # pos -> checksum of what was written
@@ -282,8 +300,14 @@ class DiskTier(Tier):
     def _open(self):
         import h5py
         if self.file is None:
-            os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
-            self.file = h5py.File(self.path, "w", userblock_size=_sealed.USERBLOCK)
+            directory = os.path.dirname(self.path) or "."
+            os.makedirs(directory, exist_ok=True)
+            remove_orphans(directory)
+            self.named = f"{self.path}.part-{os.getpid()}-{_PROCESS_SPACE}"
+            self.file = h5py.File(self.named, "w", userblock_size=_sealed.USERBLOCK)
+            if not self.keep_files:
+                os.unlink(self.named)
+                self.named = None
             h5format.write_root_attributes(self.file, **self.root_attributes)
             self.file.create_group("checkpoints")
         return self.file
@@ -353,8 +377,6 @@ class DiskTier(Tier):
         meta = dict(meta, dtype=self.root_attributes["dtype"], shape=list(copy.shape),
                     rank=self.root_attributes["rank"], method=self.method)
         self.writes[pos] = (copy, self.worker.submit(self._write, pos, copy.numpy(), meta))
-        self.nbytes[pos] = copy.nbytes
-        self._count(copy.nbytes)
         self._settle(keep=self.depth)
 
     def prefetch(self, pos):
@@ -362,7 +384,8 @@ class DiskTier(Tier):
             self.reads[pos] = self.worker.submit(self._read, pos)
 
     def get(self, pos):
-        """The checkpoint (NaN if it could not be read: see `error`)."""
+        """The checkpoint; a read that fails is recorded in `error` (with the file and what to
+        do) and raised (the store then restores NaN)."""
         if pos in self.writes:
             self.hits += 1
             return self.writes[pos][0]
@@ -377,10 +400,10 @@ class DiskTier(Tier):
         except _Damaged as exc:
             self._failed(exc, "reading", "the file was truncated, overwritten or damaged after "
                          "it was written; nothing restored from it is used")
-        except Exception as exc:  # noqa: BLE001
+            raise
+        except Exception as exc:
             self._failed(exc, "reading")
-        shape = self.root_attributes["local_shape"]
-        return torch.full(tuple(shape), float("nan"), dtype=SOLVER_DTYPE)
+            raise
 
     def drop(self, pos):
         write = self.writes.pop(pos, None)
@@ -397,7 +420,6 @@ class DiskTier(Tier):
                 pass
         if not self.keep_files:
             self.worker.submit(self._delete, pos)
-        self.bytes -= self.nbytes.pop(pos)
 
     def _write_times(self, times):
         if self.error is not None:
@@ -419,9 +441,9 @@ class DiskTier(Tier):
                 "disk_prefetch_hits": self.hits, "disk_prefetch_misses": self.misses}
 
     def close(self):
-        """Finish the I/O in flight, close the file, and seal it with its checksum header
-        (_sealed.py) if asked to keep it, else remove it (a file whose writing, closing or
-        sealing failed is removed always). Never raises: it runs while an error
+        """Finish the I/O in flight and close the file; if asked to keep it, seal it with its
+        checksum header (_sealed.py) and give it its final name (a kept file whose writing,
+        closing or sealing failed is removed). Never raises: it runs while an error
         is being raised, which must not be replaced; a failure here is a warning."""
         problems = []
         try:
@@ -436,22 +458,56 @@ class DiskTier(Tier):
             except Exception as exc:  # noqa: BLE001
                 problems.append(exc)
             self.file = None
-        keep = self.keep_files and self.error is None and not problems
-        if keep and os.path.isfile(self.path):
+        if self.keep_files and self.named is not None and self.error is None and not problems:
             try:                               # pnode-inspect checks it before HDF5 reads it
-                _sealed.seal(self.path, h5format.CHECKPOINT_KIND, h5format.FORMAT_VERSION, "")
+                _sealed.seal(self.named, h5format.CHECKPOINT_KIND, h5format.FORMAT_VERSION, "")
+                os.replace(self.named, self.path)
+                self.named = None
             except Exception as exc:  # noqa: BLE001
                 problems.append(exc)
-                keep = False
-        if not keep and os.path.isfile(self.path):
+        if self.named is not None:             # a kept file that failed: removed
             try:
-                os.remove(self.path)
+                os.remove(self.named)
             except OSError as exc:
                 problems.append(exc)
+            self.named = None
         self.bytes = 0
         if problems:
             warnings.warn(f"closing checkpoint file {self.path}: {problems[0]}", RuntimeWarning,
                           stacklevel=2)
+
+
+# This process's host and PID namespace: a file named with a pid of this space whose process is
+# gone is an orphan (a pid seen from another namespace proves nothing).
+try:
+    _PROCESS_SPACE = f"{socket.gethostname()}-{os.stat('/proc/self/ns/pid').st_ino}"
+except OSError:
+    _PROCESS_SPACE = socket.gethostname()
+_PARTIAL = re.compile(r"\.h5\.part-(\d+)-(.+)$")
+
+
+def remove_orphans(directory):
+    """Remove the kept checkpoint files in `directory` that a process of this host and PID
+    namespace was still writing when it died (their names say which)."""
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return
+    for name in names:
+        match = _PARTIAL.search(name)
+        if match is None or match.group(2) != _PROCESS_SPACE:
+            continue
+        try:
+            os.kill(int(match.group(1)), 0)
+            continue                           # alive (or not ours to signal): kept
+        except ProcessLookupError:
+            pass
+        except OSError:
+            continue
+        try:
+            os.remove(os.path.join(directory, name))
+        except OSError:
+            pass
 
 
 def _io_hint(exc, directory):
@@ -471,14 +527,61 @@ def _io_hint(exc, directory):
     return "check the disk, or choose another Checkpointing(disk_dir=...)"
 
 
+_FAILED = object()               # what CheckpointStore._call returns for a failed call
+
+
+class _Kept(collections.namedtuple("_Kept", "tier shape dtype device nbytes crc")):
+    """What the store knows of a checkpoint it put: where it went and what get() must return
+    (`crc`: CRC-32 of its bytes, None for a trusted tier)."""
+
+    def problem(self, state):
+        """Why `state` is not the checkpoint that was put (None: it is)."""
+        if not isinstance(state, torch.Tensor):
+            return f"get() returned a {type(state).__name__}, not a tensor"
+        if tuple(state.shape) != self.shape or state.dtype != self.dtype:
+            return (f"get() returned a {state.dtype} tensor of shape {tuple(state.shape)}, not "
+                    f"the {self.dtype} tensor of shape {self.shape} it was given")
+        if self.crc is not None and _crc32(state) != self.crc:
+            return "get() returned other values than it was given (their CRC-32 differs)"
+        return None
+
+
+def _crc32(state):
+    """CRC-32 of a tensor's bytes (copied to the host first if it is on a GPU)."""
+    return zlib.crc32(state.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
 class CheckpointStore:
-    """Tiers from fastest to slowest; `where` maps each held position to its tier."""
+    """Tiers from fastest to slowest; `where` maps each held position to its tier and what was
+    put there (_Kept). The store counts the tiers' checkpoints and bytes, checks every restore
+    (shape, dtype; bytes by CRC-32 for tiers not `trusted`), and records the first failure of
+    a tier (an exception in one of its methods, or a wrong restore) in `error` instead of
+    raising: the strategy raises it on every rank (after each put and restore where a tier is
+    `fallible`, else at the end of the pass)."""
 
     def __init__(self, tiers, state_bytes):
+        for tier in tiers:
+            if not isinstance(tier, Tier) or not isinstance(tier.name, str) or not tier.name:
+                raise InputError(f"checkpoint tier {tier!r}: Checkpointing.tiers() must return "
+                                 "pnode_dist.checkpointing.Tier instances, each with a name "
+                                 "(the prefix of its stats keys)")
         self.tiers = tiers
         self.state_bytes = state_bytes
         self.where = {}
         self.overflow = None         # a checkpoint no tier had room for (then not kept)
+        self.failure = None          # the first failure of a tier's method or restore
+
+    def _failed(self, tier, doing, problem, severity=SYMPTOM):
+        if self.failure is None:
+            self.failure = (severity, f"checkpoint tier {tier.name!r} failed {doing}: {problem}")
+
+    def _call(self, tier, doing, method, *args):
+        """tier.method(*args), or _FAILED with its exception recorded as the tier's failure."""
+        try:
+            return method(*args)
+        except Exception as exc:  # noqa: BLE001 - reported on every rank by the strategy
+            self._failed(tier, doing, f"{type(exc).__name__}: {exc}", CAUSE)
+            return _FAILED
 
     def held(self):
         return sorted(self.where)
@@ -488,10 +591,18 @@ class CheckpointStore:
 
     def put(self, pos, state, t, step_size):
         for tier in self.tiers:
-            if tier.has_room(state.nbytes):
-                tier.put(pos, state, {"time": float(t), "step": int(pos),
-                                      "step_size": float(step_size)})
-                self.where[pos] = tier
+            room = self._call(tier, f"placing the checkpoint of step {pos}", tier.has_room,
+                              state.nbytes)
+            if room is _FAILED:
+                return
+            if room:
+                self.where[pos] = _Kept(tier, tuple(state.shape), state.dtype, state.device,
+                                        state.nbytes, None if tier.trusted else _crc32(state))
+                self._call(tier, f"storing the checkpoint of step {pos}", tier.put, pos, state,
+                           {"time": float(t), "step": int(pos), "step_size": float(step_size)})
+                tier.bytes += state.nbytes
+                tier.stored += 1
+                tier.peak = max(tier.peak, tier.bytes)
                 return
         # Recorded, not raised (this may run in a step callback, on this rank only): the
         # strategy reports it on every rank.
@@ -501,17 +612,28 @@ class CheckpointStore:
                              "budget or lower Checkpointing(slots=...)")
 
     def get(self, pos):
-        return self.where[pos].get(pos)
+        """The checkpoint at `pos`, checked; NaN after a failure (see `error`)."""
+        kept = self.where[pos]
+        doing = f"restoring the checkpoint of step {pos}"
+        state = self._call(kept.tier, doing, kept.tier.get, pos)
+        if state is not _FAILED:
+            problem = kept.problem(state)
+            if problem is None:
+                return state
+            self._failed(kept.tier, doing, problem)
+        return torch.full(kept.shape, float("nan"), dtype=kept.dtype, device=kept.device)
 
     def drop(self, pos):
-        self.where.pop(pos).drop(pos)
+        kept = self.where.pop(pos)
+        self._call(kept.tier, f"dropping the checkpoint of step {pos}", kept.tier.drop, pos)
+        kept.tier.bytes -= kept.nbytes
 
     def prefetch(self, upcoming):
         """Start reading the checkpoints the backward pass restores next."""
         for pos in upcoming:
-            tier = self.where.get(pos)
-            if tier is not None:
-                tier.prefetch(pos)
+            kept = self.where.get(pos)
+            if kept is not None:
+                self._call(kept.tier, f"prefetching step {pos}", kept.tier.prefetch, pos)
 
     @property
     def bytes(self):
@@ -519,24 +641,25 @@ class CheckpointStore:
 
     @property
     def fallible(self):
-        """Whether a put or restore can fail on one rank only (a disk tier, GPU memory): then
-        the backward checks, on every rank, each one before going on (tier contents differ
-        between ranks; this does not)."""
+        """Whether a put or restore can fail on one rank only (a tier of the user's, a disk
+        tier, GPU memory): then the strategy checks, on every rank, each one before going on
+        (tier contents differ between ranks; this does not)."""
         return any(t.fallible for t in self.tiers)
 
     @property
     def error(self):
         """The first error of a tier or of placement, as (severity, message), or None."""
-        return next((t.error for t in self.tiers if t.error), None) or self.overflow
+        return (next((t.error for t in self.tiers if t.error), None) or self.failure
+                or self.overflow)
 
     def settle(self):
         """Wait for the writes in flight (their errors land in `error`)."""
         for tier in self.tiers:
-            tier.settle()
+            self._call(tier, "finishing its writes", tier.settle)
 
     def finish_forward(self, times):
         for tier in self.tiers:
-            tier.finish_forward(times)
+            self._call(tier, "at the end of the forward solve", tier.finish_forward, times)
 
     def stats(self):
         out = {}

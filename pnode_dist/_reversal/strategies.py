@@ -258,6 +258,7 @@ class Recompute:
     schedule = None
     record_span = None           # steps recorded per segment (None: a whole segment)
     keep_graphs = False          # keep f's stage graphs of recorded steps for their adjoint
+    store = None                 # (until built: the tiers can be refused)
 
     def __init__(self, pool, tiers, slots, state_bytes, overhead=0):
         self.pool, self.slots = pool, slots

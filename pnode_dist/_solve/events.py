@@ -7,15 +7,21 @@ positive, the crossing inside the step is located (Illinois' regula falsi, bisec
 stalls) to `tol` in time: on the method's dense output, or, for methods without one, on the
 crossing step retaken with shorter sizes (api._land_on_event). On several ranks event_fn sees this
 rank's part of the state, and the combination is the minimum over the ranks: one allgather per
-evaluation, so that every rank takes the same decisions and finds the same event time.
+evaluation, so that every rank takes the same decisions and finds the same event time. Where
+event_fn fails (raises, or gives NaN), every rank stops at that evaluation: the failing rank with
+its own exception, the others with EventElsewhere, which is never the user's to see (`raise_failure`
+and the Integrator's event search let the failing rank report).
 """
 import math
 
 import torch
 
+from .._distributed.collective import raise_collectively
+from ..errors import InputError
+
 
 class EventElsewhere(RuntimeError):
-    """event_fn failed on another rank (its own error is raised there)."""
+    """event_fn failed on another rank (that rank reports its own error)."""
 
 
 class EventLocator:
@@ -27,6 +33,7 @@ class EventLocator:
 
     def __init__(self, event_fn, to_user, time_sign, comm, dtype, tol=None):
         self.event_fn, self.to_user, self.time_sign = event_fn, to_user, time_sign
+        self.comm = comm
         self.mpi = comm.tompi4py() if comm.getSize() > 1 else None
         self.dtype, self.tol = dtype, tol
         self.signs = None            # sign of each event function at the start (this rank's)
@@ -56,27 +63,30 @@ class EventLocator:
         return value.detach().reshape(-1).to(torch.float64)
 
     def _agreed(self, local_value, exc):
-        """The combination over the ranks (one allgather), raising where event_fn failed."""
-        failed = exc is not None
-        if self.mpi is not None:
-            gathered = self.mpi.allgather((local_value, failed))
-            values = [v for v, _ in gathered]
-            value = math.nan if any(math.isnan(v) for v in values) else min(values)
-            bad = [r for r, (_, f) in enumerate(gathered) if f]
-        else:
-            value, bad = local_value, [0] if failed else []
+        """The combination over the ranks (one allgather), raising where event_fn failed: the
+        failing rank its exception (FloatingPointError for NaN), the others EventElsewhere."""
+        values = [local_value] if self.mpi is None else self.mpi.allgather(local_value)
         self.evaluations += 1
-        if bad:
+        bad = [r for r, v in enumerate(values) if math.isnan(v)]      # raised or gave NaN
+        if bad or math.isinf(min(values)):       # or no event function on any rank
             self.failed = True
             if exc is not None:
                 raise exc
-            raise EventElsewhere(f"event_fn failed on rank {bad[0]}")
-        if not math.isfinite(value):     # NaN somewhere, or no event function on any rank
-            self.failed = True
+            if bad and not math.isnan(local_value):
+                raise EventElsewhere(f"event_fn failed on rank {bad[0]}")
             raise FloatingPointError(
-                f"event_fn returned {'NaN' if math.isnan(value) else 'no value'} at t="
+                f"event_fn returned {'NaN' if bad else 'no value'} at t="
                 f"{self.time_sign * self._t:g}: it must give finite event functions")
-        return value
+        return min(values)
+
+    def raise_failure(self, exc, where, exc_type):
+        """After an evaluation failed with `exc` (on every rank at once): exc_type on every rank
+        with the reason of each rank where event_fn failed, chained to its exception there.
+        Collective."""
+        own = None if isinstance(exc, EventElsewhere) else (
+            f"event_fn failed {where} (t={self.time_sign * self._t:g}): "
+            f"{type(exc).__name__}: {exc}")
+        raise_collectively(self.comm, own, exc_type, cause=None if own is None else exc)
 
     def value(self, t, y):
         """min_k(sign_k * g_k(t, y)) over every rank's event functions (collective)."""
@@ -123,6 +133,12 @@ class EventLocator:
         positive, within tol of the crossing."""
         if fb == 0:
             return b
+        if self.tol is not None and self.tol >= b - a:      # the same on every rank
+            self.failed = True
+            raise InputError(f"options['event_tol']={self.tol:g} is not below the length of the "
+                             f"step in which the event functions cross zero ({b - a:g}, from "
+                             f"t={self.time_sign * a:g}): the event would not be located at all; "
+                             "choose a tolerance well below the step sizes")
         tol = self.tol if self.tol is not None else \
             8 * torch.finfo(torch.float64).eps * max(1.0, min(abs(a), abs(b)))
         moved, last, slow = None, None, 0

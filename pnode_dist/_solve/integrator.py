@@ -21,6 +21,7 @@ from ..errors import InputError, SolverError
 from . import dense
 from .device import SOLVER_DTYPE, vec_type
 from .controller import ExplicitController
+from .events import EventElsewhere
 from .explicit import GraphStore, ParamJacobianMat, StateJacobianMat, round_off_apart
 from .first_step import initial_step
 from .guard import guarded, released
@@ -46,10 +47,18 @@ def time_slack(t_out):
 
 def fixed_step_count(span, step_size, slack=0.0):
     """Equal steps, at most step_size long, that cover span (one without a step_size); a span
-    longer than a whole number of steps by at most `slack` is that number."""
+    longer than a whole number of steps by at most `slack` is that number (math.inf beyond what
+    a float can count)."""
     if step_size is None:
         return 1
-    return max(1, math.ceil((span - slack) / step_size * (1 - 1e-12)))
+    steps = (span - slack) / step_size * (1 - 1e-12)
+    return max(1, math.ceil(steps)) if math.isfinite(steps) else math.inf
+
+
+def fixed_steps(t_out, step_size):
+    """The fixed steps of a solve over t_out: equal steps of at most step_size per interval."""
+    slack = time_slack(t_out)
+    return sum(fixed_step_count(b - a, step_size, slack) for a, b in zip(t_out, t_out[1:]))
 
 
 def _reason_name(enum, value):
@@ -195,6 +204,8 @@ class _Stepping:
                 crossing = None
             t_event = None if crossing is None else event.root(
                 *crossing, lambda s: integrator.interpolated(s))
+        except EventElsewhere:           # this rank stops; the failing one reports why
+            t_event = None
         finally:
             if event.failed or event.crossing is not None:
                 record.stopped = True
@@ -912,9 +923,7 @@ class ProblemHistory:
         for adaptive ones (None before the first)."""
         if adaptive:
             return self.last_steps
-        slack = time_slack(t_out)
-        return sum(fixed_step_count(b - a, control.step_size, slack)
-                   for a, b in zip(t_out, t_out[1:]))
+        return fixed_steps(t_out, control.step_size)
 
     def next_file(self):
         """(tag shared by all ranks, number of this solve) for a checkpoint file name

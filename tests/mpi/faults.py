@@ -4,7 +4,8 @@ a hang or a wrong gradient, and leave the solvers usable. argv[1] picks a group 
   collective   exceptions / NaN in func on the last rank (forward and adjoint, every method
                family and checkpointing policy), each followed by the same solve without the
                fault (must give the reference gradient: no poisoned solver); checkpoint files
-               damaged between forward and backward; an exception in a torchdiffeq step
+               damaged between forward and backward; a checkpoint tier of the user's
+               whose restore raises or returns other values; an exception in a torchdiffeq step
                callback and in f's derivative in each callback that differentiates f (the
                guard of every callback kind; PNODE_TEST_METHODS, comma-separated, limits
                these and the func faults to the methods it names); a full checkpoint disk
@@ -28,6 +29,7 @@ sys.path.insert(0, os.path.dirname(__file__) + "/..")
 from conftest import TimeMLP  # noqa: E402
 
 from pnode_dist import IMEX, Checkpointing, InputError, SolverError, odeint  # noqa: E402
+from pnode_dist.checkpointing import Tier  # noqa: E402
 from pnode_dist.parallel import MPI  # noqa: E402
 
 comm = MPI.COMM_WORLD
@@ -168,7 +170,12 @@ def damaged_files(disk):
     step0 = Y[lo:hi].numpy().tobytes()        # the checkpoint of y0 is restored last
 
     def my_file():
-        found = glob.glob(os.path.join(disk, f"*.rank{rank:04d}-of-{size:04d}.h5"))
+        """The open checkpoint file, through this process's descriptor (it has no name)."""
+        assert not glob.glob(os.path.join(disk, "*")), "a checkpoint file has a name"
+        found = [f"/proc/self/fd/{fd}" for fd in os.listdir("/proc/self/fd")
+                 if _target(fd).startswith(os.path.join(disk, "")) and
+                 _target(fd).endswith(f".rank{rank:04d}-of-{size:04d}.h5.part-"
+                                      f"{os.getpid()}-{_space()} (deleted)")]
         assert len(found) == 1, found
         return found[0]
 
@@ -199,12 +206,67 @@ def damaged_files(disk):
                      lambda: solve(func, "rk4", policy,
                                    damage=damage if rank == LAST else None))
         check_same("  then the same solve", solve(func, "rk4", policy), reference)
-    # A deleted file stays readable through the open handle: the gradient must be right.
-    deleted = solve(func, "rk4", policy,
-                    damage=(lambda: os.remove(my_file())) if rank == LAST else None)
-    check_same(f"checkpoint file deleted on rank {LAST}: exact gradient", deleted, reference)
-    left = glob.glob(os.path.join(disk, "*.h5"))
-    report("no checkpoint files left behind", not left, f"{left}")
+    left = glob.glob(os.path.join(disk, "*")) + [
+        fd for fd in os.listdir("/proc/self/fd") if _target(fd).startswith(disk)]
+    report("no checkpoint files left behind, nor open", not left, f"{left}")
+
+
+def _target(fd):
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return ""
+
+
+def _space():
+    from pnode_dist._reversal import store
+    return store._PROCESS_SPACE
+
+
+class RemoteTier(Tier):
+    """A checkpoint tier of the user's; once `failing` is set, its get() on the last rank raises
+    or returns other values."""
+    name = "remote"
+    failing = None               # None, "raise" or "values" (class-wide: a tier per solve)
+
+    def __init__(self):
+        super().__init__()
+        self.data = {}
+
+    def put(self, pos, state, meta):
+        self.data[pos] = state.clone()
+
+    def get(self, pos):
+        if self.failing and rank == LAST:
+            if self.failing == "raise":
+                raise ConnectionError(f"remote store unreachable from rank {rank}")
+            return self.data[pos] + 1e-12
+        return self.data[pos]
+
+    def drop(self, pos):
+        del self.data[pos]
+
+
+class RemotePolicy(Checkpointing):
+    def tiers(self, pool, capacities=None):
+        return [RemoteTier()]
+
+
+def tier_faults():
+    """A tier of the user's whose restore raises, or returns other values, on the last rank."""
+    func, policy = make_func("rk4"), RemotePolicy(schedule="binomial", slots=3)
+    reference = solve(func, "rk4", policy)
+    for failing, words in (("raise", ["ConnectionError", "unreachable"]),
+                           ("values", ["other values"])):
+        def fail():
+            RemoteTier.failing = failing
+        try:
+            expect_error(f"checkpoint tier get() failing ({failing}) on rank {LAST}", SolverError,
+                         ["checkpoint tier 'remote' failed restoring", f"raised on rank {LAST}"]
+                         + words, lambda: solve(func, "rk4", policy, damage=fail))
+        finally:
+            RemoteTier.failing = None
+        check_same("  then the same solve", solve(func, "rk4", policy), reference)
 
 
 def full_disk(directory):
@@ -325,6 +387,7 @@ def collective():
     disk = comm.bcast(tempfile.mkdtemp(prefix="pnode-faults-") if rank == 0 else None, root=0)
     func_faults(disk)
     damaged_files(disk)
+    tier_faults()
     full = os.environ.get("PNODE_TEST_FULL_DIR")
     if full:
         full_disk(full)
@@ -361,5 +424,22 @@ def lone_backward():
     print(f"rank {rank} finished", flush=True)
 
 
+def signalled():
+    """Solves with disk checkpoints until a signal ends the job; after the first forward (its
+    checkpoint file open), the last rank writes its pid to PNODE_TEST_PIDFILE."""
+    func = make_func("rk4")
+    policy = policies(os.environ["PNODE_TEST_DISK"])["binomial-disk"]
+    deadline = time.perf_counter() + 60
+    while time.perf_counter() < deadline:
+        y0 = Y[lo:hi].clone().requires_grad_(True)
+        ys = odeint(func, y0, T, method="rk4", options={"step_size": 0.01}, checkpointing=policy)
+        if rank == LAST and not os.path.exists(os.environ["PNODE_TEST_PIDFILE"]):
+            with open(os.environ["PNODE_TEST_PIDFILE"] + ".tmp", "w") as f:
+                f.write(str(os.getpid()))
+            os.replace(os.environ["PNODE_TEST_PIDFILE"] + ".tmp", os.environ["PNODE_TEST_PIDFILE"])
+        ys.sum().backward()
+    print(f"rank {rank} was not interrupted", flush=True)
+
+
 {"collective": collective, "keyboard": keyboard, "uncaught": uncaught,
- "lone-backward": lone_backward}[sys.argv[1]]()
+ "lone-backward": lone_backward, "signalled": signalled}[sys.argv[1]]()
