@@ -24,6 +24,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import datasets  # noqa: E402
 import ode_cli  # noqa: E402
+import sizing  # noqa: E402
 import workflow  # noqa: E402
 
 import pnode_dist  # noqa: E402
@@ -132,7 +133,7 @@ def block_kwargs(args, policy):
 
 
 def memory_needs(args, rank, size, data, device, policy):
-    """What a rank holds at once in a training or evaluation batch (workflow.Need, a lower
+    """What a rank holds at once in a training or evaluation batch (sizing.Need, a lower
     bound): the ODE blocks' states, the stem's output, the parameters with Adam's state, and on
     a GPU the data set copied there. data: the loaded (xtr, ytr), (xte, yte)."""
     (xtr, ytr), (xte, yte) = data
@@ -147,18 +148,18 @@ def memory_needs(args, rank, size, data, device, policy):
         f"--channels {args.channels}"
     sizes = f"--channels {args.channels}" + (f" --blocks {args.blocks}" if args.blocks > 1 else "")
     # One block, and what each further block (its function and transition) adds.
-    one, two = (workflow.parameter_bytes(lambda: ODENet(side, args.channels, int(ytr.max()) + 1,
+    one, two = (sizing.parameter_bytes(lambda: ODENet(side, args.channels, int(ytr.max()) + 1,
                                                         block_kwargs(args, policy)[:k]))
                 for k in (1, 2))
     params = one + (args.blocks - 1) * (two - one)
     shape = f"{rows} x {args.channels} x {feature} x {feature}"
     method = max(args.method, key=lambda m: pnode_dist.METHODS[m].states_per_step)
-    needs = [workflow.ode_states_need(method, numbers, option, f"ODE blocks' state of {shape}"),
-             workflow.Need(f"the stem's output ({shape} float32)", 4 * numbers, option,
+    needs = [sizing.ode_states_need(method, numbers, option, f"ODE blocks' state of {shape}"),
+             sizing.Need(f"the stem's output ({shape} float32)", 4 * numbers, option,
                            split=True),
-             workflow.parameters_need(params, sizes)]
+             sizing.parameters_need(params, sizes)]
     if device.type == "cuda":
-        needs.append(workflow.Need("the data set copied to the GPU",
+        needs.append(sizing.Need("the data set copied to the GPU",
                                    sum(a.nbytes for a in (xtr, ytr, xte, yte))))
     return needs
 
@@ -189,7 +190,7 @@ def main(argv=None):
         # This rank's GPU when there is one (and PETSc has CUDA), else the CPU.
         device = pnode_dist.rank_device()
         # Refused before the model is allocated if it and a batch cannot fit.
-        workflow.check_memory(comm, memory_needs(args, rank, size, ((xtr, ytr), (xte, yte)),
+        sizing.check_memory(comm, memory_needs(args, rank, size, ((xtr, ytr), (xte, yte)),
                                                  device, policy), device=device)
         model = ODENet(xtr.shape[-1], args.channels, int(ytr.max()) + 1,
                        block_kwargs(args, policy))

@@ -43,6 +43,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import densities  # noqa: E402
 import ode_cli  # noqa: E402
+import sizing  # noqa: E402
 import workflow  # noqa: E402
 
 import pnode_dist  # noqa: E402
@@ -354,7 +355,7 @@ def held_out_report(model, name, test, comm):
 
 
 def memory_needs(args, rank, size, dim, regularise, held):
-    """What a rank holds at once (workflow.Need lists, lower bounds) while training: the
+    """What a rank holds at once (sizing.Need lists, lower bounds) while training: the
     batch's ODE states, its samples and the flow's input, f's hidden activations, the
     parameters with Adam's state, the held-out data; and before, while the held-out data is
     made (`held`: its numbers, copies alive then, option; None: already made)."""
@@ -363,22 +364,22 @@ def memory_needs(args, rank, size, dim, regularise, held):
     option = f"--batch-size {args.batch_size}"
     sizes = f"--hidden {args.hidden} --layers {args.layers}" + (
         f" --elementwise {args.elementwise}" if args.elementwise else "")
-    params = workflow.parameter_bytes(lambda: CNFDynamics(
+    params = sizing.parameter_bytes(lambda: CNFDynamics(
         dim, args.hidden, args.layers, regularise=regularise,
         elementwise=args.elementwise).double())
     activations = batch * (args.hidden * args.layers + dim * args.elementwise)
-    needs = [workflow.ode_states_need(args.method, batch * width, option, "batch's ODE state"),
-             workflow.Need(f"the batch's samples and flow input ({batch} x {dim + width} "
+    needs = [sizing.ode_states_need(args.method, batch * width, option, "batch's ODE state"),
+             sizing.Need(f"the batch's samples and flow input ({batch} x {dim + width} "
                            "float64)", 8 * batch * (dim + width), option, split=True),
-             workflow.Need(f"f's hidden activations ({batch} x {activations // batch} float64, "
+             sizing.Need(f"f's hidden activations ({batch} x {activations // batch} float64, "
                            f"{sizes})", 8 * activations, option, split=True),
-             workflow.parameters_need(params, sizes)]
+             sizing.parameters_need(params, sizes)]
     if held is None:
         return [needs]
     numbers, copies, option = held
-    making = [workflow.Need(f"the held-out data as it is made ({numbers} float64 x {copies}, on "
+    making = [sizing.Need(f"the held-out data as it is made ({numbers} float64 x {copies}, on "
                             "every rank)", 8 * numbers * copies, option)]
-    return [needs + [workflow.Need(f"the held-out data ({numbers} float64, on every rank)",
+    return [needs + [sizing.Need(f"the held-out data ({numbers} float64, on every rank)",
                                    8 * numbers, option)], making]
 
 
@@ -425,7 +426,7 @@ def main(argv=None):
     trace = args.trace if args.trace != "auto" else ("exact" if dim <= 4 else "hutchinson")
     regularise = args.kinetic_weight > 0 or args.jacobian_weight > 0
     # Refused before the held-out data, the model or a batch is allocated if it cannot fit.
-    workflow.check_memory(comm, *memory_needs(args, rank, size, dim, regularise, held))
+    sizing.check_memory(comm, *memory_needs(args, rank, size, dim, regularise, held))
     if args.data in densities.TOY:
         test = densities.sample_toy(args.data, args.test_size,
                                     torch.Generator().manual_seed(args.seed + 10_000))

@@ -41,6 +41,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import ode_cli  # noqa: E402
+import sizing  # noqa: E402
 import workflow  # noqa: E402
 
 import pnode_dist  # noqa: E402
@@ -258,36 +259,36 @@ def plot_fields(grid, truth, pred, path):
 
 
 def memory_needs(args, size):
-    """What a rank holds at once (workflow.Need lists, lower bounds), before the grid exists:
+    """What a rank holds at once (sizing.Need lists, lower bounds), before the grid exists:
     its patch is at least the smallest any split of the ranks gives. Making the initial field
     (whole on every rank), the reference solve (its snapshots and rk4's states), training (the
     data, a window's rollout, the method's states, the reaction's hidden activations, the
     parameters with Adam's state); the grid's own two vectors throughout."""
-    n, solver = args.grid, workflow.SOLVER_BYTES
+    n, solver = args.grid, sizing.SOLVER_BYTES
     # Numbers in a patch: at least the smallest patch of any split of the ranks (py x px).
     patch = 2 * min((n // py) * (n // (size // py)) for py in range(1, size + 1)
                     if size % py == 0)
     grid = f"--grid {n}"
-    vectors = workflow.Need(f"the grid's vectors (2 x {patch} numbers)", 2 * solver * patch, grid,
+    vectors = sizing.Need(f"the grid's vectors (2 x {patch} numbers)", 2 * solver * patch, grid,
                             split=True)
-    initial = [vectors, workflow.Need(f"the initial field, whole on every rank ({2 * n * n} "
+    initial = [vectors, sizing.Need(f"the initial field, whole on every rank ({2 * n * n} "
                                       "float64 x 2)", 32 * n * n, grid)]
-    snapshots = workflow.Need(f"the reference snapshots ({args.snapshots} x {patch} numbers)",
+    snapshots = sizing.Need(f"the reference snapshots ({args.snapshots} x {patch} numbers)",
                               solver * args.snapshots * patch,
                               f"{grid} --snapshots {args.snapshots}", split=True)
     reference = [vectors, snapshots,
-                 workflow.ode_states_need("rk4", patch, grid, "field's ODE state")]
-    params = workflow.parameter_bytes(
+                 sizing.ode_states_need("rk4", patch, grid, "field's ODE state")]
+    params = sizing.parameter_bytes(
         lambda: LearnedRD(args.stencil, args.reaction, args.hidden).double())
     training = [vectors, snapshots,
-                workflow.Need(f"a window's rollout ({args.window + 1} x {patch} numbers)",
+                sizing.Need(f"a window's rollout ({args.window + 1} x {patch} numbers)",
                               solver * (args.window + 1) * patch, f"{grid} --window {args.window}",
                               split=True),
-                workflow.ode_states_need(args.method, patch, grid, "field's ODE state"),
-                workflow.Need(f"the reaction's hidden activations ({args.hidden} x {patch // 2} "
+                sizing.ode_states_need(args.method, patch, grid, "field's ODE state"),
+                sizing.Need(f"the reaction's hidden activations ({args.hidden} x {patch // 2} "
                               "float64)", 8 * args.hidden * (patch // 2),
                               f"{grid} --hidden {args.hidden}", split=True),
-                workflow.parameters_need(params, f"--hidden {args.hidden}")]
+                sizing.parameters_need(params, f"--hidden {args.hidden}")]
     return [initial, reference, training]
 
 
@@ -298,7 +299,7 @@ def main(argv=None):
     size = comm.Get_size()
     workflow.set_threads(comm)
     # Refused before the grid and its data are allocated if the run cannot fit.
-    workflow.check_memory(comm, *memory_needs(args, size))
+    sizing.check_memory(comm, *memory_needs(args, size))
     try:
         grid = Grid((args.grid, args.grid), channels=2, periodic=True, halo=1,
                     proc_sizes=args.proc_sizes)

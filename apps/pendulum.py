@@ -46,6 +46,7 @@ from pnode_dist.parallel import MPI
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import ode_cli  # noqa: E402
+import sizing  # noqa: E402
 import workflow  # noqa: E402
 
 LENGTH, GRAVITY, DAMPING = 1.0, 9.81, 0.25      # the truth
@@ -138,7 +139,7 @@ def parse_args(argv=None):
 
 
 def memory_needs(args, rank, size):
-    """What a rank holds at once (workflow.Need lists, lower bounds), while training and while
+    """What a rank holds at once (sizing.Need lists, lower bounds), while training and while
     reporting: the initial conditions and times, its training and held-out trajectories, the
     training solve's output and states; then the held-out predictions before and after
     training, and on rank 0 every rank's held-out positions gathered for the picture."""
@@ -151,24 +152,24 @@ def memory_needs(args, rank, size):
     option = f"--trajectories {args.trajectories} --points {points}"
     held_option = f"--held-out {args.held_out} --points {points}"
     common = [
-        workflow.Need(f"the initial conditions ({args.trajectories} + {args.held_out} x 2 "
+        sizing.Need(f"the initial conditions ({args.trajectories} + {args.held_out} x 2 "
                       "float64, on every rank)", 16 * (args.trajectories + args.held_out),
                       f"--trajectories {args.trajectories} --held-out {args.held_out}"),
-        workflow.Need(f"the times ({points} float64)", 8 * points, f"--points {points}"),
-        workflow.Need(f"the training trajectories ({train} float64)", 8 * train, option,
+        sizing.Need(f"the times ({points} float64)", 8 * points, f"--points {points}"),
+        sizing.Need(f"the training trajectories ({train} float64)", 8 * train, option,
                       split=True),
-        workflow.Need(f"the held-out trajectories ({held} float64)", 8 * held, held_option,
+        sizing.Need(f"the held-out trajectories ({held} float64)", 8 * held, held_option,
                       split=True)]
     training = common + [
-        workflow.Need(f"the solve's output ({train} numbers)", workflow.SOLVER_BYTES * train,
+        sizing.Need(f"the solve's output ({train} numbers)", sizing.SOLVER_BYTES * train,
                       option, split=True),
-        workflow.ode_states_need(args.method, 5 * batch, option, "trajectories' ODE state")]
-    report = common + [workflow.Need(
+        sizing.ode_states_need(args.method, 5 * batch, option, "trajectories' ODE state")]
+    report = common + [sizing.Need(
         f"the held-out predictions before and after training ({held} numbers x 2)",
-        2 * workflow.SOLVER_BYTES * held, held_option, split=True)]
+        2 * sizing.SOLVER_BYTES * held, held_option, split=True)]
     if rank == 0:
         gathered = points * args.held_out * 2 * 3
-        report.append(workflow.Need(f"the held-out positions gathered on rank 0 ({gathered} "
+        report.append(sizing.Need(f"the held-out positions gathered on rank 0 ({gathered} "
                                     "float64 x 2)", 16 * gathered, held_option))
     return [training, report]
 
@@ -180,7 +181,7 @@ def main(argv=None):
     rank, size = comm.Get_rank(), comm.Get_size()
     workflow.set_threads(comm)
     # Refused before the data are made if the run cannot fit.
-    workflow.check_memory(comm, *memory_needs(args, rank, size))
+    sizing.check_memory(comm, *memory_needs(args, rank, size))
     torch.manual_seed(args.seed)
     times = torch.linspace(0.0, args.duration, args.points, dtype=torch.float64)
     train_ic = initial_conditions(args.trajectories, args.seed)

@@ -43,6 +43,7 @@ from pnode_dist.parallel import MPI
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import ode_cli  # noqa: E402
+import sizing  # noqa: E402
 import workflow  # noqa: E402
 
 RATES = (0.04, 1e4, 3e7)
@@ -220,32 +221,32 @@ def explicit_attempt(model, z0, taus, max_steps=20_000):
 
 
 def memory_needs(args, rank, size):
-    """What a rank holds at once (workflow.Need lists, lower bounds), while training and, on
+    """What a rank holds at once (sizing.Need lists, lower bounds), while training and, on
     rank 0, while reporting on the held-out states: the initial states and the time grid, its
     trajectories (data, scaled, log), the solve's output and states, the parameters with the
     optimizer's state, rank 0's held-out truth and prediction."""
     lo, hi = workflow.shard(args.trajectories, rank, size)
     points, mine = args.points, (hi - lo) * args.points * 3
     data = f"--trajectories {args.trajectories} --points {points}"
-    params = workflow.parameter_bytes(
+    params = sizing.parameter_bytes(
         lambda: (RateLaw() if args.model == "rates" else LogTimeMLP(args.hidden)).double())
     common = [
-        workflow.Need(f"the initial states ({args.trajectories} + {args.held_out} x 3 float64, "
+        sizing.Need(f"the initial states ({args.trajectories} + {args.held_out} x 3 float64, "
                       "on every rank)", 24 * (args.trajectories + args.held_out),
                       f"--trajectories {args.trajectories} --held-out {args.held_out}"),
-        workflow.Need(f"the time grid ({points} x 2 float64)", 16 * points, f"--points {points}"),
-        workflow.Need(f"the trajectories ({mine} float64 x 3: data, scaled, log)", 24 * mine,
+        sizing.Need(f"the time grid ({points} x 2 float64)", 16 * points, f"--points {points}"),
+        sizing.Need(f"the trajectories ({mine} float64 x 3: data, scaled, log)", 24 * mine,
                       data, split=True),
-        workflow.parameters_need(params, f"--hidden {args.hidden}" if args.model == "mlp" else "")]
+        sizing.parameters_need(params, f"--hidden {args.hidden}" if args.model == "mlp" else "")]
     training = common + [
-        workflow.Need(f"the solve's output ({mine} numbers)", workflow.SOLVER_BYTES * mine, data,
+        sizing.Need(f"the solve's output ({mine} numbers)", sizing.SOLVER_BYTES * mine, data,
                       split=True),
-        workflow.ode_states_need(args.method, 3 * (hi - lo), f"--trajectories {args.trajectories}",
+        sizing.ode_states_need(args.method, 3 * (hi - lo), f"--trajectories {args.trajectories}",
                                  "trajectories' ODE state")]
     if rank != 0:
         return [training]
     held = points * args.held_out * 3
-    return [training, common + [workflow.Need(
+    return [training, common + [sizing.Need(
         f"the held-out truth and prediction on rank 0 ({held} float64 x 2)", 16 * held,
         f"--held-out {args.held_out} --points {points}")]]
 
@@ -257,7 +258,7 @@ def main(argv=None):
     rank, size = comm.Get_rank(), comm.Get_size()
     workflow.set_threads(comm)
     # Refused before the data are made if the run cannot fit.
-    workflow.check_memory(comm, *memory_needs(args, rank, size))
+    sizing.check_memory(comm, *memory_needs(args, rank, size))
     torch.manual_seed(args.seed)
     times = torch.logspace(-5, 5, args.points, dtype=torch.float64)
     gen = torch.Generator().manual_seed(args.seed)

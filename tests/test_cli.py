@@ -196,7 +196,7 @@ def test_memory_estimate_matches_a_real_model_and_the_available_memory(monkeypat
     import torch
     from pnode_dist._reversal import budget
     cnf = _app("cnf")
-    workflow = sys.modules["workflow"]
+    workflow, sizing = sys.modules["workflow"], sys.modules["sizing"]
     args = cnf.parse_args(["--hidden", "16", "--layers", "2", "--elementwise", "3",
                            "--batch-size", "1000"])
     needs = {n.what.split(" (")[0]: n for n in cnf.memory_needs(args, 0, 1, 2, False, None)[0]}
@@ -210,32 +210,32 @@ def test_memory_estimate_matches_a_real_model_and_the_available_memory(monkeypat
     assert needs["the parameters"].bytes == measured
     flow_input = torch.cat([torch.zeros(1000, 2), torch.zeros(1000, 1)], dim=1)
     assert needs["the batch's ODE state"].bytes == \
-        5 * flow_input.numel() * workflow.SOLVER_BYTES
+        5 * flow_input.numel() * sizing.SOLVER_BYTES
     classify = _app("classify")
     real = classify.ODENet(8, 4, 10, [{}, {}])
-    assert workflow.parameter_bytes(lambda: classify.ODENet(8, 4, 10, [{}, {}])) == \
+    assert sizing.parameter_bytes(lambda: classify.ODENet(8, 4, 10, [{}, {}])) == \
         sum(p.nbytes for p in real.parameters())
 
     total = sum(n.bytes for n in needs.values())
     monkeypatch.setattr(budget, "available_host_bytes", lambda: total)
-    workflow.check_memory(_Node(1), list(needs.values()))            # fits exactly
+    sizing.check_memory(_Node(1), list(needs.values()))            # fits exactly
     monkeypatch.setattr(budget, "available_host_bytes", lambda: total - 1)
     with pytest.raises(workflow.RunError) as refused:
-        workflow.check_memory(_Node(1), list(needs.values()))
+        sizing.check_memory(_Node(1), list(needs.values()))
     message = str(refused.value)
     assert refused.value.exit_code == 2 and "\n" not in message
-    assert message.startswith(f"--batch-size 1000 needs at least {workflow.format_bytes(total)} "
+    assert message.startswith(f"--batch-size 1000 needs at least {sizing.format_bytes(total)} "
                               "per rank (")
     assert "lower --batch-size or use more ranks/nodes" in message
     # Two ranks on the node: each one's share is half of what the node has.
     monkeypatch.setattr(budget, "available_host_bytes", lambda: 2 * total)
-    workflow.check_memory(_Node(2), list(needs.values()))
+    sizing.check_memory(_Node(2), list(needs.values()))
     monkeypatch.setattr(budget, "available_host_bytes", lambda: 2 * total - 1)
     with pytest.raises(workflow.RunError, match="shared by its 2 ranks.*or use more nodes"):
-        workflow.check_memory(_Node(2), list(needs.values()))
+        sizing.check_memory(_Node(2), list(needs.values()))
     # The largest phase counts; a parameter-bound refusal names the model's sizes.
-    big = workflow.parameters_need(total, "--hidden 16 --layers 2")
+    big = sizing.parameters_need(total, "--hidden 16 --layers 2")
     monkeypatch.setattr(budget, "available_host_bytes", lambda: 4 * total - 1)
     with pytest.raises(workflow.RunError, match="^--hidden 16 --layers 2 needs at least .*: "
                                                 "lower --hidden or --layers$"):
-        workflow.check_memory(_Node(1), list(needs.values()), [big])
+        sizing.check_memory(_Node(1), list(needs.values()), [big])
