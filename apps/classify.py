@@ -156,11 +156,11 @@ def memory_needs(args, rank, size, data, device, policy):
     method = max(args.method, key=lambda m: pnode_dist.METHODS[m].states_per_step)
     needs = [sizing.ode_states_need(method, numbers, option, f"ODE blocks' state of {shape}"),
              sizing.Need(f"the stem's output ({shape} float32)", 4 * numbers, option,
-                           split=True),
+                         split=True),
              sizing.parameters_need(params, sizes)]
     if device.type == "cuda":
         needs.append(sizing.Need("the data set copied to the GPU",
-                                   sum(a.nbytes for a in (xtr, ytr, xte, yte))))
+                                 sum(a.nbytes for a in (xtr, ytr, xte, yte))))
     return needs
 
 

@@ -370,17 +370,17 @@ def memory_needs(args, rank, size, dim, regularise, held):
     activations = batch * (args.hidden * args.layers + dim * args.elementwise)
     needs = [sizing.ode_states_need(args.method, batch * width, option, "batch's ODE state"),
              sizing.Need(f"the batch's samples and flow input ({batch} x {dim + width} "
-                           "float64)", 8 * batch * (dim + width), option, split=True),
+                         "float64)", 8 * batch * (dim + width), option, split=True),
              sizing.Need(f"f's hidden activations ({batch} x {activations // batch} float64, "
-                           f"{sizes})", 8 * activations, option, split=True),
+                         f"{sizes})", 8 * activations, option, split=True),
              sizing.parameters_need(params, sizes)]
     if held is None:
         return [needs]
     numbers, copies, option = held
     making = [sizing.Need(f"the held-out data as it is made ({numbers} float64 x {copies}, on "
-                            "every rank)", 8 * numbers * copies, option)]
+                          "every rank)", 8 * numbers * copies, option)]
     return [needs + [sizing.Need(f"the held-out data ({numbers} float64, on every rank)",
-                                   8 * numbers, option)], making]
+                                 8 * numbers, option)], making]
 
 
 class Sampler:

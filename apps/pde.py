@@ -270,24 +270,24 @@ def memory_needs(args, size):
                     if size % py == 0)
     grid = f"--grid {n}"
     vectors = sizing.Need(f"the grid's vectors (2 x {patch} numbers)", 2 * solver * patch, grid,
-                            split=True)
+                          split=True)
     initial = [vectors, sizing.Need(f"the initial field, whole on every rank ({2 * n * n} "
-                                      "float64 x 2)", 32 * n * n, grid)]
+                                    "float64 x 2)", 32 * n * n, grid)]
     snapshots = sizing.Need(f"the reference snapshots ({args.snapshots} x {patch} numbers)",
-                              solver * args.snapshots * patch,
-                              f"{grid} --snapshots {args.snapshots}", split=True)
+                            solver * args.snapshots * patch,
+                            f"{grid} --snapshots {args.snapshots}", split=True)
     reference = [vectors, snapshots,
                  sizing.ode_states_need("rk4", patch, grid, "field's ODE state")]
     params = sizing.parameter_bytes(
         lambda: LearnedRD(args.stencil, args.reaction, args.hidden).double())
     training = [vectors, snapshots,
                 sizing.Need(f"a window's rollout ({args.window + 1} x {patch} numbers)",
-                              solver * (args.window + 1) * patch, f"{grid} --window {args.window}",
-                              split=True),
+                            solver * (args.window + 1) * patch, f"{grid} --window {args.window}",
+                            split=True),
                 sizing.ode_states_need(args.method, patch, grid, "field's ODE state"),
                 sizing.Need(f"the reaction's hidden activations ({args.hidden} x {patch // 2} "
-                              "float64)", 8 * args.hidden * (patch // 2),
-                              f"{grid} --hidden {args.hidden}", split=True),
+                            "float64)", 8 * args.hidden * (patch // 2),
+                            f"{grid} --hidden {args.hidden}", split=True),
                 sizing.parameters_need(params, f"--hidden {args.hidden}")]
     return [initial, reference, training]
 

@@ -153,16 +153,16 @@ def memory_needs(args, rank, size):
     held_option = f"--held-out {args.held_out} --points {points}"
     common = [
         sizing.Need(f"the initial conditions ({args.trajectories} + {args.held_out} x 2 "
-                      "float64, on every rank)", 16 * (args.trajectories + args.held_out),
-                      f"--trajectories {args.trajectories} --held-out {args.held_out}"),
+                    "float64, on every rank)", 16 * (args.trajectories + args.held_out),
+                    f"--trajectories {args.trajectories} --held-out {args.held_out}"),
         sizing.Need(f"the times ({points} float64)", 8 * points, f"--points {points}"),
         sizing.Need(f"the training trajectories ({train} float64)", 8 * train, option,
-                      split=True),
+                    split=True),
         sizing.Need(f"the held-out trajectories ({held} float64)", 8 * held, held_option,
-                      split=True)]
+                    split=True)]
     training = common + [
         sizing.Need(f"the solve's output ({train} numbers)", sizing.SOLVER_BYTES * train,
-                      option, split=True),
+                    option, split=True),
         sizing.ode_states_need(args.method, 5 * batch, option, "trajectories' ODE state")]
     report = common + [sizing.Need(
         f"the held-out predictions before and after training ({held} numbers x 2)",
@@ -170,7 +170,7 @@ def memory_needs(args, rank, size):
     if rank == 0:
         gathered = points * args.held_out * 2 * 3
         report.append(sizing.Need(f"the held-out positions gathered on rank 0 ({gathered} "
-                                    "float64 x 2)", 16 * gathered, held_option))
+                                  "float64 x 2)", 16 * gathered, held_option))
     return [training, report]
 
 

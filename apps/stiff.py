@@ -232,17 +232,17 @@ def memory_needs(args, rank, size):
         lambda: (RateLaw() if args.model == "rates" else LogTimeMLP(args.hidden)).double())
     common = [
         sizing.Need(f"the initial states ({args.trajectories} + {args.held_out} x 3 float64, "
-                      "on every rank)", 24 * (args.trajectories + args.held_out),
-                      f"--trajectories {args.trajectories} --held-out {args.held_out}"),
+                    "on every rank)", 24 * (args.trajectories + args.held_out),
+                    f"--trajectories {args.trajectories} --held-out {args.held_out}"),
         sizing.Need(f"the time grid ({points} x 2 float64)", 16 * points, f"--points {points}"),
         sizing.Need(f"the trajectories ({mine} float64 x 3: data, scaled, log)", 24 * mine,
-                      data, split=True),
+                    data, split=True),
         sizing.parameters_need(params, f"--hidden {args.hidden}" if args.model == "mlp" else "")]
     training = common + [
         sizing.Need(f"the solve's output ({mine} numbers)", sizing.SOLVER_BYTES * mine, data,
-                      split=True),
+                    split=True),
         sizing.ode_states_need(args.method, 3 * (hi - lo), f"--trajectories {args.trajectories}",
-                                 "trajectories' ODE state")]
+                               "trajectories' ODE state")]
     if rank != 0:
         return [training]
     held = points * args.held_out * 3

@@ -421,9 +421,10 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, comm
     Events are located after each step, where the event functions are evaluated at the step's
     end: the crossing inside the step is found (Illinois' regula falsi) to
     ``options['event_tol']`` in time (default: 8 float64 machine epsilons of the event time, or
-    of 1 for times below 1: far below any solve's own error). Every method works: ``dopri5``,
-    ``tsit5``, ``bosh3``, ``adaptive_heun`` and ``fehlberg2`` with interpolated outputs locate
-    it on their dense output; every other method (adaptive, or with fixed steps given
+    of 1 for times below 1: far below any solve's own error; a tolerance that is not below the
+    crossing step's length would not locate it at all: a SolverError). Every method works:
+    ``dopri5``, ``tsit5``, ``bosh3``, ``adaptive_heun`` and ``fehlberg2`` with interpolated
+    outputs locate it on their dense output; every other method (adaptive, or with fixed steps given
     ``options['step_size']``, which the fixed-step methods need) retakes the crossing step from
     its start with shorter sizes until it ends on the event, and the differentiable solve takes
     the same steps and the shortened one. A step over which an event function crosses zero twice
