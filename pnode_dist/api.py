@@ -246,6 +246,21 @@ def _check_y0(y0):
                          "ODE block")
 
 
+_FLOAT32_NOTE = (
+    "pnode_dist: this float32 state is integrated in float64, the precision of the PETSc "
+    "build in use: the solver's state, checkpoints and work vectors take twice the memory of "
+    "float32 and each call of func a cast. For a float32 solver, install the single-precision "
+    "build (`make setup-single`) and run with PNODE_PRECISION=single in the environment.")
+_warned_float32 = []
+
+
+def _note_precision(dtype):
+    """Warn once per process when float32 states are solved in float64."""
+    if dtype == torch.float32 and SOLVER_DTYPE == torch.float64 and not _warned_float32:
+        _warned_float32.append(True)
+        warnings.warn(_FLOAT32_NOTE, UserWarning, stacklevel=4)
+
+
 def _pool(func, layout, method, adaptive, prefix, frozen_options, params, dtype, setup):
     """The cached IntegratorPool of this configuration (created on first use)."""
     key = (id(func), layout.key, method.name, adaptive, prefix, frozen_options, dtype,
@@ -548,6 +563,7 @@ def _odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, com
         layout, solved_func, y_start = grid.layout, grid.wrap(func), grid.to_vec_order(y0)
     pool = _pool(solved_func, layout, method_obj, adaptive, prefix, frozen, params, y0.dtype,
                  setup)
+    _note_precision(y0.dtype)
     time_sign = -1.0 if decreasing else 1.0
     observers = conventions.StepCallbacks.of(
         user_func, lambda y: _restore(y if grid is None else grid.from_vec_order(y), spec),

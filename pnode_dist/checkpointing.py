@@ -9,7 +9,7 @@ from . import _h5format as h5format
 from ._reversal import budget
 from ._reversal.store import DeviceTier, DiskTier, MemoryTier, PinnedHostTier, Tier  # noqa: F401
 from ._reversal.strategies import Revolve, Spill, StoreAll, Uniform
-from ._solve.device import SOLVER_ITEMSIZE
+from ._solve.device import SOLVER_ITEMSIZE, VEC_OVERHEAD
 from .errors import InputError
 
 STRATEGIES = {"states": Revolve, "binomial": Revolve, "uniform": Uniform}
@@ -31,7 +31,7 @@ class StepCost:
     @property
     def state_step(self):
         """One step in PETSc's memory trajectory (its solution and stages, each a Vec)."""
-        return self.per_step * (self.state + budget.VEC_OVERHEAD)
+        return self.per_step * (self.state + VEC_OVERHEAD)
 
     @property
     def graph_step(self):
@@ -352,13 +352,14 @@ class Checkpointing:
         plan = self.plan(cost, expected, pool.adaptive, on_device, sizes, control.store_graphs)
         if plan.schedule in ("graphs", "all"):
             if plan.head_limit is None or control.store_graphs:  # graphs whatever they take
-                return StoreAll(pool, control, plan.schedule == "graphs" or
-                                bool(control.store_graphs))
-            head = StoreAll(pool, control, plan.schedule == "graphs", cost, plan.head_limit,
-                            expected)
-            head.stats.update(_plan_stats(plan))
-            return Spill(head, lambda used: self._tail(pool, cost, plan, sizes, on_device, used,
-                                                       control), expected)
+                head = StoreAll(pool, control, plan.schedule == "graphs" or
+                                bool(control.store_graphs), expected=expected)
+            else:
+                head = StoreAll(pool, control, plan.schedule == "graphs", cost, plan.head_limit,
+                                expected)
+                head.stats.update(_plan_stats(plan))
+            return Spill(head, lambda head, record: self._tail(
+                pool, cost, plan, sizes, on_device, control, head, record), expected)
         if self.measures:
             tiers = self.tiers(pool, self._checkpoint_capacities(on_device, sizes, cost,
                                                                  plan.budget))
@@ -369,9 +370,19 @@ class Checkpointing:
         strategy.stats.update(_plan_stats(plan))
         return strategy
 
-    def _tail(self, pool, cost, plan, sizes, on_device, used, control):
-        """The binomial strategy that continues a solve which outgrew its plan, in the budget
-        the head left (`used` bytes taken)."""
+    def _tail(self, pool, cost, plan, sizes, on_device, control, head, record, before=0):
+        """The strategy that continues a solve whose StoreAll `head` stopped (`before` bytes
+        held by the heads before it): if its trajectory was full, another StoreAll (the same
+        graphs and byte limit) reserving every step left; else, the solve outgrew its plan: a
+        binomial one in the budget the heads left."""
+        used = before + head.used
+        if head.full(record):
+            if head.limit is None:
+                return StoreAll(pool, control, head.graphs, capacity=control.max_num_steps)
+            rest = StoreAll(pool, control, head.graphs, cost, head.limit.limit - head.used,
+                            capacity=control.max_num_steps)
+            return Spill(rest, lambda h, r: self._tail(pool, cost, plan, sizes, on_device,
+                                                       control, h, r, used), None)
         left = max(0, plan.budget - used - cost.record)
         caps = [(name, left if name == "host" and not on_device else cap)
                 for name, cap in self._checkpoint_capacities(on_device, sizes, cost, 0)]

@@ -331,10 +331,12 @@ def test_step_limits_and_refused_torchdiffeq_options():
 
 def test_no_stray_warning_under_warnings_as_errors():
     """A fresh process with warnings as errors: the first solve (which shares read-only PETSc
-    arrays with torch) neither warns nor fails."""
+    arrays with torch) neither warns nor fails. (A float32 state on the float64 build is
+    warned about on purpose: test_memory.py.)"""
     code = ("import warnings, torch, pnode_dist\n"
             "warnings.simplefilter('error', UserWarning)\n"
-            "ys = pnode_dist.odeint(lambda t, y: -y, torch.ones(2, 1), [0.0, 1.0], method='rk4',"
+            "ys = pnode_dist.odeint(lambda t, y: -y, torch.ones(2, 1, dtype=torch.float64),"
+            " [0.0, 1.0], method='rk4',"
             " options={'step_size': 0.25})\n"
             "ys.sum()\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True,

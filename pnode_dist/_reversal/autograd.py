@@ -62,6 +62,8 @@ class OdeintFunction(torch.autograd.Function):
             if problem.stats is not None:
                 problem.stats.update(strategy.stats)
             strategy.close()
+        if problem.stats is not None:        # what the problem keeps until its next call
+            problem.stats["memory_held"] = strategy.pool.held_bytes()
         grad_t = None
         if ctx.needs_input_grad[2]:
             grad_t = time_gradient(problem, ctx.outputs, grad_outputs, grad_y0,

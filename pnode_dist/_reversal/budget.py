@@ -22,11 +22,9 @@ from ..errors import SolverError
 
 DEFAULT_FRACTION = 0.5
 # What a stored object costs beyond its data, measured with glibc's mallinfo2 (PETSc 3.26,
-# torch 2.13, CPU): a Vec in PETSc's memory trajectory (the step's share of the trajectory's
-# and the forward record's bookkeeping included), and each tensor or autograd node of a stored
-# graph of f. For small states they are most of what a step holds: a 3x2 state's rk4 step with
-# its stage graphs holds 25 KB, 30 times its data.
-VEC_OVERHEAD = 1536
+# torch 2.13, CPU): a Vec in PETSc's memory trajectory (VEC_OVERHEAD, device.py), and each
+# tensor or autograd node of a stored graph of f. For small states they are most of what a
+# step holds: a 3x2 state's rk4 step with its stage graphs holds 25 KB, 30 times its data.
 GRAPH_OBJECT_OVERHEAD = 400
 
 
@@ -50,9 +48,10 @@ def available_host_bytes():
 
 def graph_bytes(func, params, t, y):
     """Bytes one evaluation func(t, y) with a graph keeps alive: the tensors autograd saves for
-    the backward (storages counted once; the parameters and y excluded: they exist anyway),
-    plus the input copy and the output a stored graph holds, plus GRAPH_OBJECT_OVERHEAD for
-    each saved tensor, autograd node, input and output."""
+    the backward (storages counted once; the parameters and y excluded: they exist anyway,
+    and a stored graph's input is the stage its trajectory keeps; of the output only the
+    autograd edge is kept, unless the graph saved it), plus GRAPH_OBJECT_OVERHEAD for each
+    saved tensor, autograd node and the input."""
     excluded = {p.untyped_storage().data_ptr() for p in params}
     found = {}
 
@@ -71,8 +70,8 @@ def graph_bytes(func, params, t, y):
         out = func(torch.full((), t, dtype=y.dtype, device=y.device), y)
     if not isinstance(out, torch.Tensor) or out.shape != y.shape or not out.requires_grad:
         return 0                     # keeps no graph (a wrong output is the solve's to report)
-    objects = len(saved) + _nodes(out.grad_fn) + 2
-    return sum(found.values()) + y.nbytes + out.nbytes + objects * GRAPH_OBJECT_OVERHEAD
+    objects = len(saved) + _nodes(out.grad_fn) + 1
+    return sum(found.values()) + objects * GRAPH_OBJECT_OVERHEAD
 
 
 def _nodes(root):

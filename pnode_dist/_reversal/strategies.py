@@ -20,7 +20,7 @@ import torch
 
 from .._distributed.collective import raise_collectively
 from .._solve.device import SOLVER_DTYPE
-from .._solve.integrator import Cotangents, ForwardRecord
+from .._solve.integrator import _MIN_CAPACITY, Cotangents, ForwardRecord
 from ..errors import SolverError
 from .schedule import Placement, plan_advances, reversal_plan
 from .store import CheckpointStore
@@ -49,9 +49,12 @@ class StoreAll:
     stops keeping graphs, then stops altogether, before what it holds would exceed it (Spill
     continues such a solve)."""
 
-    def __init__(self, pool, control, graphs=False, cost=None, limit=None, expected=None):
+    def __init__(self, pool, control, graphs=False, cost=None, limit=None, expected=None,
+                 capacity=None):
         self.pool, self.integrator = pool, None
-        self.integrator = pool.acquire(adjoint=True, nsteps=control.max_num_steps)
+        if capacity is None:
+            capacity = min(control.max_num_steps, max(_MIN_CAPACITY, 2 * (expected or 0)))
+        self.integrator = pool.acquire(adjoint=True, nsteps=capacity)
         self.graphs = graphs
         self.limit = None if limit is None else _Limit(self.integrator, cost, limit, expected)
         self.stats = {"checkpoint_schedule": "graphs" if graphs else "all"}
@@ -66,8 +69,18 @@ class StoreAll:
             self.stats.update(self.integrator.stats)
         if self.limit is not None:
             self.stats["memory_used"] = self.limit.used
+            self.stats["memory_peak"] = self.limit.used + self.integrator.work_bytes()
         self.pool.history.solved(record.steps)
         return outputs, record
+
+    @property
+    def used(self):
+        """Bytes counted against the limit (0 without one)."""
+        return self.limit.used if self.limit is not None else 0
+
+    def full(self, record):
+        """Whether the forward stopped because its trajectory was full (not at its limit)."""
+        return record.stopped and record.steps >= self.integrator.capacity
 
     def backward(self, record, grad_outputs, control):
         grads = self.integrator.backward(record, grad_outputs)
@@ -119,21 +132,23 @@ class _Limit:
 
 
 class Spill:
-    """A StoreAll head whose forward stopped at its byte limit, continued by a binomial tail
-    (`make_tail(bytes the head holds)`) from the state where it stopped; the backward pass
+    """A StoreAll head whose forward stopped (at its byte limit, or with its trajectory full),
+    continued by a tail (`make_tail(head, record)`: a binomial one in the bytes left, or a
+    StoreAll reserving every step left) from the state where it stopped; the backward pass
     applies the tail's adjoint, then the head's from there. The same discrete solve: the tail
     starts with the step size the head's controller proposed (fixed steps: the same steps)."""
 
     def __init__(self, head, make_tail, expected_steps):
         self.head, self.make_tail, self.tail = head, make_tail, None
+        self.pool = head.pool
         self.expected = expected_steps
         self.stats = head.stats
         self.head_record = self.tail_record = None
 
     def forward(self, y0, t_out, control, observers=()):
         outputs, record = self.head.forward(y0, t_out, control, observers)
-        if not record.stopped:
-            return outputs, record
+        if not (record.stopped and self.head.integrator.stop_requested):
+            return outputs, record          # done (or stopped at an event)
         self.head_record = record
         k = len(record.output_steps)             # outputs 0..k-1 are the head's
         integrator = self.head.integrator
@@ -143,7 +158,7 @@ class Spill:
         pool = self.head.pool
         left = None if self.expected is None else max(self.expected - record.steps, 0)
         pool.history.solved(left or None)        # the tail's expectation (adaptive steps)
-        self.tail = self.make_tail(self.head.limit.used)
+        self.tail = self.make_tail(self.head, record)
         try:
             tail_outputs, tail = self.tail.forward(y_stop, tail_t, tail_control, observers)
         finally:
@@ -167,7 +182,8 @@ class Spill:
                 merged[key] += value
             elif key not in _PLAN_KEYS:
                 merged[key] = value
-        merged["memory_used"] = self.head.limit.used + self.tail.stats.get("memory_used", 0)
+        merged["memory_used"] = self.head.used + self.tail.stats.get("memory_used", 0)
+        merged["memory_peak"] = merged["memory_used"] + self.head.integrator.work_bytes()
         merged["spilled_at_step"] = self.head_record.steps
         self.stats = merged
 
@@ -201,7 +217,7 @@ class Spill:
             self.tail.close()
 
 
-_NOT_SUMMED = ("checkpoint_slots", "checkpoints_held", "memory_used")
+_NOT_SUMMED = ("checkpoint_slots", "checkpoints_held", "memory_used", "memory_peak")
 _PLAN_KEYS = ("checkpoint_schedule", "memory_budget", "memory_estimate")
 
 
@@ -351,6 +367,8 @@ class Recompute:
         if self.overhead:
             self.stats["memory_used"] = self.overhead + sum(
                 self.stats.get(f"{tier}_bytes_peak", 0) for tier in ("host", "device"))
+            self.stats["memory_peak"] = self.stats["memory_used"] + sum(
+                i.work_bytes() for i in (rec, adv) if i is not None)
         return grads
 
     @staticmethod

@@ -88,7 +88,7 @@ def step_cotangent(f, params, t_start, t_end, y_start, out_times, grads, tableau
 
 def stage_graph_cotangents(steps, params, tableau, dense):
     """step_cotangent of several steps at once, from f's graphs at their stages kept by the
-    forward. steps: [(graphs [(Y_i leaf, k_i)], t_start, t_end, out_times, grads)]. The
+    forward. steps: [(graphs [(Y_i leaf, k_i's edge)], t_start, t_end, out_times, grads)]. The
     cotangent of k_i is h sum_o b_i(theta_o) g_o plus what later stages pass back through
     Y_l = y + h sum_i a_li k_i; the steps are independent (none needs the adjoint), so each
     stage index takes one vjp for all of them, from the last. Returns ([dL/dy at each step's
@@ -113,8 +113,8 @@ def stage_graph_cotangents(steps, params, tableau, dense):
                 a = tableau.a[l][i]
                 if a != 0.0 and back[n][l] is not None:
                     c = c + (hs[n] * a) * back[n][l]
-            y_leaf, k = graphs[i]
-            if k.requires_grad:
+            y_leaf, k = graphs[i]            # k: f's output edge (None: no gradient)
+            if k is not None:
                 outs.append(k)
                 leaves.append(y_leaf)
                 cots.append(c)

@@ -17,6 +17,9 @@ from ..errors import InputError
 
 SOLVER_DTYPE = torch.from_numpy(np.zeros(0, PETSc.ScalarType)).dtype
 SOLVER_ITEMSIZE = torch.finfo(SOLVER_DTYPE).bits // 8
+# What a Vec in PETSc's memory trajectory costs beyond its data (the step's share of the
+# trajectory's and the forward record's bookkeeping included), measured with glibc's mallinfo2.
+VEC_OVERHEAD = 1536
 
 
 def petsc_has_cuda():

@@ -17,32 +17,84 @@ import collections
 
 import torch
 from mpi4py import MPI
+from torch.autograd.graph import get_gradient_edge
 
 from ..errors import InputError
 from .guard import Recorder, guarded
 from .views import touch, vec_view
 
+def graph_output(out):
+    """What a kept graph of f needs of its output `out`: the autograd edge it leaves by
+    (torch.autograd.grad takes it as an output), or None if out needs no gradient. Keeping
+    the edge instead of the tensor frees the output's memory (the graph keeps what it saved).
+    """
+    return get_gradient_edge(out) if out.requires_grad else None
+
+
+class StageInput:
+    """The input of one stored graph of f, a copy of the stage the TS evaluated f at. The
+    graph saves (views of) it through `pack`/`unpack` (torch's saved-tensor hooks) as places
+    in it, so once PETSc's trajectory holds the same stage the copy is freed (`release`), and
+    the adjoint's linearisation at the stage PETSc restores (`source`) is what the graph reads:
+    the stage lives once, in the trajectory."""
+
+    def __init__(self, y):
+        self.y = y                   # the graph's leaf (its data freed by release)
+        self.ptr = y.untyped_storage().data_ptr()
+        self.fingerprint = fingerprint(y.detach())
+        self.source = None           # the restored stage the graph reads once released
+        self.released = False
+        self.pinned = False          # taken for interpolated outputs: never released
+
+    def pack(self, tensor):
+        if tensor.dtype == self.y.dtype and tensor.untyped_storage().data_ptr() == self.ptr:
+            return (tensor.size(), tensor.stride(), tensor.storage_offset())
+        return tensor
+
+    def unpack(self, packed):
+        if isinstance(packed, torch.Tensor):
+            return packed
+        base = self.y.detach() if not self.released else self.source
+        if base is None:
+            raise RuntimeError("a stored graph of func was used before its stage was restored")
+        return base.as_strided(*packed)
+
+    def release(self):
+        if not (self.released or self.pinned):
+            self.released = True
+            self.y.untyped_storage().resize_(0)
+
+
+def fingerprint(y):
+    """(sum, sum of magnitudes) of a state, in float64: what a stored graph's stage is known
+    by once its copy is freed."""
+    return float(y.sum(dtype=torch.float64)), float(y.abs().sum(dtype=torch.float64))
+
+
 class GraphStore:
     """f's autograd graphs at the stages of a forward solve, for the adjoint to reuse instead of
     re-evaluating f at the same points. Entries are kept in evaluation order; the adjoint asks
-    for them in reverse, and each lookup is verified (time within round-off, state bitwise
-    equal), so a miss only costs a re-evaluation, never a wrong gradient."""
+    for them in reverse, and each lookup is verified (time within round-off; the stage's
+    fingerprint equal, or within round-off), so a miss only costs a re-evaluation. Stage
+    copies are freed once a later step starts (`release_inputs`): the trajectory holds them.
+    """
 
     _WINDOW = 16
 
     def __init__(self):
-        self.entries = []            # (t, y_leaf, f(t, y_leaf))
+        self.entries = []            # (t, StageInput, graph_output(f(t, stage)))
         self.pending = []            # evaluations of the step being attempted
         self.cursor = -1
         self.closed = False          # keeps no more graphs (its memory budget is reached)
+        self._released = 0           # entries before this one are released (or pinned)
 
     @property
     def size(self):
         """Graphs held (those of the step being attempted included)."""
         return len(self.entries) + len(self.pending)
 
-    def add(self, t, y, out):
-        self.pending.append((t, y, out))
+    def add(self, t, stage, out):
+        self.pending.append((t, stage, out))
 
     def accept_step(self):
         """The attempted step was accepted: its evaluations join the store."""
@@ -50,30 +102,41 @@ class GraphStore:
         self.pending.clear()
         self.cursor = len(self.entries) - 1
 
+    def release_inputs(self, keep_last=0):
+        """Free the stage copies of every entry but the last `keep_last` (and pinned ones)."""
+        end = len(self.entries) - keep_last
+        for _, stage, _ in self.entries[self._released:end]:
+            stage.release()
+        self._released = max(self._released, end)
+
     def find(self, t, y):
-        """The stored (y_leaf, out) at time t and state y, or None. A state equal to within a
-        few units in the last place counts as the same point: the first stage of an FSAL step
-        (dopri5, tsit5, bosh3) is the state PETSc updated, the graph's is the previous step's
-        last stage, the same sum rounded differently (a miss there cost one f evaluation per
-        step; the linearisation points then differ by round-off, as PETSc's own adjoint's
-        already did, linearising at the updated state)."""
+        """The stored (y_leaf, output edge) at time t and stage y (which the graph then reads),
+        or None. A stage equal to within round-off counts as the same point: the first stage
+        of an FSAL step (dopri5, tsit5, bosh3) is the state PETSc updated, the graph's is the
+        previous step's last stage, the same sum rounded differently (a miss there cost one f
+        evaluation per step; the linearisation points then differ by round-off, as PETSc's own
+        adjoint's already did, linearising at the updated state)."""
         tol = 1e-12 * max(1.0, abs(t))
         top = min(self.cursor + 1, len(self.entries) - 1)
+        mark = fingerprint(y)
+        slack = 64 * torch.finfo(y.dtype).eps * mark[1]
         near = None
         for j in range(top, max(-1, self.cursor - self._WINDOW), -1):
-            tj, yj, out = self.entries[j]
-            if abs(tj - t) > tol:
+            tj, stage, out = self.entries[j]
+            if abs(tj - t) > tol or stage.y.shape != y.shape:
                 continue
-            stored = yj.detach()
-            if torch.equal(stored, y):
+            if stage.fingerprint == mark:
                 near = j
                 break
-            if near is None and stored.shape == y.shape and round_off_apart(stored, y):
+            if near is None and all(abs(a - b) <= slack
+                                    for a, b in zip(stage.fingerprint, mark)):
                 near = j
         if near is None:
             return None
         self.cursor = near - 1
-        return self.entries[near][1:]
+        _, stage, out = self.entries[near]
+        stage.source = y
+        return stage.y, out
 
 
 def round_off_apart(a, b):
@@ -168,10 +231,13 @@ class TorchRHS(Recorder):
         with guarded(self, self._in_func(t)) as call:
             if self.store is not None and not self.store.closed:
                 y = self.view(X).to(self.dtype, copy=True).requires_grad_(True)
-                with torch.enable_grad():
+                stage = StageInput(y)
+                with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(
+                        stage.pack, stage.unpack):
                     out = self._evaluate(t, y)
-                self.store.add(t, y, out)
+                self.store.add(t, stage, graph_output(out))
                 out_view.copy_(out.detach())
+                del out
             else:
                 with torch.no_grad():
                     out_view.copy_(self._evaluate(t, self.view(X).to(self.dtype)))
@@ -205,8 +271,9 @@ class TorchRHS(Recorder):
         with guarded(self, self._in_func(t)):
             y = self.view(X).detach().to(self.dtype).requires_grad_(True)
             with torch.enable_grad():
-                self._lin = (y, self._evaluate(t, y))
-            self._finite(self._lin[1].detach(), "func", t)
+                out = self._evaluate(t, y)
+            self._finite(out.detach(), "func", t)
+            self._lin = (y, graph_output(out))
 
     def linearize_params(self, ts, t, X, Jp):
         """RHSJacobianP: PETSc calls it right after the RHSJacobian of the same stage, whose
@@ -220,8 +287,8 @@ class TorchRHS(Recorder):
         y, out = self._lin
         inputs = ([y] if with_state else []) + self.params
         self.counts["vjp"] += 1
-        if not out.requires_grad:            # f depends on neither y nor the parameters
-            return (None,) * len(inputs)
+        if out is None or (isinstance(out, torch.Tensor) and not out.requires_grad):
+            return (None,) * len(inputs)     # f depends on neither y nor the parameters
         with guarded(self, "func during a vector-Jacobian product") as call:
             grads = torch.autograd.grad(out, inputs, self.view(x).to(self.dtype),
                                         retain_graph=True, allow_unused=True)

@@ -19,7 +19,7 @@ from .._distributed.collective import (CAUSE, CONSEQUENCE, SYMPTOM, PETSc, allre
                                       raise_collectively)
 from ..errors import InputError, SolverError
 from . import dense
-from .device import SOLVER_DTYPE, vec_type
+from .device import SOLVER_DTYPE, VEC_OVERHEAD, vec_type
 from .controller import ExplicitController
 from .events import EventElsewhere
 from .explicit import GraphStore, ParamJacobianMat, StateJacobianMat, round_off_apart
@@ -33,7 +33,10 @@ from .views import touch, vec_view
 
 # Times within this relative distance are the same time (PETSc's times have its precision).
 _REL_TIME_TOL = max(1e-12, 64 * torch.finfo(SOLVER_DTYPE).eps)
-_MIN_CAPACITY = 1024                 # trajectory steps reserved by a replaying Integrator
+_MIN_CAPACITY = 1024                 # trajectory steps reserved at least
+# An idle Integrator stays pooled while what it holds (work Vecs, trajectory) is at most this:
+# re-creating one costs about 3 ms, more than a small solve; a larger one is freed at once.
+KEEP_IDLE_BYTES = 1 << 20
 # Newton and Krylov tolerances within reach of the solver precision (PETSc options override).
 _NEWTON_TOLERANCES = {torch.float64: {"snes_rtol": 1e-10, "snes_atol": 1e-12, "ksp_rtol": 1e-10},
                       torch.float32: {"snes_rtol": 1e-5, "snes_atol": 1e-6, "ksp_rtol": 1e-5}}
@@ -173,6 +176,8 @@ class _Stepping:
             ts.setConvergedReason(PETSc.TS.ConvergedReason.CONVERGED_USER)
             return
         self._choose_next(integrator, ts, t)
+        if integrator.capacity is not None and n >= integrator.capacity:
+            integrator.stop_requested = True  # its trajectory is full (Integrator.reserve)
         if integrator.stop_requested:         # after the choice: a continuation takes it
             self.record.stopped = True
             ts.setConvergedReason(PETSc.TS.ConvergedReason.CONVERGED_USER)
@@ -325,6 +330,7 @@ class Integrator:
         self.event = None            # the EventLocator of an event solve under way
         self.stats = {}
         self.capacity = None         # steps the trajectory can hold (set on first use)
+        self.recorded = 0            # the most steps its trajectory has held
         self.replayed = False        # has re-run recorded segments (see destroy)
         # False from the start of a solve or adjoint until it completes on every rank: a TS
         # left in a failed state (PETSc error 73 on its next use) is destroyed, never pooled
@@ -338,9 +344,10 @@ class Integrator:
 
     def reserve(self, nsteps):
         """Size the memory trajectory for solves of up to `nsteps` steps. PETSc sizes its stack
-        once, at the first solve, from the max steps and the first step size, and cannot grow
-        it (an overflow corrupts memory): a solve that takes no step (its step number already
-        at the maximum) sets it up here, with a margin of one step."""
+        once, at the first solve, from the max steps and the first step size; a longer solve
+        on the same TS was seen to corrupt memory, so a forward solve stops when the trajectory
+        is full (record.stopped: a continuation takes over). A solve that takes no step (its
+        step number already at the maximum) sets it up here, with a margin."""
         if not self.adjoint:
             return
         if self.capacity is not None:
@@ -441,6 +448,9 @@ class Integrator:
 
     # ---------------------------------------------------------------- forward
     def _pre_step(self, ts):
+        store = self.graph_store
+        if store is not None:        # the trajectory holds the stages of the steps taken
+            store.release_inputs(keep_last=1)
         stepping = self._stepping
         keep_start = stepping is not None and (getattr(stepping, "interpolate", False)
                                                or getattr(stepping, "controller", None) is not None
@@ -486,11 +496,14 @@ class Integrator:
         if not at(first, tableau.c[0]):
             start = self.step_start
             first = next((e for e in reversed(store.entries[-4 * s:-s])
-                          if at(e, tableau.c[0]) and e[1].shape == start.shape
-                          and round_off_apart(e[1].detach(), start.to(e[1].dtype))), None)
+                          if at(e, tableau.c[0]) and not e[1].released
+                          and e[1].y.shape == start.shape
+                          and round_off_apart(e[1].y.detach(), start.to(e[1].y.dtype))), None)
             if first is None:
                 return None
-        return [(y, out) for _, y, out in [first] + tail]
+        for _, stage, _ in [first] + tail:
+            stage.pinned = True      # their copies stay: the dense output's vjp reads them
+        return [(stage.y, out) for _, stage, out in [first] + tail]
 
     def _first_step(self, y0, t_out, control):
         """The first step from f at the start (explicit adaptive solves without first_step),
@@ -551,7 +564,7 @@ class Integrator:
         solve after the step (record.stopped; outputs after the last time reached are unset).
         graphs: keep f's stage graphs for the adjoint (a trajectory Integrator only)."""
         ts = self.ts
-        self.reserve(control.max_num_steps)
+        self.reserve(min(control.max_num_steps, _MIN_CAPACITY))
         self.observers = tuple(observers)
         self.event = next((o for o in observers if getattr(o, "locates_event", False)), None)
         outputs = torch.empty((len(t_out),) + self.layout.local_shape, dtype=SOLVER_DTYPE,
@@ -594,6 +607,10 @@ class Integrator:
             failure = self._solve(self.x)
         finally:
             self._stepping, self.observers = None, ()
+            if self.graph_store is not None:
+                self.graph_store.release_inputs()
+        if self.adjoint:
+            self.recorded = max(self.recorded, stepping.record.steps)
         self.stats = {"steps": stepping.record.steps, "rejected_steps": ts.getStepRejections(),
                       "newton_iterations": ts.getSNESIterations(),
                       "linear_iterations": ts.getKSPIterations(),
@@ -683,6 +700,8 @@ class Integrator:
         ts = self.ts
         self.reserve(len(times) - 1)
         self.replayed = True
+        if self.adjoint:
+            self.recorded = max(self.recorded, len(times) - 1)
         self.healthy = False
         touch(self.x, "w")
         self.x_view.copy_(y_start)
@@ -701,6 +720,8 @@ class Integrator:
             failure = self._solve(self.x)
         finally:
             self._stepping = None
+            if self.graph_store is not None:
+                self.graph_store.release_inputs()
         reason = ts.getConvergedReason()
         if (failure or reason < 0) and self.failure is None:
             self.failure = failure or (CONSEQUENCE, (
@@ -836,6 +857,18 @@ class Integrator:
                 self.add_to_lambda(cotangents.at(lo))
         return self.finish_adjoint(cotangents.at(0))
 
+    def work_bytes(self):
+        """About what the TS's and our work Vecs take (a few per stage; the adjoint's too)."""
+        state = self.x_view.numel() * self.x_view.element_size()
+        return (3 * self.method.states_per_step + 8) * (state + VEC_OVERHEAD)
+
+    def held_bytes(self):
+        """About what this Integrator holds between solves: its work Vecs, its trajectory's
+        Vecs (of the longest solve it recorded) and stack."""
+        state = self.x_view.numel() * self.x_view.element_size()
+        stored = self.recorded * self.method.states_per_step if self.adjoint else 0
+        return self.work_bytes() + stored * (state + VEC_OVERHEAD) + 8 * (self.capacity or 0)
+
     def destroy(self):
         """Free the TS now (lifetime.py's rule 1), after emptying the Python side PETSc may
         still reach (the parts' per-solve state, the Mat and PC contexts).
@@ -967,11 +1000,20 @@ class IntegratorPool:
         return integrator
 
     def release(self, integrator):
-        """Back to the pool; one whose last solve failed (or the pool closed) is destroyed."""
-        if self.closed or not integrator.healthy:
+        """Back to the pool if it is small (KEEP_IDLE_BYTES); one whose last solve failed, a
+        large one, or any after the pool closed, is destroyed. (A TSTHETA one whose trajectory
+        re-ran segments stays pooled whatever its size: Integrator.destroy would keep it alive
+        for good.)"""
+        kept_anyway = integrator.replayed and integrator.method.keep_after_replay
+        if self.closed or not integrator.healthy or (
+                integrator.held_bytes() > KEEP_IDLE_BYTES and not kept_anyway):
             integrator.destroy()
         else:
             self._idle.setdefault((integrator.adjoint, integrator.adaptive), []).append(integrator)
+
+    def held_bytes(self):
+        """About what the idle Integrators hold (between calls)."""
+        return sum(i.held_bytes() for idle in self._idle.values() for i in idle)
 
     def close(self):
         """Destroy the idle Integrators (the cache dropped this pool); leased ones are
