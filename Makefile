@@ -55,6 +55,7 @@ bench: setup setup-single
 	$(PY) benchmarks/vs_torchdiffeq.py
 	$(PY) benchmarks/stiff.py
 	$(PY) benchmarks/memory.py
+	$(PY) benchmarks/memory_peers.py --quick
 	$(PY) benchmarks/grid_scaling.py
 	$(PY) benchmarks/precision.py
 	$(PY) benchmarks/faults.py
