@@ -23,9 +23,10 @@ backward); gc.collect() + malloc_trim(0); baseline = RssAnon; one warm-up forwar
 gc + malloc_trim, held = RssAnon - baseline; write 5 to /proc/self/clear_refs (VmHWM := VmRSS);
 one forward + backward: peak = VmHWM - VmRSS before it; footprint = peak + held. s/iter: median
 of that iteration and up to --reps - 1 more (none once --time-budget seconds are spent). pnode's
-"reported" is its stats' memory_used (binomial: host_bytes_peak). Skipped: a contender whose
-estimated memory exceeds half of MemAvailable or whose estimated iteration exceeds
---max-seconds; stopped: a process still running after --timeout seconds. The peers are
+"reported" is its stats' footprint: memory_peak (else memory_used, or host_bytes_peak) plus
+memory_held. Skipped: a contender whose estimated memory exceeds half of MemAvailable or whose
+estimated iteration exceeds --max-seconds; stopped: a process still running after --timeout
+seconds. The peers are
 installed with --no-deps into .venv-peers/site (never into .venv) when missing or with
 --setup-peers; only the peers' processes see it (PYTHONPATH).
 
@@ -263,7 +264,8 @@ def child(case_name, contender, args):
     peak, calls = status("VmHWM") - before, func.calls
     while len(times) < args.reps and sum(times) < args.time_budget:
         times.append(iteration({}))
-    reported = stats.get("memory_used", stats.get("host_bytes_peak"))
+    own = stats.get("memory_peak", stats.get("memory_used", stats.get("host_bytes_peak")))
+    reported = None if own is None else own + stats.get("memory_held", 0)
     print(json.dumps({"peak": peak / 2 ** 20, "held": held / 2 ** 20, "n": len(times),
                       "time": statistics.median(times), "fevals": calls,
                       "plan": stats.get("checkpoint_schedule"),

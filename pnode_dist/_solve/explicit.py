@@ -49,7 +49,9 @@ class StageInput:
     def pack(self, tensor):
         if tensor.dtype == self.y.dtype and tensor.untyped_storage().data_ptr() == self.ptr:
             return (tensor.size(), tensor.stride(), tensor.storage_offset())
-        return tensor
+        # Detached: a saved output kept with its grad_fn would be a reference cycle through
+        # the graph that Python's collector cannot see (every stored graph leaked).
+        return tensor.detach()
 
     def unpack(self, packed):
         if isinstance(packed, torch.Tensor):

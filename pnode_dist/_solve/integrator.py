@@ -819,8 +819,8 @@ class Integrator:
         self.stats.update({f"adjoint_{k}": v
                            for k, v in self._counts_since(self._adjoint_counts).items()})
         self.stats["adjoint_step_replays"] = self._step_replays
-        if self.rhs is not None:
-            self.rhs.store = None
+        if self.rhs is not None:     # no graph of f outlives the adjoint (pooled: held)
+            self.rhs.store = self.rhs._lin = self.rhs._cached_param_vjp = None
         touch(self.lam, "r")
         grad_y0 = self.lam_view + grad_first
         if error is None and not bool(torch.isfinite(grad_y0).all()):
