@@ -364,11 +364,14 @@ class Recompute:
         self.stats.update(rec.stats)
         self.stats.update(recomputed_steps=plan_advances(ops), recorded_steps=n,
                           backward_seconds=time.perf_counter() - start, **store.stats())
+        in_memory = sum(self.stats.get(f"{tier}_bytes_peak", 0) for tier in ("host", "device"))
         if self.overhead:
-            self.stats["memory_used"] = self.overhead + sum(
-                self.stats.get(f"{tier}_bytes_peak", 0) for tier in ("host", "device"))
-            self.stats["memory_peak"] = self.stats["memory_used"] + sum(
-                i.work_bytes() for i in (rec, adv) if i is not None)
+            self.stats["memory_used"] = self.overhead + in_memory
+        # The checkpoints, the tail buffer, the recording Integrator (its work Vecs and the
+        # trajectory of one segment) and the advancing one's work Vecs.
+        tail = self.keeper.tail.nbytes if self.keeper.tail is not None else 0
+        self.stats["memory_peak"] = in_memory + tail + rec.held_bytes() + (
+            adv.work_bytes() if adv is not None else 0)
         return grads
 
     @staticmethod
