@@ -8,7 +8,6 @@ import torch
 from conftest import TimeMLP
 from pnode_dist import Checkpointing, odeint
 from pnode_dist._solve import integrator as integrator_module
-from pnode_dist._reversal import strategies
 
 F64 = torch.float64
 T = torch.tensor([0.0, 1.0], dtype=F64)
@@ -55,7 +54,6 @@ def test_a_solve_longer_than_its_trajectory_continues_in_another(monkeypatch, po
     y0 = torch.randn(4, 3, dtype=F64)
     ys_ref, g_ref = _gradient(func, y0, "dopri5", policy=Checkpointing(schedule="all"),
                              rtol=1e-10)
-    monkeypatch.setattr(strategies, "_MIN_CAPACITY", 8)
     monkeypatch.setattr(integrator_module, "_MIN_CAPACITY", 8)
     fresh = TimeMLP()                    # a new problem: no step count known yet
     stats = {}

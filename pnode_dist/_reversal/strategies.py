@@ -20,7 +20,7 @@ import torch
 
 from .._distributed.collective import raise_collectively
 from .._solve.device import SOLVER_DTYPE
-from .._solve.integrator import _MIN_CAPACITY, Cotangents, ForwardRecord
+from .._solve.integrator import Cotangents, ForwardRecord, trajectory_capacity
 from ..errors import SolverError
 from .schedule import Placement, plan_advances, reversal_plan
 from .store import CheckpointStore
@@ -53,7 +53,7 @@ class StoreAll:
                  capacity=None):
         self.pool, self.integrator = pool, None
         if capacity is None:
-            capacity = min(control.max_num_steps, max(_MIN_CAPACITY, 2 * (expected or 0)))
+            capacity = trajectory_capacity(expected, control.max_num_steps)
         self.integrator = pool.acquire(adjoint=True, nsteps=capacity)
         self.graphs = graphs
         self.limit = None if limit is None else _Limit(self.integrator, cost, limit, expected)

@@ -193,12 +193,16 @@ class TorchRHS(Recorder):
     def forget_views(self):
         self._views.clear()
 
+    def drop_graphs(self):
+        """Drop f's graphs: the stored ones and the current linearisation's."""
+        self._lin = self._cached_param_vjp = self.store = None
+
     def release(self):
         """Drop everything a solve left here (views, linearisation, graphs, the recorded
         error): the TS is being destroyed, or kept for ever (lifetime.py)."""
         self.forget_views()
         self.clear()
-        self._lin = self._cached_param_vjp = self.store = None
+        self.drop_graphs()
 
     def _time(self, t):
         return torch.full((), t, dtype=self.dtype, device=self.device)

@@ -42,6 +42,12 @@ _NEWTON_TOLERANCES = {torch.float64: {"snes_rtol": 1e-10, "snes_atol": 1e-12, "k
                       torch.float32: {"snes_rtol": 1e-5, "snes_atol": 1e-6, "ksp_rtol": 1e-5}}
 
 
+def trajectory_capacity(expected, max_num_steps):
+    """Steps a forward solve's trajectory reserves: twice the steps expected, at least
+    _MIN_CAPACITY, at most max_num_steps (a solve that fills it stops: record.stopped)."""
+    return min(max_num_steps, max(_MIN_CAPACITY, 2 * (expected or 0)))
+
+
 def time_slack(t_out):
     """How far apart two times of a solve over t_out may be and still be the same time (an
     event solve's open end, inf, aside)."""
@@ -820,7 +826,7 @@ class Integrator:
                            for k, v in self._counts_since(self._adjoint_counts).items()})
         self.stats["adjoint_step_replays"] = self._step_replays
         if self.rhs is not None:     # no graph of f outlives the adjoint (pooled: held)
-            self.rhs.store = self.rhs._lin = self.rhs._cached_param_vjp = None
+            self.rhs.drop_graphs()
         touch(self.lam, "r")
         grad_y0 = self.lam_view + grad_first
         if error is None and not bool(torch.isfinite(grad_y0).all()):
