@@ -142,3 +142,13 @@ def test_failures_on_one_of_two_ranks_release_everything(plan):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert sorted(line for line in proc.stdout.splitlines() if line.startswith("rank")) == [
         "rank 0: flat", "rank 1: flat"], proc.stdout
+
+
+def test_destroyed_integrators_leave_no_petsc_garbage_on_two_ranks():
+    """Integrators too large to pool are destroyed after every backward pass: their Vecs are
+    destroyed with them, not dropped into PETSc's garbage (on several ranks, freed only by a
+    collective clean-up: a leak of a state per solve). garbage.py's tally, per rank."""
+    proc = run_mpi(2, ROOT / "tests" / "mpi" / "garbage.py", timeout=240)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    tallies = sorted(line for line in proc.stdout.splitlines() if "Total entries" in line)
+    assert tallies == ["Rank 0:: Total entries: 0", "Rank 1:: Total entries: 0"], proc.stdout

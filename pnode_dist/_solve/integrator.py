@@ -26,7 +26,7 @@ from .explicit import GraphStore, ParamJacobianMat, StateJacobianMat, round_off_
 from .first_step import initial_step
 from .guard import guarded, released
 from .implicit import BlockJacobianPC, IJacobianMat, IJacobianPMat
-from .lifetime import keep_forever
+from .lifetime import keep_forever, pin_comm
 from .options import layered_options
 from .rk_register import ts_tableau
 from .views import touch, vec_view
@@ -286,6 +286,7 @@ class Integrator:
         self._contexts = []          # the Python Mat/PC contexts PETSc holds (see destroy)
         nparams = self.parts[0].nparams
         comm = layout.comm
+        pin_comm(comm)
         ts = PETSc.TS().create(comm=comm)
         if prefix:
             ts.setOptionsPrefix(prefix)
@@ -863,17 +864,24 @@ class Integrator:
                 self.add_to_lambda(cotangents.at(lo))
         return self.finish_adjoint(cotangents.at(0))
 
-    def work_bytes(self):
+    def _state_bytes(self, agreed=False):
+        """Bytes of this rank's part of the state; with `agreed`, the mean over the ranks
+        (the same number on every rank, for decisions the ranks must take alike)."""
+        numel = self.x.getSize() / self.layout.nranks if agreed else self.x_view.numel()
+        return numel * self.x_view.element_size()
+
+    def work_bytes(self, agreed=False):
         """About what the TS's and our work Vecs take (a few per stage; the adjoint's too)."""
-        state = self.x_view.numel() * self.x_view.element_size()
+        state = self._state_bytes(agreed)
         return (3 * self.method.states_per_step + 8) * (state + VEC_OVERHEAD)
 
-    def held_bytes(self):
+    def held_bytes(self, agreed=False):
         """About what this Integrator holds between solves: its work Vecs, its trajectory's
-        Vecs (of the longest solve it recorded) and stack."""
-        state = self.x_view.numel() * self.x_view.element_size()
+        Vecs (of the longest solve it recorded) and stack (`agreed`: see _state_bytes)."""
+        state = self._state_bytes(agreed)
         stored = self.recorded * self.method.states_per_step if self.adjoint else 0
-        return self.work_bytes() + stored * (state + VEC_OVERHEAD) + 8 * (self.capacity or 0)
+        return (self.work_bytes(agreed) + stored * (state + VEC_OVERHEAD)
+                + 8 * (self.capacity or 0))
 
     def destroy(self):
         """Free the TS now (lifetime.py's rule 1), after emptying the Python side PETSc may
@@ -892,6 +900,12 @@ class Integrator:
             p.release()
         for context in self._contexts:
             vars(context).clear()
+        # Our own Vecs, destroyed rather than dropped (lifetime.py's rule 5); a torch view
+        # still alive keeps its Vec's memory (the view holds a reference of its own).
+        for vec in (self.x, getattr(self, "lam", None), self.mu,
+                    self.controller and self.controller.vec, self._work and self._work[0]):
+            if vec is not None:
+                vec.destroy()
         self.step_start = self._work = self.controller = None
         if self.adjoint and self.replayed and self.method.keep_after_replay:
             keep_forever(self.ts)
@@ -1006,13 +1020,14 @@ class IntegratorPool:
         return integrator
 
     def release(self, integrator):
-        """Back to the pool if it is small (KEEP_IDLE_BYTES); one whose last solve failed, a
+        """Back to the pool if it is small (KEEP_IDLE_BYTES, by a size every rank computes
+        alike, so that the pools stay alike); one whose last solve failed, a
         large one, or any after the pool closed, is destroyed. (A TSTHETA one whose trajectory
         re-ran segments stays pooled whatever its size: Integrator.destroy would keep it alive
         for good.)"""
         kept_anyway = integrator.replayed and integrator.method.keep_after_replay
         if self.closed or not integrator.healthy or (
-                integrator.held_bytes() > KEEP_IDLE_BYTES and not kept_anyway):
+                integrator.held_bytes(agreed=True) > KEEP_IDLE_BYTES and not kept_anyway):
             integrator.destroy()
         else:
             self._idle.setdefault((integrator.adjoint, integrator.adaptive), []).append(integrator)

@@ -17,11 +17,21 @@
    reference to a Python Mat, so Integrator.destroy empties the Mat and PC contexts and the
    parts first; and the cached Vec views are bounded (a view holds its Vec, and ARKIMEX
    re-runs pass new Vecs). tests/test_lifetime.py soaks every plan and method family.
+5. Our own Vecs are destroyed, not dropped: in parallel, petsc4py hands an object Python drops
+   to PETSc's garbage, freed only by a collective clean-up and only where every rank has it
+   (keys are creation numbers), so a drop leaks until exit (Integrator.destroy destroys x,
+   the adjoint's Vecs and the work Vecs).
+6. A communicator stays pinned (`pin_comm`): PETSc frees its inner communicator with the last
+   object on it and duplicates it again, collectively, for the next one. Where ranks free
+   their last object at different times (a failure on one rank leaves petsc4py wrappers in
+   its frames a while longer), the next creation would hang on the other ranks; and
+   PetscFinalize would clean the garbage on the ranks that still hold objects only. One
+   object per communicator, kept on every rank, keeps both alike.
 """
 import atexit
 import ctypes
 
-from .._distributed.startup import PETSc  # noqa: F401 - petsc4py's exit handler is registered first
+from .._distributed.startup import PETSc  # petsc4py's exit handler is registered first
 
 
 def at_finalize(handler):
@@ -35,3 +45,16 @@ def keep_forever(obj):
     """Never free `obj` (not even while the interpreter shuts down, when PETSc is still
     initialised): one extra reference that nothing releases."""
     ctypes.pythonapi.Py_IncRef(ctypes.py_object(obj))
+
+
+_pinned = {}
+
+
+def pin_comm(comm):
+    """Keep one PETSc object on `comm` for the rest of the run (rule 6). Collective on first
+    use, like the creation of any PETSc object on `comm`."""
+    key = comm.tompi4py().py2f()
+    if key not in _pinned:
+        pin = PETSc.Vec().create(comm=comm)
+        keep_forever(pin)
+        _pinned[key] = pin
