@@ -62,13 +62,17 @@ def released(exc):
     its Vecs, each a PETSc reference: kept by the exception, they would keep a destroyed TS
     alive, and through its callbacks its Integrator, for as long as the exception lives (a
     training loop that catches SolverError would lose the whole trajectory's memory each time).
-    The user's own frames keep their locals (post-mortem debugging)."""
+    The callers of those frames go too: a finished frame keeps its caller (f_back), such as a
+    Jacobian Mat's product holding the Mat and both Vecs. The user's own frames keep their
+    locals (post-mortem debugging)."""
     tb = exc.__traceback__ if exc is not None else None
     while tb is not None:
-        if tb.tb_frame.f_code.co_filename.startswith(_PACKAGE):
+        frame = tb.tb_frame
+        while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE):
             try:
-                tb.tb_frame.clear()
+                frame.clear()
             except RuntimeError:             # still executing: nothing to release yet
                 pass
+            frame = frame.f_back
         tb = tb.tb_next
     return exc
