@@ -12,8 +12,10 @@ on every rank (parallel.raise_collectively), chained to the exception itself.
 KeyboardInterrupt and SystemExit are not recorded: they propagate (through PETSc, whose error
 the Integrator turns back into them).
 """
+import inspect
 import os
 
+_SUSPENDABLE = inspect.CO_GENERATOR | inspect.CO_COROUTINE | inspect.CO_ASYNC_GENERATOR
 _PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
 
 
@@ -69,10 +71,12 @@ def released(exc):
     while tb is not None:
         frame = tb.tb_frame
         while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE):
-            try:
-                frame.clear()
-            except RuntimeError:             # still executing: nothing to release yet
-                pass
+            # A generator's frame is left alone: clearing a suspended one would close it.
+            if not frame.f_code.co_flags & _SUSPENDABLE:
+                try:
+                    frame.clear()
+                except RuntimeError:         # still executing: nothing to release yet
+                    pass
             frame = frame.f_back
         tb = tb.tb_next
     return exc
