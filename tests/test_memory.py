@@ -95,4 +95,4 @@ def test_stored_graphs_are_freed_after_the_backward_pass(method, policy):
         _gradient(func, y0, method, opts, policy, stats)
         assert stats["adjoint_graphs_reused"] > 0
     gc.collect()
-    assert sum(isinstance(o, StageInput) for o in gc.get_objects()) == 0
+    assert sum(type(o) is StageInput for o in gc.get_objects()) == 0
