@@ -47,7 +47,7 @@ def keep_forever(obj):
     ctypes.pythonapi.Py_IncRef(ctypes.py_object(obj))
 
 
-_pinned = {}
+_pinned = set()                # the MPI handles of the communicators pinned
 
 
 def pin_comm(comm):
@@ -55,6 +55,5 @@ def pin_comm(comm):
     use, like the creation of any PETSc object on `comm`."""
     key = comm.tompi4py().py2f()
     if key not in _pinned:
-        pin = PETSc.Vec().create(comm=comm)
-        keep_forever(pin)
-        _pinned[key] = pin
+        keep_forever(PETSc.Vec().create(comm=comm))
+        _pinned.add(key)
