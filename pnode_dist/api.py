@@ -24,7 +24,7 @@ from ._solve.options import freeze
 from .checkpointing import Checkpointing
 from .errors import InputError, SolverError
 from .grid import Grid, GridLayout
-from .methods import METHODS, SETUP_OPTIONS, get_method
+from .methods import IMEX, METHODS, SETUP_OPTIONS, KenCarp, get_method
 
 OPTION_KEYS = ("step_size", "first_step", "min_step", "max_step", "max_num_steps",
                "outputs", "event_tol") + SETUP_OPTIONS
@@ -302,7 +302,8 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, comm
     ----------
     func : callable
         ``func(t, y)``, typically an ``nn.Module``; returns dy/dt in the structure of ``y``.
-        For ``method='arkimex'`` a :class:`pnode_dist.IMEX` pair. torchdiffeq's step callbacks
+        For ``method='arkimex'`` a :class:`pnode_dist.IMEX` pair (for ``kencarp3/4/5``
+        one runs the whole ARK pair). torchdiffeq's step callbacks
         on it are called in the forward solve only (not in the re-runs of a backward pass):
         ``callback_step(t0, y0, dt)`` before every step and ``callback_accept_step(t0, y0, dt)``
         after it, with the step's start in your time and state structure (this rank's part);
@@ -327,8 +328,10 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, comm
         Explicit ``euler``, ``midpoint``, ``heun2``, ``heun3``, ``rk4`` (classic), ``rk4_38``
         (the 3/8 rule: torchdiffeq's ``rk4``); adaptive ``adaptive_heun``, ``fehlberg2``,
         ``bosh3``, ``dopri5`` (the default), ``tsit5``, ``verner6``, ``verner7``, ``verner8``;
-        implicit ``beuler``, ``cn``, ``theta``, ``sdirk2``, ``trbdf2`` (fixed steps); IMEX
-        ``arkimex``. torchdiffeq's ``implicit_euler``, ``trapezoid``, ``implicit_midpoint`` are
+        implicit, for stiff problems, adaptive ``kencarp3``, ``kencarp4``, ``kencarp5``
+        (L-stable, with an embedded error estimate: the ones to pick), ``beuler``, ``cn``,
+        ``theta`` (adaptive, their error estimate of first order), ``sdirk2``, ``trbdf2``
+        (fixed steps); IMEX ``arkimex``. torchdiffeq's ``implicit_euler``, ``trapezoid``, ``implicit_midpoint`` are
         the same schemes as ``beuler``, ``cn``, ``theta``; ``dopri8`` runs ``verner8`` (a
         warning says so once). Any other PETSc RK tableau: ``-[prefix]ts_rk_type`` on the
         command line or in ``petsc_options``.
@@ -338,7 +341,7 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, comm
         - ``step_size``: fixed steps of at most this length; every interval between output
           times is split into equal steps that land exactly on every output time (torchdiffeq
           instead interpolates). Without it the adaptive methods (and the implicit ``beuler``,
-          ``cn``, ``theta``, ``arkimex``) adapt the step to ``rtol``/``atol`` and the
+          ``cn``, ``theta``, ``kencarp3/4/5``, ``arkimex``) adapt the step to ``rtol``/``atol`` and the
           fixed-step ones take one step per output interval.
         - ``first_step``: the first step of an adaptive solve (default: chosen from f at t[0]
           by two evaluations for explicit methods).
@@ -505,8 +508,10 @@ def _odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, com
             t_out = [-v for v in t_out]
             func = conventions.wrapped("reversed", func)
         method_obj = get_method(method)
-        if method_obj.kind == "imex" and func is not user_func:
-            raise InputError("method='arkimex' takes a tensor y0 and increasing t")
+        if func is not user_func and (method_obj.kind == "imex" or (
+                isinstance(user_func, IMEX) and isinstance(method_obj, KenCarp))):
+            raise InputError(f"method={method_obj.name!r} with an IMEX func takes a tensor y0 "
+                             "and increasing t")
         control = _control(options, rtol, atol, store_graphs, method_obj)
         if event_fn is None and (options or {}).get("event_tol") is not None:
             raise InputError("options['event_tol'] is the tolerance of an event's time: it "

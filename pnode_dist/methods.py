@@ -335,11 +335,47 @@ class DIRK(ARKIMEX):
         ts.setARKIMEXType(self.subtype)
 
 
+class KenCarp(ARKIMEX):
+    """Kennedy and Carpenter's adaptive ARK pairs by name (PETSc's ARKIMEX tableaus 3, 4, 5;
+    diffrax's KenCarp3/4/5). On a plain func, the implicit half alone (the explicit part is
+    zero): an L-stable, stiffly accurate ESDIRK with an embedded error estimate, the methods to
+    pick for stiff problems. On an :class:`IMEX` func, the whole pair (its explicit part
+    stepped explicitly). A failed Newton solve rejects the step (retried smaller)."""
+    kind = "implicit"
+    options = ("linear_solver",)
+
+    def __init__(self, name, subtype):
+        super().__init__(name, subtype)
+        self.stages = len(tab.KENCARP[subtype].b)
+
+    @property
+    def states_per_step(self):
+        return self.stages + 1
+
+    @property
+    def graphs_per_step(self):
+        return self.stages
+
+    def setup(self, options, func, y0):
+        return SetupConfig(linear_solver=Method.setup(self, options, func, y0).linear_solver)
+
+    def parts(self, func, params, shape, dtype, device, setup):
+        if isinstance(func, IMEX):
+            return super().parts(func, params, shape, dtype, device, setup)
+        return (TorchRHS(_zero, params, shape, dtype, device),
+                TorchIFunction(func, params, shape, dtype, device))
+
+    def configure(self, ts, setup):
+        ts.setType("arkimex")
+        ts.setARKIMEXType(self.subtype)
+
+
 #: The registry of methods: ``method=`` name -> :class:`Method`. Explicit ``euler``,
 #: ``midpoint``, ``heun2``, ``heun3``, ``rk4`` (classic), ``rk4_38`` (the 3/8 rule, torchdiffeq's
 #: ``rk4``); adaptive ``adaptive_heun``, ``fehlberg2``, ``bosh3``, ``dopri5`` (the default),
 #: ``tsit5``, ``verner6``, ``verner7``, ``verner8``; implicit ``beuler``, ``cn``, ``theta``,
-#: ``sdirk2``, ``trbdf2``; IMEX ``arkimex``. A method of your own is one more entry (see
+#: ``sdirk2``, ``trbdf2``, adaptive ``kencarp3``, ``kencarp4``, ``kencarp5`` (an IMEX func: the
+#: whole pair); IMEX ``arkimex``. A method of your own is one more entry (see
 #: :class:`ExplicitRK`).
 METHODS = {
     m.name: m for m in (
@@ -379,6 +415,9 @@ METHODS = {
         ARKIMEX("arkimex", "3"),
         DIRK("sdirk2", tab.SDIRK2),
         DIRK("trbdf2", tab.TRBDF2),
+        KenCarp("kencarp3", "3"),
+        KenCarp("kencarp4", "4"),
+        KenCarp("kencarp5", "5"),
     )
 }
 DEFAULT_METHOD = "dopri5"

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from conftest import TimeMLP, central_difference, recorded_steps
-from pnode_dist import IMEX, SolverError, odeint
+from pnode_dist import IMEX, InputError, SolverError, odeint
 from pnode_dist.testing import theta_replay
 
 T_OUT = torch.tensor([0.0, 0.3, 0.7, 1.0], dtype=torch.float64)
@@ -96,7 +96,8 @@ def _slope(hs, errors):
     ("beuler", 1, {}), ("cn", 2, {}), ("theta", 2, {"theta": 0.5}), ("theta", 1, {"theta": 0.8}),
     ("arkimex", 2, {"tableau": "a2"}), ("arkimex", 2, {"tableau": "l2"}),
     ("arkimex", 3, {"tableau": "3"}), ("arkimex", 4, {"tableau": "4"}),
-    ("sdirk2", 2, {}), ("trbdf2", 2, {})])
+    ("sdirk2", 2, {}), ("trbdf2", 2, {}), ("kencarp3", 3, {}), ("kencarp4", 4, {}),
+    ("kencarp5", 5, {})])
 def test_convergence_order(method, order, extra):
     y0 = torch.tensor([[1.0, 0.5], [-0.3, 0.8]], dtype=torch.float64)
     t = torch.tensor([0.0, 1.0], dtype=torch.float64)
@@ -106,7 +107,7 @@ def test_convergence_order(method, order, extra):
     else:
         func = Linear(A_STIFF + A_SOFT)
     hs = {1: (0.02, 0.01, 0.005), 2: (0.04, 0.02, 0.01), 3: (0.04, 0.02, 0.01),
-          4: (0.04, 0.02, 0.01)}[order]
+          4: (0.04, 0.02, 0.01), 5: (0.05, 0.025, 0.0125)}[order]
     errors = []
     with torch.no_grad():
         for h in hs:
@@ -218,6 +219,95 @@ def test_arkimex_adjoint_matches_finite_differences():
         e[1, 0] = eps
         fd = (loss(y0 + e).item() - loss(y0 - e).item()) / (2 * eps)
     assert abs(y.grad[1, 0].item() - fd) <= 1e-6 * max(1.0, abs(fd))
+
+
+class VanDerPol(nn.Module):
+    def __init__(self, mu):
+        super().__init__()
+        self.mu = nn.Parameter(torch.tensor(mu, dtype=torch.float64))
+
+    def forward(self, t, y):
+        x, v = y[..., :1], y[..., 1:]
+        return torch.cat([v, self.mu * (1 - x * x) * v - x], -1)
+
+
+@pytest.mark.parametrize("method", ["kencarp3", "kencarp4", "kencarp5"])
+@pytest.mark.parametrize("split", ["plain", "imex"])
+def test_kencarp_gradients_equal_backprop_of_same_tableau(method, split):
+    """kencarp3/4/5 adapt their steps; on a plain func the implicit half of the ARK pair runs
+    alone, on an IMEX func the whole pair: outputs and gradients equal the pure-torch replay of
+    the same tableau through the same steps."""
+    from pnode_dist.testing import ARK_TABLEAUS, ark_replay
+    torch.manual_seed(3)
+    if split == "imex":
+        func = IMEX(implicit=Linear(A_STIFF.clone()), explicit=TimeMLP(dim=2, seed=2))
+        implicit, explicit = func.implicit, func.explicit
+    else:
+        func = implicit = TimeMLP(dim=2, seed=2)
+        explicit = lambda t, y: torch.zeros_like(y)   # noqa: E731
+    y0 = torch.randn(3, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    tol = {"rtol": 1e-5, "atol": 1e-7}
+    y0a = y0.clone().requires_grad_(True)
+    stats = {}
+    ys = odeint(func, y0a, T_OUT, method=method, options={"linear_solver": "exact"},
+                stats=stats, **tol)
+    grads = torch.autograd.grad(_loss(ys), [y0a] + list(func.parameters()))
+    record, _ = recorded_steps(func, y0, T_OUT, method, {}, **tol, linear_solver="exact")
+    steps = [b - a for a, b in zip(record.times, record.times[1:])]
+    assert len(set(round(s, 12) for s in steps)) > 2, "adaptive solve took uniform steps"
+    assert stats["steps"] == len(steps)
+    y0b = y0.clone().requires_grad_(True)
+    ref = ark_replay(implicit, explicit, y0b, record.times, record.output_steps,
+                     ARK_TABLEAUS[method[-1]])
+    grads_ref = torch.autograd.grad(_loss(ref), [y0b] + list(func.parameters()))
+    assert _rel(ys.detach(), ref.detach()) < 1e-10
+    for k, (g, gr) in enumerate(zip(grads, grads_ref)):
+        assert _rel(g, gr) < 1e-9, f"gradient {k}: {_rel(g, gr):.2e}"
+
+
+def test_kencarp_runs_an_imex_pair_only_as_given(y0):
+    """An IMEX func is the whole ARK pair: it cannot be wrapped (decreasing t, tuples) without
+    losing its split, so that is refused rather than solved fully implicitly."""
+    func = IMEX(implicit=Linear(A_STIFF.clone()), explicit=Linear(A_SOFT.clone()))
+    with pytest.raises(InputError, match="'kencarp4' with an IMEX func takes a tensor y0 and "
+                                         "increasing t"):
+        odeint(func, y0[:, :2], T_OUT.flip(0), method="kencarp4")
+
+
+def test_a_failed_newton_solve_rejects_the_step_and_gradients_stay_exact():
+    """van der Pol (mu = 5) with kencarp5 at rtol 1e-4: Newton fails at one attempted step;
+    the step is retried smaller and the solve completes, its gradients those of the accepted
+    steps (the replay's)."""
+    from pnode_dist.testing import ARK_TABLEAUS, ark_replay
+    func = VanDerPol(5.0)
+    y0 = torch.tensor([[2.0, 0.0]], dtype=torch.float64)
+    t = torch.tensor([0.0, 5.0], dtype=torch.float64)
+    tol = {"rtol": 1e-4, "atol": 1e-6}
+    stats = {}
+    y0a = y0.clone().requires_grad_(True)
+    ys = odeint(func, y0a, t, method="kencarp5", stats=stats, **tol)
+    grads = torch.autograd.grad(ys[-1].sum(), [y0a, func.mu])
+    assert stats["newton_failures"] >= 1 and stats["rejected_steps"] >= stats["newton_failures"]
+    record, _ = recorded_steps(func, y0, t, "kencarp5", {}, **tol)
+    assert len(record.times) - 1 == stats["steps"]
+    y0b = y0.clone().requires_grad_(True)
+    ref = ark_replay(func, lambda t, y: torch.zeros_like(y), y0b, record.times,
+                     record.output_steps, ARK_TABLEAUS["5"])
+    grads_ref = torch.autograd.grad(ref[-1].sum(), [y0b, func.mu])
+    assert _rel(ys.detach(), ref.detach()) < 1e-9
+    for k, (g, gr) in enumerate(zip(grads, grads_ref)):
+        assert _rel(g, gr) < 1e-8, f"gradient {k}: {_rel(g, gr):.2e}"
+
+
+def test_newton_failing_at_every_step_size_names_newton(y0):
+    """Adaptive steps: each failed Newton solve cuts the step (4x) until PETSc's limit of
+    rejections in a row; the SolverError names the non-finite f and Newton's failure."""
+    def func(t, y):                    # NaN after t = 0: every implicit stage fails
+        return torch.where(t > 0, torch.full_like(y, float("nan")), -y)
+
+    with pytest.raises(SolverError, match=r"(?s)non-finite.*rejected too often; the last "
+                                          r"attempt's Newton solve failed \(DIVERGED_FUNCTION_NANORINF"):
+        odeint(func, y0, T_OUT, method="kencarp4")
 
 
 def test_newton_failure_is_reported(mlp, y0):

@@ -305,6 +305,8 @@ class Integrator:
         defaults = {"ts_adapt_type": "basic" if adaptive else "none"}
         if self.ifun is not None:
             defaults.update(self._set_implicit_part(ts, nparams, setup.linear_solver))
+            if adaptive:         # a failed Newton solve rejects the step: retried 4x smaller
+                defaults["ts_max_snes_failures"] = -1
         if adjoint:
             ts.setSaveTrajectory()
         ts.setExactFinalTime(PETSc.TS.ExactFinalTime.MATCHSTEP)
@@ -620,6 +622,7 @@ class Integrator:
             self.recorded = max(self.recorded, stepping.record.steps)
         self.stats = {"steps": stepping.record.steps, "rejected_steps": ts.getStepRejections(),
                       "newton_iterations": ts.getSNESIterations(),
+                      "newton_failures": ts.getSNESFailures(),
                       "linear_iterations": ts.getKSPIterations(),
                       "interpolated_outputs": sum(t is not None
                                                   for t in stepping.record.dense_times),
@@ -695,9 +698,17 @@ class Integrator:
                     f", residual norm {snes.getFunctionNorm():.3e}"
                     f" after {snes.getIterationNumber()} iterations; try a smaller step, "
                     "linear_solver='exact', or looser -snes_rtol/-snes_atol")
+        newton = ""
+        if self.ifun is not None and self.ts.getSNES().getConvergedReason() < 0:
+            snes = self.ts.getSNES()
+            norm = snes.getFunctionNorm()
+            newton = (f"; the last attempt's Newton solve failed ("
+                      f"{_reason_name(PETSc.SNES.ConvergedReason, snes.getConvergedReason())}"
+                      + (f", residual norm {norm:.3e}" if norm > 0 else "")
+                      + f"; {self.ts.getSNESFailures()} Newton failures in this solve)")
         return (f"the time integration failed at t={t:g} "
                 f"({_reason_name(PETSc.TS.ConvergedReason, reason)}): "
-                "the step was rejected too often; try a smaller first_step, looser "
+                f"the step was rejected too often{newton}; try a smaller first_step, looser "
                 "rtol/atol, or check f for blow-up")
 
     def replay(self, y_start, times, keep_graphs=False):
