@@ -139,6 +139,11 @@ class Method:
 
     graphs_per_step = 0          # f evaluations per step whose graphs a GraphStore can keep
 
+    def trapezoidal(self, setup):
+        """Whether it is the trapezoidal rule, whose adaptive steps take the local error
+        estimate of _solve/trapezoid_control.py instead of PETSc's."""
+        return False
+
 
 class ExplicitRK(Method):
     """An explicit Runge-Kutta tableau, run by PETSc's TSRK: the class to instantiate to add a
@@ -262,6 +267,9 @@ class Theta(Method):
 
     def parts(self, func, params, shape, dtype, device, setup):
         return None, TorchIFunction(func, params, shape, dtype, device, setup.mass)
+
+    def trapezoidal(self, setup):
+        return self.name == "cn" or (self.name == "theta" and setup.theta == 0.5)
 
     def configure(self, ts, setup):
         ts.setType(self.name)

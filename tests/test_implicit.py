@@ -310,6 +310,61 @@ def test_newton_failing_at_every_step_size_names_newton(y0):
         odeint(func, y0, T_OUT, method="kencarp4")
 
 
+class FreeFall(nn.Module):
+    def forward(self, t, y):
+        return torch.stack([y[..., 1], -9.81 * torch.ones_like(y[..., 1])], -1)
+
+
+def test_cn_takes_the_trapezoidal_rules_own_error_estimate():
+    """cn is exact on free fall (zero third derivative): with its own local error estimate
+    (h^3 y'''/12, not PETSc's second difference, backward Euler's h^2 y''/2) a handful of steps
+    at any rtol; PETSc's estimate, chosen with -ts_adapt_type basic, needs beuler's counts."""
+    y0 = torch.tensor([[10.0, 0.0]], dtype=torch.float64)
+    t = torch.tensor([0.0, 0.6], dtype=torch.float64)
+    exact = torch.tensor([10.0 - 0.5 * 9.81 * 0.36, -9.81 * 0.6], dtype=torch.float64)
+    steps = {}
+    for name, method, petsc in [("cn", "cn", None), ("basic", "cn", {"ts_adapt_type": "basic"}),
+                                ("beuler", "beuler", None)]:
+        stats = {}
+        ys = odeint(FreeFall(), y0, t, method=method, rtol=1e-7, atol=1e-9, stats=stats,
+                    petsc_options=petsc)
+        steps[name] = stats["steps"]
+        if method == "cn":
+            assert (ys[-1, 0] - exact).abs().max() < 1e-12
+    assert steps["cn"] <= 10 and steps["basic"] > 100 and steps["beuler"] > 100, steps
+
+
+def test_cn_steps_scale_as_a_second_order_method():
+    """Local error ~ h^3: 1000x tighter rtol takes about 1000^(1/3) = 10x the steps (PETSc's
+    second-difference estimate, of backward Euler's local error, gave 1000^(1/2) = 32x); the
+    rejected steps are rolled back and the gradients are those of the accepted steps."""
+    func = VanDerPol(2.0)
+    y0 = torch.tensor([[2.0, 0.0]], dtype=torch.float64)
+    t = torch.tensor([0.0, 3.0], dtype=torch.float64)
+    counts = {}
+    for rtol in (1e-4, 1e-7):
+        stats = {}
+        with torch.no_grad():
+            odeint(func, y0, t, method="cn", rtol=rtol, atol=rtol, stats=stats)
+        counts[rtol] = stats["steps"]
+    assert 6 < counts[1e-7] / counts[1e-4] < 16, counts
+    func, t = VanDerPol(5.0), torch.tensor([0.0, 5.0], dtype=torch.float64)
+    tol = {"rtol": 1e-5, "atol": 1e-7}
+    stats = {}
+    y0a = y0.clone().requires_grad_(True)
+    ys = odeint(func, y0a, t, method="cn", options={"linear_solver": "exact"}, stats=stats,
+                **tol)
+    assert stats["rejected_steps"] > 0, stats
+    grads = torch.autograd.grad(_loss(ys), [y0a, func.mu])
+    record, _ = recorded_steps(func, y0, t, "cn", {}, **tol, linear_solver="exact")
+    y0b = y0.clone().requires_grad_(True)
+    ref = theta_replay(func, y0b, record.times, record.output_steps, 0.5, True)
+    grads_ref = torch.autograd.grad(_loss(ref), [y0b, func.mu])
+    assert _rel(ys.detach(), ref.detach()) < 1e-10
+    for k, (g, gr) in enumerate(zip(grads, grads_ref)):
+        assert _rel(g, gr) < 1e-9, f"gradient {k}: {_rel(g, gr):.2e}"
+
+
 def test_newton_failure_is_reported(mlp, y0):
     with pytest.raises(SolverError, match="Newton's method failed in step 1 from t=0"):
         odeint(mlp, y0 * 10, T_OUT, method="beuler", options={"step_size": 0.3},

@@ -26,6 +26,7 @@ from .explicit import GraphStore, ParamJacobianMat, StateJacobianMat, round_off_
 from .first_step import initial_step
 from .guard import guarded, released
 from .implicit import BlockJacobianPC, IJacobianMat, IJacobianPMat
+from .trapezoid_control import TrapezoidControl
 from .lifetime import keep_forever, pin_comm
 from .options import layered_options
 from .rk_register import ts_tableau
@@ -40,6 +41,12 @@ KEEP_IDLE_BYTES = 1 << 20
 # Newton and Krylov tolerances within reach of the solver precision (PETSc options override).
 _NEWTON_TOLERANCES = {torch.float64: {"snes_rtol": 1e-10, "snes_atol": 1e-12, "ksp_rtol": 1e-10},
                       torch.float32: {"snes_rtol": 1e-5, "snes_atol": 1e-6, "ksp_rtol": 1e-5}}
+
+
+def _option_given(prefix, name, petsc_options):
+    """Whether the user chose PETSc option `name`: in petsc_options or on the command line."""
+    return (name in dict(petsc_options or ())
+            or PETSc.Options().hasName(f"{prefix or ''}{name}"))
 
 
 def trajectory_capacity(expected, max_num_steps):
@@ -307,6 +314,12 @@ class Integrator:
             defaults.update(self._set_implicit_part(ts, nparams, setup.linear_solver))
             if adaptive:         # a failed Newton solve rejects the step: retried 4x smaller
                 defaults["ts_max_snes_failures"] = -1
+        # The trapezoidal rule's own error estimate (trapezoid_control.py) unless the options
+        # choose a TSAdapt.
+        trapezoid = (adaptive and method.trapezoidal(setup)
+                     and not _option_given(prefix, "ts_adapt_type", petsc_options))
+        if trapezoid:
+            defaults["ts_adapt_type"] = "none"
         if adjoint:
             ts.setSaveTrajectory()
         ts.setExactFinalTime(PETSc.TS.ExactFinalTime.MATCHSTEP)
@@ -326,6 +339,7 @@ class Integrator:
                              "-ts_rk_type / -ts_arkimex_type")
         self.ts = ts
         self.step_limits = ts.getStepLimits()    # PETSc's (-ts_adapt_dt_min/max), per solve
+        self.trapezoid = TrapezoidControl(self) if trapezoid else None
         # The tableau and dense output PETSc integrates with (after the options): interpolated
         # outputs and their cotangents use exactly these.
         self.tableau, self.dense = (ts_tableau(ts) if method.kind == "explicit"
@@ -603,6 +617,8 @@ class Integrator:
                 self.controller.begin(ts, control.rtol, control.atol, control.first_weights)
             else:
                 ts.setTolerances(rtol=control.rtol, atol=control.atol)
+            if self.trapezoid is not None:
+                self.trapezoid.begin(t_out[0], outputs[0], control.rtol, control.atol)
             low, high = self.step_limits
             ts.setStepLimits(control.min_step or low, control.max_step or high)
         ts.setTime(t_out[0])
@@ -620,7 +636,8 @@ class Integrator:
                 self.graph_store.release_inputs()
         if self.adjoint:
             self.recorded = max(self.recorded, stepping.record.steps)
-        self.stats = {"steps": stepping.record.steps, "rejected_steps": ts.getStepRejections(),
+        rejected = ts.getStepRejections() + (self.trapezoid.rejected if self.trapezoid else 0)
+        self.stats = {"steps": stepping.record.steps, "rejected_steps": rejected,
                       "newton_iterations": ts.getSNESIterations(),
                       "newton_failures": ts.getSNESFailures(),
                       "linear_iterations": ts.getKSPIterations(),
@@ -918,6 +935,9 @@ class Integrator:
             if vec is not None:
                 vec.destroy()
         self.step_start = self._work = self.controller = None
+        if self.trapezoid is not None:
+            self.trapezoid.detach()
+            self.trapezoid = None
         if self.adjoint and self.replayed and self.method.keep_after_replay:
             keep_forever(self.ts)
             self.ts = None

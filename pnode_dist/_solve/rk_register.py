@@ -18,14 +18,16 @@ from .tableaus import ButcherTableau, DenseOutput
 _registered = set()
 
 
-def _library():
-    """The libpetsc petsc4py loaded into this process (found in /proc/self/maps)."""
+def petsc_library():
+    """The libpetsc petsc4py loaded into this process (found in /proc/self/maps), for the
+    functions petsc4py does not bind."""
     with open("/proc/self/maps") as maps:
         paths = {line.split()[-1] for line in maps if "/libpetsc" in line and ".so" in line}
     if len(paths) != 1:
         raise InputError(f"cannot tell which libpetsc this process uses ({sorted(paths)}) to "
-                         "register an RK tableau: choose a method PETSc ships (euler, midpoint, "
-                         "heun2, rk4, bosh3, dopri5...)")
+                         "call what petsc4py does not bind (registering an RK tableau, cn's "
+                         "step control): choose a method PETSc ships (euler, midpoint, heun2, "
+                         "rk4, dopri5...), or give cn a step_size")
     return ctypes.CDLL(paths.pop())
 
 
@@ -50,7 +52,7 @@ def ensure_registered(method):
     args = [None if arr is None else arr.ctypes.data_as(pointer) for arr in arrays]
     int_t = np.ctypeslib.as_ctypes_type(integer)
     p = len(dense.coefficients[0]) if dense is not None else 0
-    code = _library().TSRKRegister(method.subtype.encode(), int_t(method.order), int_t(s),
+    code = petsc_library().TSRKRegister(method.subtype.encode(), int_t(method.order), int_t(s),
                                    *args[:4], int_t(p), args[4])
     if code != 0:
         raise InputError(f"PETSc refused the {method.name} tableau (TSRKRegister error {code})")
@@ -72,7 +74,7 @@ def ensure_arkimex_registered(name, tableau):
               np.asarray(tableau.c, real)]
     pointer = ctypes.POINTER(np.ctypeslib.as_ctypes_type(real))
     int_t = np.ctypeslib.as_ctypes_type(integer)
-    code = _library().TSARKIMEXRegister(name.encode(), int_t(tableau.order), int_t(s),
+    code = petsc_library().TSARKIMEXRegister(name.encode(), int_t(tableau.order), int_t(s),
                                         *[a.ctypes.data_as(pointer) for a in arrays],
                                         None, None, int_t(0), None, None)
     if code != 0:
@@ -87,7 +89,7 @@ def ts_tableau(ts):
     s, p = integer(), integer()
     a, b, c, embedded, interp = (ctypes.POINTER(real)() for _ in range(5))
     fsal = ctypes.c_int()      # PetscBool
-    code = _library().TSRKGetTableau(ctypes.c_void_p(ts.handle), ctypes.byref(s),
+    code = petsc_library().TSRKGetTableau(ctypes.c_void_p(ts.handle), ctypes.byref(s),
                                      ctypes.byref(a), ctypes.byref(b), ctypes.byref(c),
                                      ctypes.byref(embedded), ctypes.byref(p),
                                      ctypes.byref(interp), ctypes.byref(fsal))

@@ -1,5 +1,5 @@
 """Run under mpiexec: a batch split unevenly over the ranks gives the same outputs and gradients
-as the whole batch solved on one rank (each rank also solves the whole batch with comm='self').
+(and adaptive steps) as the whole batch solved on one rank (each rank also solves the whole batch with comm='self').
 Exits non-zero on any mismatch."""
 import sys
 
@@ -20,6 +20,8 @@ CASES = [("rk4", {"step_size": 0.1}, False), ("euler", {"step_size": 0.1}, False
          ("dopri5", None, False), ("bosh3", None, False), ("rk4", {"step_size": 0.1}, True),
          ("beuler", {"step_size": 0.1, "linear_solver": "exact"}, False),
          ("cn", {"step_size": 0.1}, False),
+         ("cn", {"linear_solver": "exact"}, False),           # adaptive: the trapezoid's control
+         ("kencarp4", {"linear_solver": "exact"}, False),
          ("arkimex", {"step_size": 0.1, "linear_solver": "exact"}, False)]
 
 
