@@ -54,6 +54,7 @@ bench: setup setup-single
 	$(PY) benchmarks/overhead.py
 	$(PY) benchmarks/vs_torchdiffeq.py
 	$(PY) benchmarks/stiff.py
+	$(PY) benchmarks/stiff_vs_scipy.py --quick
 	$(PY) benchmarks/memory.py
 	$(PY) benchmarks/memory_peers.py --quick
 	$(PY) benchmarks/grid_scaling.py

@@ -23,6 +23,7 @@ import torch
 from .._distributed.startup import PETSc
 from .guard import guarded
 from .rk_register import petsc_library
+from .views import touch
 
 _POST_EVALUATE = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p)
 
@@ -99,6 +100,8 @@ class TrapezoidControl:
         if ts.getConvergedReason() < 0 or self.rtol is None:
             return
         t, h = ts.getTime(), ts.getTime() - ts.getPrevTime()
+        if self.integrator.on_gpu:
+            touch(self.integrator.x, "r")
         y = self.integrator.x_view
         found = self._estimate(t, y)
         if found is None:            # the first step: taken as it is (PETSc's rule too)
