@@ -145,6 +145,7 @@ def recorded_steps(func, y0, t, method, options=None, rtol=1e-7, atol=1e-9, **se
                             adaptive, adjoint=False, setup=SetupConfig(**setup))
     interpolate = options.get("outputs", "interpolate" if m.interpolates else "land")
     control = StepControl(step_size=options.get("step_size"), rtol=rtol, atol=atol,
+                          first_step=options.get("first_step"),
                           interpolate=adaptive and interpolate == "interpolate")
     try:
         _, record = integrator.forward(y0, [float(v) for v in t], control)

@@ -155,7 +155,7 @@ class _Stepping:
         if not self.adaptive:
             return self._fixed_dt(self.t_out[0])
         control, span = self.control, self.t_out[-1] - self.t_out[0]
-        if math.isinf(span):         # an event solve, no first step from f (implicit methods)
+        if math.isinf(span):         # an event solve without a first step from f
             span = 1.0
         first = control.first_step or chosen or span * 1e-2
         if chosen is not None and not control.first_step:   # within TSAdapt's limits
@@ -529,9 +529,12 @@ class Integrator:
         return [(stage.y, out) for _, stage, out in [first] + tail]
 
     def _first_step(self, y0, t_out, control):
-        """The first step from f at the start (explicit adaptive solves without first_step),
-        or None. An exception in f is recorded like any callback's (raised after the solve)."""
-        if not (self.adaptive and self.ifun is None and control.first_step is None):
+        """The first step from f at the start (adaptive solves without first_step, implicit
+        ones too unless a mass matrix hides ydot), or None. An exception in f is recorded like
+        any callback's (raised after the solve)."""
+        if not (self.adaptive and control.first_step is None):
+            return None
+        if self.ifun is not None and self.ifun.mass is not None:
             return None
         mpi = self.layout.comm.tompi4py() if self.layout.nranks > 1 else None
 
@@ -543,16 +546,19 @@ class Integrator:
                             self.method.order - 1, control.rtol, control.atol, total)[0]
 
     def torch_f(self):
-        """f(t: float, y) in the solver precision outside PETSc's callbacks (counted), or NaN
-        after an exception (recorded, raised on every rank after the solve): every rank must
-        still take part in what follows."""
-        rhs = self.rhs
-
+        """f(t: float, y) (the sum of the parts: explicit and implicit) in the solver precision
+        outside PETSc's callbacks (counted), or NaN after an exception (recorded, raised on
+        every rank after the solve): every rank must still take part in what follows."""
         def f(t, y):
-            rhs.counts["rhs"] += 1
-            with guarded(rhs, rhs._in_func(t)) as call, torch.no_grad():
-                out = rhs._evaluate(t, y.to(rhs.dtype)).to(SOLVER_DTYPE)
-            return torch.full_like(y, float("nan")) if call.failed else out
+            total = None
+            for part in self.parts:
+                part.counts["rhs"] += 1
+                with guarded(part, part._in_func(t)) as call, torch.no_grad():
+                    out = part._evaluate(t, y.to(part.dtype)).to(SOLVER_DTYPE)
+                if call.failed:
+                    return torch.full_like(y, float("nan"))
+                total = out if total is None else total + out
+            return total
         return f
 
     def _notify(self, event, step, *args):

@@ -8,6 +8,7 @@ registered, the name works like a built-in -ts_rk_type (-ts_arkimex_type): PETSc
 discrete adjoint use the tableau generically.
 """
 import ctypes
+import functools
 
 import numpy as np
 
@@ -18,6 +19,7 @@ from .tableaus import ButcherTableau, DenseOutput
 _registered = set()
 
 
+@functools.lru_cache(maxsize=None)
 def petsc_library():
     """The libpetsc petsc4py loaded into this process (found in /proc/self/maps), for the
     functions petsc4py does not bind."""
