@@ -215,7 +215,7 @@ def gradients(reps):
         return (y[..., 0] + 1e4 * y[..., 1]).sum()
 
     print("\n### forward + backward, Robertson [0, 40], rtol 1e-4, loss = y1(40) + 1e4 y2(40) "
-          "(their sum with y3 is conserved)\n")
+          "(y1 + y2 + y3 is conserved)\n")
     print("| method | steps | forward+backward s | gradient vs torch replay (rel. max) |")
     print("|---|---:|---:|---:|")
     for method in METHODS:

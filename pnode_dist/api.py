@@ -12,6 +12,7 @@ from torch import nn
 
 from ._distributed.collective import next_call, raise_collectively, resolve_comm
 from ._distributed.layout import BatchLayout
+from ._distributed.startup import MPI
 from ._reversal.autograd import OdeintFunction
 from ._reversal.event_time import reroute
 from ._reversal.strategies import ReplayAll, solve_without_gradient
@@ -24,7 +25,7 @@ from ._solve.options import freeze
 from .checkpointing import Checkpointing
 from .errors import InputError, SolverError
 from .grid import Grid, GridLayout
-from .methods import IMEX, METHODS, SETUP_OPTIONS, KenCarp, get_method
+from .methods import AUTO_EXACT_SIZE, IMEX, METHODS, SETUP_OPTIONS, KenCarp, get_method
 
 OPTION_KEYS = ("step_size", "first_step", "min_step", "max_step", "max_num_steps",
                "outputs", "event_tol") + SETUP_OPTIONS
@@ -261,14 +262,48 @@ def _note_precision(dtype):
         warnings.warn(_FLOAT32_NOTE, UserWarning, stacklevel=4)
 
 
-def _pool(func, layout, method, adaptive, prefix, frozen_options, params, dtype, setup):
-    """The cached IntegratorPool of this configuration (created on first use)."""
+def _samples_independent(func, y0, t0):
+    """Whether func's output for the other samples stays bitwise the same when sample 0 of y0
+    changes (batch norm in training mode, attention over the batch... couple them). One batch
+    of one sample is independent; an exception says no (the solve reports it)."""
+    if y0.shape[0] < 2:
+        return True
+    bumped = y0.detach().clone()
+    bumped[0] += torch.randn(bumped[0].shape, generator=torch.Generator().manual_seed(0),
+                             dtype=bumped.dtype).to(bumped.device) * (1 + bumped[0].abs())
+    time = torch.tensor(t0, dtype=y0.dtype, device=y0.device)
+    try:
+        with torch.no_grad():
+            before, after = func(time, y0.detach()), func(time, bumped)
+        return bool(torch.equal(before[1:], after[1:]))
+    except Exception:            # noqa: BLE001 - the solve itself raises it, collectively
+        return False
+
+
+def _resolved(setup, method, func, y0, t0, layout):
+    """linear_solver='auto' made 'exact' (the per-sample Newton) where it applies and is cheap:
+    a batch layout, at most AUTO_EXACT_SIZE elements per sample, and a func whose samples are
+    independent on every rank; 'gmres' otherwise. Collective (one allreduce)."""
+    implicit = method.implicit_func(func)
+    if setup.linear_solver != "auto" or implicit is None:
+        return setup
+    exact = (not layout.evaluates_collectively and y0.dim() >= 1
+             and y0[0].numel() <= AUTO_EXACT_SIZE and _samples_independent(implicit, y0, t0))
+    if layout.nranks > 1:
+        exact = bool(layout.comm.tompi4py().allreduce(int(exact), op=MPI.MIN))
+    return dc_replace(setup, linear_solver="exact" if exact else "gmres")
+
+
+def _pool(func, layout, method, adaptive, prefix, frozen_options, params, dtype, setup, y0,
+          t0):
+    """The cached IntegratorPool of this configuration (created on first use; its linear
+    solver resolved then)."""
     key = (id(func), layout.key, method.name, adaptive, prefix, frozen_options, dtype,
            tuple(id(p) for p in params), setup.key)
     pool = _pools.get(key)
     if pool is None:
         pool = IntegratorPool(layout, method, func, params, dtype, prefix, frozen_options,
-                              adaptive, setup)
+                              adaptive, _resolved(setup, method, func, y0, t0, layout))
         _pools[key] = pool
         while len(_pools) > _CACHE_SIZE:
             _pools.popitem(last=False)[1].close()
@@ -353,8 +388,10 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, comm
           gradient exact through it; ``'land'`` (the default for the other methods) ends a step
           on every output time: choose it when f jumps there.
         - ``event_tol``: see Notes.
-        - Implicit methods: ``linear_solver`` (``'gmres'``, matrix-free, the default, or
-          ``'exact'``, per-sample Jacobian blocks LU-factored), ``mass`` (a [d, d] matrix M for
+        - Implicit methods: ``linear_solver`` (``'auto'``, the default: ``'exact'`` for
+          batches of samples of at most 32 elements that func keeps independent, else
+          ``'gmres'``; ``'gmres'``, matrix-free; ``'exact'``, per-sample Jacobian blocks
+          LU-factored; ``stats['linear_solver']`` says which ran), ``mass`` (a [d, d] matrix M for
           M y' = f with a state [batch, d]; ``beuler``, ``cn``, ``theta``; M may be singular:
           an index-1 DAE), ``theta`` (``method='theta'``, in (0, 1], default 0.5) and
           ``tableau`` (``method='arkimex'``: ``'a2'``, ``'l2'``, ``'3'`` (default), ``'4'``...).
@@ -567,7 +604,7 @@ def _odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, com
     else:
         layout, solved_func, y_start = grid.layout, grid.wrap(func), grid.to_vec_order(y0)
     pool = _pool(solved_func, layout, method_obj, adaptive, prefix, frozen, params, y0.dtype,
-                 setup)
+                 setup, y_start, t_out[0])
     _note_precision(y0.dtype)
     time_sign = -1.0 if decreasing else 1.0
     observers = conventions.StepCallbacks.of(
@@ -585,7 +622,8 @@ def _odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, com
             observers = tuple(observers) + (locator,)
         else:
             retake = pool if not adaptive else _pool(solved_func, layout, method_obj, False,
-                                                     prefix, frozen, params, y0.dtype, setup)
+                                                     prefix, frozen, params, y0.dtype, setup,
+                                                     y_start, t_out[0])
             t_out, control = _land_on_event(pool, retake, locator, y_start, t_out[0], control,
                                             solved_func)
             pool = retake

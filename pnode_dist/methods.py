@@ -19,7 +19,10 @@ from ._solve.rk_register import ensure_arkimex_registered, ensure_registered
 from ._solve.tableaus import ButcherTableau, from_fractions  # noqa: F401 - for new methods
 from .errors import InputError
 
-LINEAR_SOLVERS = ("gmres", "exact")
+LINEAR_SOLVERS = ("auto", "gmres", "exact")
+# 'auto' takes the exact per-sample Newton up to this many elements per sample (batch layouts,
+# funcs that do not couple samples), matrix-free GMRES beyond.
+AUTO_EXACT_SIZE = 32
 # The options of odeint's `options` dict that set up a TS (the others control the steps).
 SETUP_OPTIONS = ("theta", "linear_solver", "tableau", "mass")
 
@@ -28,7 +31,7 @@ SETUP_OPTIONS = ("theta", "linear_solver", "tableau", "mass")
 class SetupConfig:
     """Choices fixed when a TS is built (part of the solver cache key)."""
     theta: float = 0.5
-    linear_solver: str = "gmres"     # Newton's linear solver: 'gmres' (matrix-free) or 'exact'
+    linear_solver: str = "auto"      # Newton's linear solver: 'auto', 'gmres' or 'exact'
     tableau: str = None              # ARKIMEX tableau name (None: the method's default)
     mass: object = None              # constant mass matrix [d, d] (torch tensor) or None
 
@@ -118,7 +121,7 @@ class Method:
                 raise InputError(f"options[{key!r}] applies to the {kinds} methods "
                                  f"{', '.join(sorted(m.name for m in users))}; {self.name!r} "
                                  f"is {self.kind}")
-        solver = options.get("linear_solver", "gmres")
+        solver = options.get("linear_solver", "auto")
         if solver not in LINEAR_SOLVERS:
             raise InputError(f"options['linear_solver'] must be one of {list(LINEAR_SOLVERS)}; "
                              f"got {solver!r}")
@@ -143,6 +146,12 @@ class Method:
         """Whether it is the trapezoidal rule, whose adaptive steps take the local error
         estimate of _solve/trapezoid_control.py instead of PETSc's."""
         return False
+
+    def implicit_func(self, func):
+        """The part of func that Newton solves (None for explicit methods)."""
+        if self.kind == "explicit":
+            return None
+        return func.implicit if isinstance(func, IMEX) else func
 
 
 class ExplicitRK(Method):

@@ -136,7 +136,8 @@ def test_exact_newton_converges_in_one_iteration_on_linear_problem():
     _, stats = recorded_steps(func, y0, [0.0, 1.0], "beuler", {"step_size": 0.1},
                               linear_solver="exact")
     assert stats["steps"] == 10 and stats["newton_iterations"] == 10, stats
-    _, gmres = recorded_steps(func, y0, [0.0, 1.0], "beuler", {"step_size": 0.1})
+    _, gmres = recorded_steps(func, y0, [0.0, 1.0], "beuler", {"step_size": 0.1},
+                              linear_solver="gmres")
     assert gmres["linear_iterations"] > gmres["newton_iterations"]   # Krylov: several per Newton
 
 
@@ -275,9 +276,9 @@ def test_kencarp_runs_an_imex_pair_only_as_given(y0):
 
 
 def test_a_failed_newton_solve_rejects_the_step_and_gradients_stay_exact():
-    """van der Pol (mu = 5) with kencarp5 at rtol 1e-4: Newton fails at one attempted step;
-    the step is retried smaller and the solve completes, its gradients those of the accepted
-    steps (the replay's)."""
+    """van der Pol (mu = 5) with kencarp5 at rtol 1e-4, matrix-free GMRES Newton: Newton
+    fails at one attempted step (the line search); the step is retried smaller and the solve
+    completes, its gradients those of the accepted steps (the replay's)."""
     from pnode_dist.testing import ARK_TABLEAUS, ark_replay
     func = VanDerPol(5.0)
     y0 = torch.tensor([[2.0, 0.0]], dtype=torch.float64)
@@ -285,10 +286,11 @@ def test_a_failed_newton_solve_rejects_the_step_and_gradients_stay_exact():
     tol = {"rtol": 1e-4, "atol": 1e-6}
     stats = {}
     y0a = y0.clone().requires_grad_(True)
-    ys = odeint(func, y0a, t, method="kencarp5", stats=stats, **tol)
+    ys = odeint(func, y0a, t, method="kencarp5", stats=stats,
+                options={"linear_solver": "gmres"}, **tol)
     grads = torch.autograd.grad(ys[-1].sum(), [y0a, func.mu])
     assert stats["newton_failures"] >= 1 and stats["rejected_steps"] >= stats["newton_failures"]
-    record, _ = recorded_steps(func, y0, t, "kencarp5", {}, **tol)
+    record, _ = recorded_steps(func, y0, t, "kencarp5", {}, **tol, linear_solver="gmres")
     assert len(record.times) - 1 == stats["steps"]
     y0b = y0.clone().requires_grad_(True)
     ref = ark_replay(func, lambda t, y: torch.zeros_like(y), y0b, record.times,
@@ -422,6 +424,29 @@ def test_dirk_gradients_equal_backprop_of_same_tableau(method, solver):
     assert _rel(ys.detach(), ref.detach()) < 1e-10
     for k, (g, gr) in enumerate(zip(grads, grads_ref)):
         assert _rel(g, gr) < 1e-9, f"gradient {k}: {_rel(g, gr):.2e}"
+
+
+def test_auto_linear_solver_takes_exact_blocks_where_they_apply():
+    """linear_solver='auto' (the default): the exact per-sample Newton for small samples that
+    func keeps independent; matrix-free GMRES for a func coupling the samples or for large
+    samples. The same solution either way (Newton converged)."""
+    class Coupled(nn.Module):
+        def forward(self, t, y):
+            return -(y - y.mean(0, keepdim=True)) - y
+
+    t = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    y_small = torch.randn(4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    y_large = torch.randn(2, 40, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    cases = [(Linear(torch.diag(torch.tensor([-50.0, -1.0, -0.1], dtype=torch.float64))),
+              y_small, "exact"), (Coupled(), y_small, "gmres"),
+             (Linear(-torch.eye(40, dtype=torch.float64)), y_large, "gmres")]
+    for func, y0, expected in cases:
+        stats, ref_stats = {}, {}
+        ys = odeint(func, y0, t, method="kencarp4", rtol=1e-6, atol=1e-8, stats=stats)
+        ref = odeint(func, y0, t, method="kencarp4", rtol=1e-6, atol=1e-8, stats=ref_stats,
+                     options={"linear_solver": "gmres"})
+        assert stats["linear_solver"] == expected, (type(func).__name__, stats)
+        assert (ys - ref).abs().max() < 1e-8
 
 
 def test_exact_newton_refuses_a_func_that_couples_samples(y0):

@@ -310,8 +310,10 @@ class Integrator:
         if self.rhs is not None:
             self._set_explicit_part(ts, nparams)
         defaults = {"ts_adapt_type": "basic" if adaptive else "none"}
+        self.linear_solver = None    # Newton's: 'exact' or 'gmres' (implicit methods)
         if self.ifun is not None:
-            defaults.update(self._set_implicit_part(ts, nparams, setup.linear_solver))
+            self.linear_solver = "exact" if setup.linear_solver == "exact" else "gmres"
+            defaults.update(self._set_implicit_part(ts, nparams, self.linear_solver))
             if adaptive:         # a failed Newton solve rejects the step: retried 4x smaller
                 defaults["ts_max_snes_failures"] = -1
         # The trapezoidal rule's own error estimate (trapezoid_control.py) unless the options
@@ -646,6 +648,7 @@ class Integrator:
         self.stats = {"steps": stepping.record.steps, "rejected_steps": rejected,
                       "newton_iterations": ts.getSNESIterations(),
                       "newton_failures": ts.getSNESFailures(),
+                      **({"linear_solver": self.linear_solver} if self.linear_solver else {}),
                       "linear_iterations": ts.getKSPIterations(),
                       "interpolated_outputs": sum(t is not None
                                                   for t in stepping.record.dense_times),
