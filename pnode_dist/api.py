@@ -280,7 +280,7 @@ def _samples_independent(func, y0, t0):
         return False
 
 
-def _resolved(setup, method, func, y0, t0, layout):
+def resolve_setup(setup, method, func, y0, t0, layout):
     """linear_solver='auto' made 'exact' (the per-sample Newton) where it applies and is cheap:
     a batch layout, at most AUTO_EXACT_SIZE elements per sample, and a func whose samples are
     independent on every rank; 'gmres' otherwise. Collective (one allreduce)."""
@@ -303,7 +303,7 @@ def _pool(func, layout, method, adaptive, prefix, frozen_options, params, dtype,
     pool = _pools.get(key)
     if pool is None:
         pool = IntegratorPool(layout, method, func, params, dtype, prefix, frozen_options,
-                              adaptive, _resolved(setup, method, func, y0, t0, layout))
+                              adaptive, resolve_setup(setup, method, func, y0, t0, layout))
         _pools[key] = pool
         while len(_pools) > _CACHE_SIZE:
             _pools.popitem(last=False)[1].close()
@@ -338,8 +338,8 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, comm
     func : callable
         ``func(t, y)``, typically an ``nn.Module``; returns dy/dt in the structure of ``y``.
         For ``method='arkimex'`` a :class:`pnode_dist.IMEX` pair (for ``kencarp3/4/5``
-        one runs the whole ARK pair). torchdiffeq's step callbacks
-        on it are called in the forward solve only (not in the re-runs of a backward pass):
+        one runs the whole ARK pair). torchdiffeq's step callbacks on it are called in the
+        forward solve only (not in the re-runs of a backward pass):
         ``callback_step(t0, y0, dt)`` before every step and ``callback_accept_step(t0, y0, dt)``
         after it, with the step's start in your time and state structure (this rank's part);
         a step PETSc rejects and retries is one ``callback_step``. ``callback_reject_step`` and
@@ -365,10 +365,10 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, comm
         ``bosh3``, ``dopri5`` (the default), ``tsit5``, ``verner6``, ``verner7``, ``verner8``;
         implicit, for stiff problems, adaptive ``kencarp3``, ``kencarp4``, ``kencarp5``
         (L-stable, with an embedded error estimate: the ones to pick), ``beuler``, ``cn``,
-        ``theta`` (adaptive, their error estimate of first order), ``sdirk2``, ``trbdf2``
-        (fixed steps); IMEX ``arkimex``. torchdiffeq's ``implicit_euler``, ``trapezoid``, ``implicit_midpoint`` are
-        the same schemes as ``beuler``, ``cn``, ``theta``; ``dopri8`` runs ``verner8`` (a
-        warning says so once). Any other PETSc RK tableau: ``-[prefix]ts_rk_type`` on the
+        ``theta`` (adaptive; cn with the trapezoidal rule's own error estimate), ``sdirk2``,
+        ``trbdf2`` (fixed steps); IMEX ``arkimex``. torchdiffeq's ``implicit_euler``,
+        ``trapezoid``, ``implicit_midpoint`` are the same schemes as ``beuler``, ``cn``,
+        ``theta``; ``dopri8`` runs ``verner8`` (a warning says so once). Any other PETSc RK tableau: ``-[prefix]ts_rk_type`` on the
         command line or in ``petsc_options``.
     options : dict, optional
         Step and solver options:
@@ -376,10 +376,10 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, comm
         - ``step_size``: fixed steps of at most this length; every interval between output
           times is split into equal steps that land exactly on every output time (torchdiffeq
           instead interpolates). Without it the adaptive methods (and the implicit ``beuler``,
-          ``cn``, ``theta``, ``kencarp3/4/5``, ``arkimex``) adapt the step to ``rtol``/``atol`` and the
-          fixed-step ones take one step per output interval.
+          ``cn``, ``theta``, ``kencarp3/4/5``, ``arkimex``) adapt the step to ``rtol``/``atol``
+          and the fixed-step ones take one step per output interval.
         - ``first_step``: the first step of an adaptive solve (default: chosen from f at t[0]
-          by two evaluations for explicit methods).
+          by two evaluations; without a mass matrix for implicit methods).
         - ``min_step``, ``max_step``: TSAdapt's step limits; ``max_num_steps`` (default
           1,000,000).
         - ``outputs``: ``'interpolate'`` (the default for ``dopri5``, ``tsit5``, ``bosh3``,
@@ -391,9 +391,9 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, comm
         - Implicit methods: ``linear_solver`` (``'auto'``, the default: ``'exact'`` for
           batches of samples of at most 32 elements that func keeps independent, else
           ``'gmres'``; ``'gmres'``, matrix-free; ``'exact'``, per-sample Jacobian blocks
-          LU-factored; ``stats['linear_solver']`` says which ran), ``mass`` (a [d, d] matrix M for
-          M y' = f with a state [batch, d]; ``beuler``, ``cn``, ``theta``; M may be singular:
-          an index-1 DAE), ``theta`` (``method='theta'``, in (0, 1], default 0.5) and
+          LU-factored; ``stats['linear_solver']`` says which ran), ``mass`` (a [d, d] matrix
+          M for M y' = f with a state [batch, d]; ``beuler``, ``cn``, ``theta``; M may be
+          singular: an index-1 DAE), ``theta`` (``method='theta'``, in (0, 1], default 0.5) and
           ``tableau`` (``method='arkimex'``: ``'a2'``, ``'l2'``, ``'3'`` (default), ``'4'``...).
         - torchdiffeq's ``interp`` is accepted with no effect (a warning says so); its
           ``jump_t``, ``step_t``, ``grid_constructor``, ``perturb``, ``norm``, ``safety``,

@@ -141,8 +141,8 @@ def recorded_steps(func, y0, t, method, options=None, rtol=1e-7, atol=1e-9, **se
     m = METHODS[method]
     adaptive = m.adaptive and "step_size" not in options
     layout = BatchLayout(PETSc.COMM_SELF, y0.shape, [tuple(y0.shape)], device=y0.device)
-    from .api import _resolved     # linear_solver 'auto' as odeint resolves it
-    config = _resolved(SetupConfig(**setup), m, func, y0, float(t[0]), layout)
+    from .api import resolve_setup     # linear_solver 'auto' as odeint resolves it
+    config = resolve_setup(SetupConfig(**setup), m, func, y0, float(t[0]), layout)
     integrator = Integrator(layout, m, func, list(func.parameters()), y0.dtype, None, (),
                             adaptive, adjoint=False, setup=config)
     interpolate = options.get("outputs", "interpolate" if m.interpolates else "land")

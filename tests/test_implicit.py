@@ -308,7 +308,8 @@ def test_newton_failing_at_every_step_size_names_newton(y0):
         return torch.where(t > 0, torch.full_like(y, float("nan")), -y)
 
     with pytest.raises(SolverError, match=r"(?s)non-finite.*rejected too often; the last "
-                                          r"attempt's Newton solve failed \(DIVERGED_FUNCTION_NANORINF"):
+                                          r"attempt's Newton solve failed "
+                                          r"\(DIVERGED_FUNCTION_NANORINF"):
         odeint(func, y0, T_OUT, method="kencarp4")
 
 

@@ -54,8 +54,8 @@ def ensure_registered(method):
     args = [None if arr is None else arr.ctypes.data_as(pointer) for arr in arrays]
     int_t = np.ctypeslib.as_ctypes_type(integer)
     p = len(dense.coefficients[0]) if dense is not None else 0
-    code = petsc_library().TSRKRegister(method.subtype.encode(), int_t(method.order), int_t(s),
-                                   *args[:4], int_t(p), args[4])
+    code = petsc_library().TSRKRegister(method.subtype.encode(), int_t(method.order),
+                                        int_t(s), *args[:4], int_t(p), args[4])
     if code != 0:
         raise InputError(f"PETSc refused the {method.name} tableau (TSRKRegister error {code})")
     _registered.add(method.subtype)
@@ -77,8 +77,8 @@ def ensure_arkimex_registered(name, tableau):
     pointer = ctypes.POINTER(np.ctypeslib.as_ctypes_type(real))
     int_t = np.ctypeslib.as_ctypes_type(integer)
     code = petsc_library().TSARKIMEXRegister(name.encode(), int_t(tableau.order), int_t(s),
-                                        *[a.ctypes.data_as(pointer) for a in arrays],
-                                        None, None, int_t(0), None, None)
+                                             *[a.ctypes.data_as(pointer) for a in arrays],
+                                             None, None, int_t(0), None, None)
     if code != 0:
         raise InputError(f"PETSc refused the {name} tableau (TSARKIMEXRegister error {code})")
     _registered.add(name)
@@ -92,9 +92,9 @@ def ts_tableau(ts):
     a, b, c, embedded, interp = (ctypes.POINTER(real)() for _ in range(5))
     fsal = ctypes.c_int()      # PetscBool
     code = petsc_library().TSRKGetTableau(ctypes.c_void_p(ts.handle), ctypes.byref(s),
-                                     ctypes.byref(a), ctypes.byref(b), ctypes.byref(c),
-                                     ctypes.byref(embedded), ctypes.byref(p),
-                                     ctypes.byref(interp), ctypes.byref(fsal))
+                                          ctypes.byref(a), ctypes.byref(b), ctypes.byref(c),
+                                          ctypes.byref(embedded), ctypes.byref(p),
+                                          ctypes.byref(interp), ctypes.byref(fsal))
     if code != 0:
         raise InputError(f"PETSc could not give the tableau of -ts_rk_type {ts.getRKType()} "
                          f"(TSRKGetTableau error {code})")
