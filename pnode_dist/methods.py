@@ -373,18 +373,12 @@ class KenCarp(ARKIMEX):
     def graphs_per_step(self):
         return self.stages
 
-    def setup(self, options, func, y0):
-        return SetupConfig(linear_solver=Method.setup(self, options, func, y0).linear_solver)
+    setup = DIRK.setup
 
     def parts(self, func, params, shape, dtype, device, setup):
         if isinstance(func, IMEX):
             return super().parts(func, params, shape, dtype, device, setup)
-        return (TorchRHS(_zero, params, shape, dtype, device),
-                TorchIFunction(func, params, shape, dtype, device))
-
-    def configure(self, ts, setup):
-        ts.setType("arkimex")
-        ts.setARKIMEXType(self.subtype)
+        return DIRK.parts(self, func, params, shape, dtype, device, setup)
 
 
 #: The registry of methods: ``method=`` name -> :class:`Method`. Explicit ``euler``,
