@@ -28,10 +28,10 @@ from scipy.integrate import solve_ivp
 from torch import nn
 
 from pnode_dist import odeint
-from pnode_dist.testing import ARK_TABLEAUS, ark_replay, recorded_steps
+from pnode_dist.testing import ark_replay, ark_tableau, recorded_steps
 
 F64 = torch.float64
-METHODS = ("kencarp3", "kencarp4", "kencarp5")
+METHODS = ("kencarp3", "kencarp4", "kencarp5", "kvaerno3", "kvaerno4", "kvaerno5")
 
 
 class Problem(nn.Module):
@@ -232,7 +232,7 @@ def gradients(reps):
                                    linear_solver="exact")
         y0 = problem.y0.clone().requires_grad_(True)
         ref = ark_replay(problem, lambda t, y: torch.zeros_like(y), y0, record.times,
-                         record.output_steps, ARK_TABLEAUS[method[-1]])
+                         record.output_steps, ark_tableau(method))
         refs = torch.autograd.grad(loss(ref[-1]), [y0, problem.k])
         rel = max(((g - r).abs().max() / r.abs().max()).item() for g, r in zip(grads, refs))
         print(f"| {method} | {stats['steps']} | {statistics.median(times):.3f} | {rel:.1e} |")

@@ -329,15 +329,22 @@ def _zero(t, y):
 class DIRK(ARKIMEX):
     """A diagonally implicit RK tableau (tableaus.DiagonallyImplicitTableau) on a plain func:
     run by PETSc's ARKIMEX, whose discrete adjoint it then has, as the implicit half of a pair
-    whose explicit part is zero (registered at first use). Fixed steps."""
+    whose explicit part is zero (registered at first use). Adaptive when the tableau has
+    embedded weights (a failed Newton solve then rejects the step), else fixed steps."""
     kind = "implicit"
     options = ("linear_solver",)
-    states_per_step = 5
-    graphs_per_step = 3
 
     def __init__(self, name, tableau):
-        Method.__init__(self, name, tableau.order, adaptive=False)
+        Method.__init__(self, name, tableau.order, adaptive=tableau.embedded is not None)
         self.subtype, self.dirk = f"pnode_{name}", tableau
+
+    @property
+    def states_per_step(self):
+        return len(self.dirk.b) + 1
+
+    @property
+    def graphs_per_step(self):
+        return len(self.dirk.b)
 
     def setup(self, options, func, y0):
         return SetupConfig(linear_solver=Method.setup(self, options, func, y0).linear_solver)
@@ -352,33 +359,23 @@ class DIRK(ARKIMEX):
         ts.setARKIMEXType(self.subtype)
 
 
-class KenCarp(ARKIMEX):
+class KenCarp(DIRK):
     """Kennedy and Carpenter's adaptive ARK pairs by name (PETSc's ARKIMEX tableaus 3, 4, 5;
     diffrax's KenCarp3/4/5). On a plain func, the implicit half alone (the explicit part is
     zero): an L-stable, stiffly accurate ESDIRK with an embedded error estimate, the methods to
     pick for stiff problems. On an :class:`IMEX` func, the whole pair (its explicit part
-    stepped explicitly). A failed Newton solve rejects the step (retried smaller)."""
-    kind = "implicit"
-    options = ("linear_solver",)
+    stepped explicitly)."""
 
     def __init__(self, name, subtype):
-        super().__init__(name, subtype)
-        self.stages = len(tab.KENCARP[subtype].b)
-
-    @property
-    def states_per_step(self):
-        return self.stages + 1
-
-    @property
-    def graphs_per_step(self):
-        return self.stages
-
-    setup = DIRK.setup
+        super().__init__(name, tab.KENCARP[subtype])
+        self.subtype = subtype               # PETSc's own registration (with its interpolant)
 
     def parts(self, func, params, shape, dtype, device, setup):
         if isinstance(func, IMEX):
-            return super().parts(func, params, shape, dtype, device, setup)
-        return DIRK.parts(self, func, params, shape, dtype, device, setup)
+            return ARKIMEX.parts(self, func, params, shape, dtype, device, setup)
+        return super().parts(func, params, shape, dtype, device, setup)
+
+    configure = ARKIMEX.configure
 
 
 #: The registry of methods: ``method=`` name -> :class:`Method`. Explicit ``euler``,
@@ -386,7 +383,7 @@ class KenCarp(ARKIMEX):
 #: ``rk4``); adaptive ``adaptive_heun``, ``fehlberg2``, ``bosh3``, ``dopri5`` (the default),
 #: ``tsit5``, ``verner6``, ``verner7``, ``verner8``; implicit ``beuler``, ``cn``, ``theta``,
 #: ``sdirk2``, ``trbdf2``, adaptive ``kencarp3``, ``kencarp4``, ``kencarp5`` (an IMEX func: the
-#: whole pair); IMEX ``arkimex``. A method of your own is one more entry (see
+#: whole pair), ``kvaerno3``, ``kvaerno4``, ``kvaerno5``; IMEX ``arkimex``. A method of your own is one more entry (see
 #: :class:`ExplicitRK`).
 METHODS = {
     m.name: m for m in (
@@ -429,6 +426,8 @@ METHODS = {
         KenCarp("kencarp3", "3"),
         KenCarp("kencarp4", "4"),
         KenCarp("kencarp5", "5"),
+        # Kvaerno's L-stable ESDIRK pairs (diffrax's Kvaerno3/4/5), registered with ARKIMEX.
+        *(DIRK(f"kvaerno{k}", tab.KVAERNO[k]) for k in ("3", "4", "5")),
     )
 }
 DEFAULT_METHOD = "dopri5"

@@ -103,6 +103,12 @@ def theta_replay(func, y0, times, output_steps, theta, endpoint, mass=None):
     return _replay(step, y0, times, output_steps)
 
 
+def ark_tableau(method):
+    """The replay tableau (A, b, At, bt) of a method PETSc's ARKIMEX runs (kencarp3/4/5,
+    kvaerno3/4/5, sdirk2, trbdf2), by its ``method=`` name."""
+    return ARK_TABLEAUS[METHODS[method].subtype]
+
+
 def ark_replay(implicit, explicit, y0, times, output_steps, tableau):
     """PETSc's ARKIMEX scheme y' = g(t, y) + h(t, y) (g implicit, h explicit) in pure torch, every
     implicit stage solved to round-off. `tableau` = (A, b, At, bt) (tableaus.ARK_TABLEAUS):

@@ -13,8 +13,8 @@ def _call(mlp, y0, t=(0.0, 1.0), **kw):
 
 @pytest.mark.parametrize("kw,words", [
     ({"method": "rk45"}, "valid methods are adaptive_heun, arkimex, beuler, bosh3, cn, dopri5, "
-                         "euler, fehlberg2, heun2, heun3, kencarp3, kencarp4, kencarp5, "
-                         "midpoint, rk4, rk4_38, sdirk2, theta, trbdf2"),
+                         "euler, fehlberg2, heun2, heun3, kencarp3, kencarp4, kencarp5, kvaerno3, "
+                         "kvaerno4, kvaerno5, midpoint, rk4, rk4_38, sdirk2, theta, trbdf2"),
     ({"method": "arkimex"}, "needs func=pnode_dist.IMEX"),
     ({"options": {"step_size": 0.1, "linear_solver": "lu"}}, "linear_solver"),
     ({"options": {"step_size": 0.1, "mass": torch.eye(3)}}, "implicit methods"),

@@ -473,6 +473,8 @@ class Integrator:
 
     # ---------------------------------------------------------------- forward
     def _pre_step(self, ts):
+        if self.ifun is not None:
+            self.ifun.new_step()
         store = self.graph_store
         if store is not None:        # the trajectory holds the stages of the steps taken
             store.release_inputs(keep_last=1)
@@ -571,6 +573,8 @@ class Integrator:
                     getattr(observer, event)(step, *args)
 
     def _post_step(self, ts):
+        if self.ifun is not None:            # PETSc's re-runs call post-step, not pre-step
+            self.ifun.new_step()
         if ts.getConvergedReason() < 0:      # PETSc calls it after a failed step too
             return
         if self.rhs is not None and self.rhs.store is not None:

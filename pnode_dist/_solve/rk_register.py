@@ -63,7 +63,8 @@ def ensure_registered(method):
 
 def ensure_arkimex_registered(name, tableau):
     """Register a DiagonallyImplicitTableau with PETSc's ARKIMEX under `name` (once per
-    process), paired with an explicit tableau of zeros (its explicit part is zero)."""
+    process), paired with an explicit tableau of zeros (its explicit part is zero), with its
+    embedded weights where it has them (adaptive)."""
     if name in _registered:
         return
     s = len(tableau.b)
@@ -71,14 +72,15 @@ def ensure_arkimex_registered(name, tableau):
     implicit = np.zeros((s, s), dtype=real)
     for i, row in enumerate(tableau.a):
         implicit[i, :len(row)] = row
-    arrays = [implicit.ravel(), np.asarray(tableau.b, real), np.asarray(tableau.c, real),
-              np.zeros(s * s, dtype=real), np.asarray(tableau.b, real),
-              np.asarray(tableau.c, real)]
+    b, c = np.asarray(tableau.b, real), np.asarray(tableau.c, real)
+    arrays = [implicit.ravel(), b, c, np.zeros(s * s, dtype=real), b, c]
+    if tableau.embedded is not None:             # the same weights for both (zero) halves
+        arrays += [np.asarray(tableau.embedded, real)] * 2
     pointer = ctypes.POINTER(np.ctypeslib.as_ctypes_type(real))
     int_t = np.ctypeslib.as_ctypes_type(integer)
+    args = [a.ctypes.data_as(pointer) for a in arrays] + [None] * (8 - len(arrays))
     code = petsc_library().TSARKIMEXRegister(name.encode(), int_t(tableau.order), int_t(s),
-                                             *[a.ctypes.data_as(pointer) for a in arrays],
-                                             None, None, int_t(0), None, None)
+                                             *args, int_t(0), None, None)
     if code != 0:
         raise InputError(f"PETSc refused the {name} tableau (TSARKIMEXRegister error {code})")
     _registered.add(name)

@@ -340,6 +340,61 @@ _KC5 = _ark_pair(
     order=5)
 KENCARP = {"3": _KC3[1], "4": _KC4[1], "5": _KC5[1]}
 
+
+def _kvaerno(rows, gamma, order):
+    """A Kvaerno ESDIRK from its strictly lower rows (the first stage explicit, every other
+    diagonal entry gamma): stiffly accurate, b = the last row; the embedded solution is the
+    stage before the last (also of the form y_n + h sum a_ij k_j), one order lower."""
+    a = ((0.0,),) + tuple(tuple(float(x) for x in row) + (gamma,) for row in rows)
+    return DiagonallyImplicitTableau(a=a, b=a[-1], order=order, embedded=a[-2] + (0.0,))
+
+
+def _kvaerno3():
+    """Kvaerno's ESDIRK 3(2)4L (BIT 44, 2004): every coefficient a function of gamma, the
+    paper's value, for which the method is L-stable."""
+    g = 0.43586652150
+    third = ((-4 * g**2 + 6 * g - 1) / (4 * g), (1 - 2 * g) / (4 * g))
+    last = ((6 * g - 1) / (12 * g), -1 / ((24 * g - 12) * g), (-6 * g**2 + 6 * g - 1) / (6 * g - 3))
+    return _kvaerno(((g,), third, last), g, 3)
+
+
+def _kvaerno4():
+    """Kvaerno's ESDIRK 4(3)5L: the stiffly accurate fourth-order member, its coefficients the
+    paper's rational functions of gamma."""
+    g = 0.5728160625
+
+    def p(*coefficients):            # a polynomial in gamma, highest power first (Horner)
+        value = 0.0
+        for c in coefficients:
+            value = value * g + c
+        return value
+
+    q, r, u = p(12, -6, 1), p(12, -9, 2), p(3, -1)
+    third = (p(144, -180, 81, -15, 1) * g / q**2, p(-36, 39, -15, 2) * g / q**2)
+    fourth = (p(-144, 396, -330, 117, -18, 1) / (12 * g**2 * r),
+              p(72, -126, 69, -15, 1) / (12 * g**2 * u),
+              p(-6, 6, -1) * q**2 / (12 * g**2 * r * u))
+    last = (p(288, -312, 120, -18, 1) / (48 * g**2 * r), p(24, -12, 1) / (48 * g**2 * u),
+            -q**3 / (48 * g**2 * u * r * p(6, -6, 1)), p(-24, 36, -12, 1) / p(24, -24, 4))
+    return _kvaerno(((g,), third, fourth, last), g, 4)
+
+
+# Kvaerno's ESDIRK 5(4)7L: the paper gives its coefficients as decimals (gamma = 0.26).
+KVAERNO = {
+    "3": _kvaerno3(),
+    "4": _kvaerno4(),
+    "5": _kvaerno((
+        (0.26,),
+        (0.13, 0.84033320996790809),
+        (0.22371961478320505, 0.47675532319799699, -0.06470895363112615),
+        (0.16648564323248321, 0.10450018841591720, 0.03631482272098715, -0.13090704451073998),
+        (0.13855640231268224, 0.0, -0.04245337201752043, 0.02446657898003141,
+         0.61943039072480676),
+        (0.13659751177640291, 0.0, -0.05496908796538376, -0.04118626728321046,
+         0.62993304899016403, 0.06962479448202728),
+    ), 0.26, 5),
+}
+
 # PETSc's ARKIMEX tableaus and ours, for the pure-torch replay (testing.ark_replay):
 # (explicit A, explicit b, implicit At, implicit bt).
 ARK_TABLEAUS = {
@@ -347,6 +402,7 @@ ARK_TABLEAUS = {
     "l2": (((0.0, 0.0), (1.0, 0.0)), (0.5, 0.5), ((_US2, 0.0), (1.0 - 2.0 * _US2, _US2)),
            (0.5, 0.5)),
     **{name: (tuple((0.0,) * len(t.b) for _ in t.b), t.b, t.a, t.b)
-       for name, t in (("pnode_sdirk2", SDIRK2), ("pnode_trbdf2", TRBDF2))},
+       for name, t in (("pnode_sdirk2", SDIRK2), ("pnode_trbdf2", TRBDF2),
+                       *((f"pnode_kvaerno{k}", t) for k, t in KVAERNO.items()))},
     "3": _KC3[0], "4": _KC4[0], "5": _KC5[0],
 }
