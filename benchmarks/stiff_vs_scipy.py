@@ -1,5 +1,5 @@
-"""Stiff test problems: the named adaptive stiff methods (kencarp3/4/5, exact per-sample Newton)
-next to SciPy's Radau and BDF, at equal accuracy.
+"""Stiff test problems: the named adaptive stiff methods (kencarp3/4/5, kvaerno3/4/5, exact
+per-sample Newton) next to SciPy's Radau and BDF, at equal accuracy.
 
 Problems (Hairer-Wanner's stiff test set, batch 1, float64): Robertson on [0, 40] and on
 [0, 1e5], van der Pol with mu = 1000 on [0, 2000], HIRES on [0, 321.8122], OREGO on [0, 360].

@@ -7,7 +7,8 @@ from typing import Optional
 
 from . import _h5format as h5format
 from ._reversal import budget
-from ._reversal.store import DeviceTier, DiskTier, MemoryTier, PinnedHostTier, Tier  # noqa: F401
+from ._reversal.disk_tier import DiskTier
+from ._reversal.store import DeviceTier, MemoryTier, PinnedHostTier, Tier  # noqa: F401
 from ._reversal.strategies import Revolve, Spill, StoreAll, Uniform
 from ._solve.device import SOLVER_ITEMSIZE, VEC_OVERHEAD
 from .errors import InputError

@@ -13,7 +13,8 @@ from ._distributed.layout import BatchLayout
 from ._distributed.startup import PETSc
 from ._solve.device import SOLVER_DTYPE, petsc_has_cuda  # noqa: F401 - for the tests
 from ._reversal import torch_replay
-from ._solve.integrator import Integrator, StepControl
+from ._solve.integrator import Integrator
+from ._solve.stepping import StepControl
 from ._solve.rk_register import ensure_registered, petsc_tableau
 from ._solve.tableaus import ARK_TABLEAUS, ButcherTableau  # noqa: F401
 from .methods import METHODS, SetupConfig
@@ -147,7 +148,7 @@ def recorded_steps(func, y0, t, method, options=None, rtol=1e-7, atol=1e-9, **se
     m = METHODS[method]
     adaptive = m.adaptive and "step_size" not in options
     layout = BatchLayout(PETSc.COMM_SELF, y0.shape, [tuple(y0.shape)], device=y0.device)
-    from .api import resolve_setup     # linear_solver 'auto' as odeint resolves it
+    from ._pipeline import resolve_setup     # linear_solver 'auto' as odeint resolves it
     config = resolve_setup(SetupConfig(**setup), m, func, y0, float(t[0]), layout)
     integrator = Integrator(layout, m, func, list(func.parameters()), y0.dtype, None, (),
                             adaptive, adjoint=False, setup=config)

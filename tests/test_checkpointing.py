@@ -335,7 +335,7 @@ def test_kept_files_of_dead_processes_are_removed_by_the_next_run(tmp_path, y0):
     """A kept file is written under a name with its process's id until it is sealed: one that a
     killed process left (SIGKILL, mid-write) is removed by the next disk tier on that host,
     while a living process's and another host's stay."""
-    from pnode_dist._reversal import store
+    from pnode_dist._reversal import disk_tier as store
     dead = subprocess.Popen(["sleep", "0"])
     dead.wait()
     name = "ode-0123456789ab-00001.rank0000-of-0001.h5.part-{}-{}"

@@ -1,4 +1,4 @@
-"""Terminal events (_solve/events.py, _reversal/event_time.py): event times and their
+"""Terminal events (_solve/events.py, _events/): event times and their
 gradients against closed forms (free fall, a bouncing-ball chain, exponential decay with a
 learned threshold), against central differences of the same discrete steps, several event
 functions, backward in time, torchdiffeq's odeint_event on top of ours, and the errors."""

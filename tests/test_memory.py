@@ -8,6 +8,7 @@ import torch
 from conftest import TimeMLP
 from pnode_dist import Checkpointing, odeint
 from pnode_dist._solve import integrator as integrator_module
+from pnode_dist._solve import pool as pool_module
 
 F64 = torch.float64
 T = torch.tensor([0.0, 1.0], dtype=F64)
@@ -23,8 +24,8 @@ def _gradient(func, y0, method, options=None, policy=None, stats=None, rtol=1e-6
 
 def _idle(func):
     """The idle Integrators of func's pools."""
-    from pnode_dist import api
-    return [i for key, pool in api._pools.items() if key[0] == id(func)
+    from pnode_dist import _pipeline
+    return [i for key, pool in _pipeline._pools.items() if key[0] == id(func)
             for kind in pool._idle.values() for i in kind]
 
 
@@ -40,7 +41,7 @@ def test_a_large_problem_holds_no_solver_between_calls(policy):
     small, stats = TimeMLP(), {}
     _gradient(small, torch.randn(4, 3, dtype=F64), "rk4", {"step_size": 0.25}, policy, stats)
     idle = _idle(small)
-    assert idle and all(i.held_bytes() <= integrator_module.KEEP_IDLE_BYTES for i in idle)
+    assert idle and all(i.held_bytes() <= pool_module.KEEP_IDLE_BYTES for i in idle)
     assert stats["memory_held"] == sum(i.held_bytes() for i in idle)
 
 
@@ -67,9 +68,9 @@ def test_a_solve_longer_than_its_trajectory_continues_in_another(monkeypatch, po
 
 
 def test_a_float32_state_on_the_float64_build_is_noted_once(monkeypatch):
-    from pnode_dist import api
+    from pnode_dist import _pipeline
     from pnode_dist._solve.device import SOLVER_DTYPE
-    monkeypatch.setattr(api, "_warned_float32", [])
+    monkeypatch.setattr(_pipeline, "_warned_float32", [])
     func = TimeMLP(dtype=torch.float32)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -20,7 +20,9 @@ import torch
 
 from .._distributed.collective import raise_collectively
 from .._solve.device import SOLVER_DTYPE
-from .._solve.integrator import Cotangents, ForwardRecord, trajectory_capacity
+from .._solve.cotangents import Cotangents
+from .._solve.integrator import trajectory_capacity
+from .._solve.stepping import ForwardRecord
 from ..errors import SolverError
 from .schedule import Placement, plan_advances, reversal_plan
 from .store import CheckpointStore

@@ -5,8 +5,8 @@ had at the start. Their combination is min_k(sign_k(t0) * g_k(t, y)), positive u
 After each accepted step the combination is evaluated at the step's end; where it is no longer
 positive, the crossing inside the step is located (Illinois' regula falsi, bisecting where it
 stalls) to `tol` in time: on the method's dense output, or, for methods without one, on the
-crossing step retaken with shorter sizes (api._land_on_event). On several ranks event_fn sees this
-rank's part of the state, and the combination is the minimum over the ranks: one allgather per
+crossing step retaken with shorter sizes (_events/landing.py). On several ranks event_fn sees
+this rank's part of the state, and the combination is the minimum over the ranks: one allgather per
 evaluation, so that every rank takes the same decisions and finds the same event time. Where
 event_fn fails (raises, or gives NaN), every rank stops at that evaluation: the failing rank with
 its own exception, the others with EventElsewhere, which is never the user's to see (`raise_failure`

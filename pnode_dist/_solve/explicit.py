@@ -104,6 +104,37 @@ class GraphStore:
         self.pending.clear()
         self.cursor = len(self.entries) - 1
 
+    def step_graphs(self, tableau, t_start, t_end, step_start):
+        """The graphs at the stages of the step just accepted, [(y_leaf, f)] in stage order, or
+        None. Stages 2.. are the last entries (their times say so); the first is the entry
+        before them, or for an FSAL step after a rejected attempt (whose evaluations lie in
+        between) the last one at the step's start whose state is step_start to round-off (the
+        previous step's last stage). Their stage copies stay (pinned): the dense output's vjp
+        reads them."""
+        s, entries = tableau.stages, self.entries
+        if len(entries) < s:
+            return None
+        h = t_end - t_start
+        tol = 1e-12 * max(1.0, abs(t_start), abs(t_end))
+
+        def at(entry, c):
+            return abs(entry[0] - (t_start + c * h)) <= tol
+        tail = entries[len(entries) - s + 1:]
+        if not all(at(entry, c) for entry, c in zip(tail, tableau.c[1:])):
+            return None
+        first = entries[-s]
+        if not at(first, tableau.c[0]):
+            first = next((e for e in reversed(entries[-4 * s:-s])
+                          if at(e, tableau.c[0]) and not e[1].released
+                          and e[1].y.shape == step_start.shape
+                          and round_off_apart(e[1].y.detach(), step_start.to(e[1].y.dtype))),
+                         None)
+            if first is None:
+                return None
+        for _, stage, _ in [first] + tail:
+            stage.pinned = True
+        return [(stage.y, out) for _, stage, out in [first] + tail]
+
     def release_inputs(self, keep_last=0):
         """Free the stage copies of every entry but the last `keep_last` (and pinned ones)."""
         end = len(self.entries) - keep_last

@@ -235,10 +235,10 @@ class BlockJacobianPC:
     """Python PC context: exact inverse of the block-diagonal IJacobian, one LU per sample.
 
     Newton's first direction of every stage after the first in a step attempt (same step,
-    start and size) reuses the blocks of df/dy of that attempt's last build (the previous stage's last
-    iterate: a simplified Newton step, the residual is exact); every later iteration builds
-    them at its own point, so Newton still ends quadratically and converges as far as with
-    fresh blocks throughout. Reusing them for more iterations was measured: Newton then stops
+    start and size) reuses the blocks of df/dy of that attempt's last build (the previous
+    stage's last iterate: a simplified Newton step, the residual is exact); every later
+    iteration builds them at its own point, so Newton still ends quadratically and converges
+    as far as with fresh blocks throughout. Reusing them for more iterations was measured: Newton then stops
     at its tolerance with 1e-9..1e-7 relative stage errors instead of 1e-12, too far from the
     round-off the gradients' exactness needs. The LU is redone only when the blocks or the
     shift change. The rule depends only on the step's own iterates, so a re-run step repeats

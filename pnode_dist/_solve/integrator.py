@@ -1,280 +1,47 @@
-"""The PETSc side of one ODE problem: TS set-up, the forward solve through the output times, and
-the discrete adjoint between output times.
+"""The PETSc side of one ODE problem: one TS and its Vecs, the forward solve through the output
+times, re-runs of recorded steps, and the discrete adjoint between output times.
 
-An Integrator owns one TS with its Vecs and Jacobian Mats; it solves forward, re-runs recorded
-steps, and applies the adjoint. An IntegratorPool keeps them for one problem configuration, so
-that several forward passes may await their backward at once (an ODE block used twice in a
-network); each differentiable solve's reversal strategy (reversal.py) leases Integrators until
-its backward pass (or the graph's destruction) returns them.
+An Integrator's TS is set up by ts_setup.py; its steps are chosen and recorded by a Stepping
+policy (stepping.py, from PETSc's post-step callback); failures are worded by failures.py; the
+adjoint's cotangents at the output positions come from cotangents.py. An IntegratorPool
+(pool.py) keeps Integrators for one problem configuration, so that several forward passes may
+await their backward at once (an ODE block used twice in a network); each differentiable
+solve's reversal strategy (_reversal/strategies.py) leases them until its backward pass (or
+the graph's destruction) returns them.
 """
-import math
 import time
-import uuid
-from dataclasses import dataclass, field, replace
-from typing import Dict, List
+from dataclasses import replace
 
 import torch
 
 from .._distributed.collective import (CAUSE, CONSEQUENCE, SYMPTOM, PETSc, allreduce_sum,
                                       raise_collectively)
-from ..errors import InputError, SolverError
+from ..errors import SolverError
 from . import dense
-from .device import SOLVER_DTYPE, VEC_OVERHEAD, vec_type
+from .device import SOLVER_DTYPE, VEC_OVERHEAD
 from .controller import ExplicitController
-from .events import EventElsewhere
-from .explicit import GraphStore, ParamJacobianMat, StateJacobianMat, round_off_apart
+from .explicit import GraphStore
+from .failures import incomplete, petsc_failure, reason_name
 from .first_step import initial_step
 from .guard import guarded, released
-from .implicit import BlockJacobianPC, IJacobianMat, IJacobianPMat
+from .cotangents import Cotangents
+from .stepping import ForwardRecord, Replaying, StepControl, Stepping
+from . import ts_setup
 from .trapezoid_control import TrapezoidControl
 from .lifetime import keep_forever, pin_comm
-from .options import layered_options
 from .rk_register import ts_tableau
 from .views import touch, vec_view
 
-# Times within this relative distance are the same time (PETSc's times have its precision).
-_REL_TIME_TOL = max(1e-12, 64 * torch.finfo(SOLVER_DTYPE).eps)
 _MIN_CAPACITY = 1024                 # trajectory steps reserved at least
-# An idle Integrator stays pooled while what it holds (work Vecs, trajectory) is at most this:
-# re-creating one costs about 3 ms, more than a small solve; a larger one is freed at once.
-KEEP_IDLE_BYTES = 1 << 20
-# Newton and Krylov tolerances within reach of the solver precision (PETSc options override).
-_NEWTON_TOLERANCES = {torch.float64: {"snes_rtol": 1e-10, "snes_atol": 1e-12, "ksp_rtol": 1e-10},
-                      torch.float32: {"snes_rtol": 1e-5, "snes_atol": 1e-6, "ksp_rtol": 1e-5}}
-
-
-def _option_given(prefix, name, petsc_options):
-    """Whether the user chose PETSc option `name`: in petsc_options or on the command line."""
-    return (name in dict(petsc_options or ())
-            or PETSc.Options().hasName(f"{prefix or ''}{name}"))
+def capacity_for(nsteps):
+    """The trajectory steps an Integrator leased for `nsteps` reserves (_MIN_CAPACITY at least)."""
+    return max(nsteps, _MIN_CAPACITY)
 
 
 def trajectory_capacity(expected, max_num_steps):
     """Steps a forward solve's trajectory reserves: twice the steps expected, at least
     _MIN_CAPACITY, at most max_num_steps (a solve that fills it stops: record.stopped)."""
     return min(max_num_steps, max(_MIN_CAPACITY, 2 * (expected or 0)))
-
-
-def time_slack(t_out):
-    """How far apart two times of a solve over t_out may be and still be the same time (an
-    event solve's open end, inf, aside)."""
-    return _REL_TIME_TOL * max(1.0, *(abs(t) for t in (t_out[0], t_out[-1]) if math.isfinite(t)))
-
-
-def fixed_step_count(span, step_size, slack=0.0):
-    """Equal steps, at most step_size long, that cover span (one without a step_size); a span
-    longer than a whole number of steps by at most `slack` is that number (math.inf beyond what
-    a float can count)."""
-    if step_size is None:
-        return 1
-    steps = (span - slack) / step_size * (1 - 1e-12)
-    return max(1, math.ceil(steps)) if math.isfinite(steps) else math.inf
-
-
-def fixed_steps(t_out, step_size):
-    """The fixed steps of a solve over t_out: equal steps of at most step_size per interval."""
-    slack = time_slack(t_out)
-    return sum(fixed_step_count(b - a, step_size, slack) for a, b in zip(t_out, t_out[1:]))
-
-
-def _reason_name(enum, value):
-    """PETSc's name of a converged/diverged reason, e.g. DIVERGED_MAX_IT."""
-    names = [k for k in dir(enum) if k.isupper() and getattr(enum, k) == value]
-    return names[0] if names else f"reason {value}"
-
-
-@dataclass
-class StepControl:
-    """How the steps are chosen for one solve."""
-    step_size: float = None      # fixed steps no longer than this; None with adaptive -> TSAdapt
-    first_step: float = None     # initial step of an adaptive solve
-    min_step: float = None       # TSAdapt's step limits (None: as the PETSc options set them)
-    max_step: float = None
-    max_num_steps: int = 1_000_000
-    rtol: float = 1e-7
-    atol: float = 1e-9
-    store_graphs: bool = None    # keep f's stage graphs for the adjoint (None: the policy says)
-    interpolate: bool = False    # output times by dense output (adaptive explicit methods)
-    first_weights: torch.Tensor = None   # continuing a solve: its next step's error weights
-
-
-@dataclass
-class ForwardRecord:
-    """What a forward solve leaves for its adjoint: the accepted step times and, for each
-    output, the position whose adjoint state receives its cotangent: the step index it ended
-    on, or, for an output interpolated inside step n (dense_times: its time, else None), n.
-    starts: the state at the start of each step holding interpolated outputs."""
-    times: List[float] = field(default_factory=list)
-    output_steps: List[int] = field(default_factory=list)
-    dense_times: List[float] = field(default_factory=list)
-    starts: Dict[int, torch.Tensor] = field(default_factory=dict)
-    stage_graphs: Dict[int, list] = field(default_factory=dict)   # step n -> f's stage graphs
-    stopped: bool = False        # ended early, before the last output time (stop_requested)
-    scheme: tuple = None         # (tableau, dense output) an explicit method integrated with
-
-    @property
-    def steps(self):
-        return len(self.times) - 1
-
-    def add_output(self, position, dense_time=None):
-        self.output_steps.append(position)
-        self.dense_times.append(dense_time)
-
-
-class _Stepping:
-    """Bookkeeping of one forward solve, driven by the post-step callback."""
-
-    def __init__(self, t_out, control, adaptive, outputs, interpolate=False, controller=None):
-        self.t_out = t_out
-        self.control = control
-        self.adaptive = adaptive
-        self.interpolate = interpolate               # outputs inside a step by dense output
-        self.controller = controller                 # ExplicitController, or None
-        self.outputs = outputs
-        self.k = 1                                   # next output index
-        self.record = ForwardRecord(times=[t_out[0]])
-        self.record.add_output(0)
-        self.done = False
-        self.tol = time_slack(t_out)
-
-    def fixed_steps(self, t):
-        """Number of equal steps from t to the next output time (at most step_size each)."""
-        return fixed_step_count(self.t_out[self.k] - t, self.control.step_size, self.tol)
-
-    def _fixed_dt(self, t):
-        """The next fixed step from t: equal steps to the next output time, step_size towards
-        an event solve's open end."""
-        remaining = self.t_out[self.k] - t
-        if math.isinf(remaining):
-            return self.control.step_size
-        return remaining / self.fixed_steps(t)
-
-    def first_dt(self, chosen=None):
-        """The first step: fixed steps' size; adaptive: first_step, else `chosen` (from f at
-        the start), else a hundredth of the interval; landing on the first target."""
-        if not self.adaptive:
-            return self._fixed_dt(self.t_out[0])
-        control, span = self.control, self.t_out[-1] - self.t_out[0]
-        if math.isinf(span):         # an event solve without a first step from f
-            span = 1.0
-        first = control.first_step or chosen or span * 1e-2
-        if chosen is not None and not control.first_step:   # within TSAdapt's limits
-            first = min(max(first, control.min_step or 0.0), control.max_step or math.inf)
-        return _landing(first, self._target() - self.t_out[0])
-
-    def _target(self):
-        """The time the steps must land on next: the next output time, or with interpolation
-        the last one."""
-        return self.t_out[-1] if self.interpolate else self.t_out[self.k]
-
-    def post_step(self, integrator, ts):
-        """Record the accepted step, copy or interpolate the outputs it reached, choose the
-        next step."""
-        t = ts.getTime()
-        record = self.record
-        record.times.append(t)
-        n = len(record.times) - 1                    # the step just taken ends at position n
-        integrator._notify("accepted", n, record.times, integrator.x_view)
-        while self.interpolate and self.k < len(self.t_out) and self.t_out[self.k] < t - self.tol:
-            # Inside the step (only with interpolation: otherwise the steps land on them).
-            self._output_inside(integrator, n, self.t_out[self.k])
-        if integrator.event is not None and self.k == 1:
-            self._find_event(integrator, ts, n)
-        if self.k < len(self.t_out) and t >= self.t_out[self.k] - self.tol:
-            self.outputs[self.k].copy_(integrator.x_view)
-            record.add_output(n)
-            self.k += 1
-        if self.k == len(self.t_out):
-            self.done = True
-            ts.setConvergedReason(PETSc.TS.ConvergedReason.CONVERGED_USER)
-            return
-        self._choose_next(integrator, ts, t)
-        if integrator.capacity is not None and n >= integrator.capacity:
-            integrator.stop_requested = True  # its trajectory is full (Integrator.reserve)
-        if integrator.stop_requested:         # after the choice: a continuation takes it
-            self.record.stopped = True
-            ts.setConvergedReason(PETSc.TS.ConvergedReason.CONVERGED_USER)
-
-    def _output_inside(self, integrator, n, t_output):
-        """Output k by the dense output of step n (from position n - 1), at t_output."""
-        record = self.record
-        if n - 1 not in record.starts:
-            record.starts[n - 1] = integrator.step_start.clone()
-            graphs = integrator.stage_graphs(record.times[n - 1], record.times[n])
-            if graphs is not None:
-                record.stage_graphs[n - 1] = graphs
-        self.outputs[self.k].copy_(integrator.interpolated(t_output))
-        record.add_output(n - 1, t_output)
-        self.k += 1
-
-    def _find_event(self, integrator, ts, n):
-        """An event solve (t_out = [t0, inf]): if the event function crossed zero in step n,
-        with interpolation its time is the solve's last output (by the dense output), and the
-        event's time and the dense output's d/dt there go to the locator; with fixed steps the
-        solve stops and the locator keeps the step (api.py retakes it). Every rank stops
-        alike, also when event_fn failed somewhere."""
-        event, record = integrator.event, self.record
-        try:
-            crossing = event.crossed(record.times[n], integrator.x_view)
-            if crossing is not None and not self.interpolate:
-                event.crossing = crossing + (integrator.step_start.clone(),
-                                             list(record.times[:n]))
-                crossing = None
-            t_event = None if crossing is None else event.root(
-                *crossing, lambda s: integrator.interpolated(s))
-        except EventElsewhere:           # this rank stops; the failing one reports why
-            t_event = None
-        finally:
-            if event.failed or event.crossing is not None:
-                record.stopped = True
-                ts.setConvergedReason(PETSc.TS.ConvergedReason.CONVERGED_USER)
-        if t_event is None:
-            return
-        self._output_inside(integrator, n, t_event)
-        event.time = t_event
-        event.slope = dense.dense_slope(integrator.torch_f(), record.times[n - 1],
-                                        record.times[n], record.starts[n - 1], t_event,
-                                        integrator.tableau, integrator.dense)
-
-    def _choose_next(self, integrator, ts, t):
-        """The next step: fixed steps' size, or TSAdapt's proposal under the controller's
-        rule; landing on the next target."""
-        remaining = self._target() - t
-        if not self.adaptive:
-            ts.setTimeStep(self._fixed_dt(t))
-            return
-        proposed = ts.getTimeStep()
-        controller, h = self.controller, t - self.record.times[-2]
-        dt = controller.next_step(h, proposed) if controller is not None else proposed
-        landed = _landing(dt, remaining)
-        if landed != proposed:
-            ts.setTimeStep(landed)
-        if controller is not None:
-            controller.weigh(integrator.step_start, integrator.x_view, h, landed)
-
-
-def _landing(dt, remaining):
-    """The adaptive step dt adjusted to land on an output time `remaining` ahead: the whole
-    distance when dt (nearly) covers it, half of it when it is less than two steps."""
-    if remaining <= 1.01 * dt:
-        return remaining
-    if remaining < 2 * dt:
-        return remaining / 2
-    return dt
-
-
-class _Replaying:
-    """A re-run of recorded steps: step i goes from times[i] to times[i + 1] (the step sizes
-    PETSc's own adjoint uses, from the recorded times)."""
-
-    def __init__(self, times):
-        self.times = times
-        self.i = 0
-
-    def post_step(self, integrator, ts):
-        self.i += 1
-        if self.i < len(self.times) - 1:
-            ts.setTimeStep(self.times[self.i + 1] - self.times[self.i])
 
 
 class Integrator:
@@ -307,38 +74,8 @@ class Integrator:
             self.lam_view = vec_view(self.lam, shape)
             if nparams:
                 self.mu = layout.create_param_vec(nparams)
-        if self.rhs is not None:
-            self._set_explicit_part(ts, nparams)
-        defaults = {"ts_adapt_type": "basic" if adaptive else "none"}
-        self.linear_solver = None    # Newton's: 'exact' or 'gmres' (implicit methods)
-        if self.ifun is not None:
-            self.linear_solver = "exact" if setup.linear_solver == "exact" else "gmres"
-            defaults.update(self._set_implicit_part(ts, nparams, self.linear_solver))
-            if adaptive:         # a failed Newton solve rejects the step: retried 4x smaller
-                defaults["ts_max_snes_failures"] = -1
-        # The trapezoidal rule's own error estimate (trapezoid_control.py) unless the options
-        # choose a TSAdapt.
-        trapezoid = (adaptive and method.trapezoidal(setup)
-                     and not _option_given(prefix, "ts_adapt_type", petsc_options))
-        if trapezoid:
-            defaults["ts_adapt_type"] = "none"
-        if adjoint:
-            ts.setSaveTrajectory()
-        ts.setExactFinalTime(PETSc.TS.ExactFinalTime.MATCHSTEP)
-        ts.setErrorIfStepFails(False)
-        ts.setPreStep(self._pre_step)
-        ts.setPostStep(self._post_step)
-        # The trajectory reads only unprefixed options; without a type PETSc would pick 'basic',
-        # which writes files into the working directory.
-        trajectory = {"ts_trajectory_type": "memory"} if adjoint else {}
-        with layered_options(prefix, defaults, petsc_options), \
-                layered_options("", trajectory, ()):
-            ts.setFromOptions()
-        if ts.getType() not in method.ts_types:
-            raise InputError(f"TS type {ts.getType()!r} (from the PETSc options) does not match "
-                             f"method {method.name!r} ({'/'.join(method.ts_types)}): choose the "
-                             "method with odeint's method argument and its variant with "
-                             "-ts_rk_type / -ts_arkimex_type")
+        self.linear_solver, trapezoid = ts_setup.configure(self, ts, setup, prefix,
+                                                           petsc_options, nparams)
         self.ts = ts
         self.step_limits = ts.getStepLimits()    # PETSc's (-ts_adapt_dt_min/max), per solve
         self.trapezoid = TrapezoidControl(self) if trapezoid else None
@@ -388,46 +125,6 @@ class Integrator:
         ts.setStepNumber(nsteps + 8)
         ts.solve(self.x)
         self.capacity = nsteps
-
-    def _python_mat(self, sizes, context):
-        """A matrix-free Mat whose products are torch callbacks (Vecs of the state's type)."""
-        self._contexts.append(context)
-        mat = PETSc.Mat().createPython(sizes, context, comm=self.layout.comm)
-        mat.setVecType(vec_type(self.layout.device))
-        mat.setUp()
-        return mat
-
-    def _set_explicit_part(self, ts, nparams):
-        rhs = self.rhs
-        ts.setRHSFunction(rhs.rhs, self.x.duplicate())
-        if not self.adjoint:
-            return
-        J = self._python_mat(self.layout.state_mat_sizes(), StateJacobianMat(rhs))
-        ts.setRHSJacobian(rhs.linearize, J, J)
-        if nparams:
-            Jp = self._python_mat(self.layout.param_mat_sizes(nparams), ParamJacobianMat(rhs))
-            ts.setRHSJacobianP(rhs.linearize_params, Jp)
-
-    def _set_implicit_part(self, ts, nparams, linear_solver):
-        """IFunction, IJacobian (and IJacobianP); returns the Newton/Krylov option defaults."""
-        ifun = self.ifun
-        ts.setIFunction(ifun.ifunction, self.x.duplicate())
-        A = self._python_mat(self.layout.state_mat_sizes(), IJacobianMat(ifun))
-        ts.setIJacobian(ifun.ijacobian, A, A)
-        if self.adjoint and nparams:
-            Jp = self._python_mat(self.layout.param_mat_sizes(nparams), IJacobianPMat(ifun))
-            ts.setIJacobianP(ifun.ijacobian_params, Jp)
-        defaults = dict(_NEWTON_TOLERANCES[SOLVER_DTYPE])
-        pc = ts.getSNES().getKSP().getPC()
-        if linear_solver == "exact":
-            pc.setType(PETSc.PC.Type.PYTHON)
-            self._contexts.append(BlockJacobianPC(ifun))
-            pc.setPythonContext(self._contexts[-1])
-            # Exact Newton directions: full steps, no line search (which would cost a jvp).
-            defaults.update(ksp_type="preonly", snes_linesearch_type="basic")
-        else:
-            defaults.update(ksp_type="gmres", pc_type="none")
-        return defaults
 
     def _counts(self):
         """Callback counters summed over the parts (f evaluations, jvps, vjps...)."""
@@ -503,34 +200,11 @@ class Integrator:
 
     def stage_graphs(self, t_start, t_end):
         """f's graphs at the stages of the step just accepted, [(y_leaf, f)] in stage order,
-        if the forward keeps them (a GraphStore), else None. Stages 2.. are the store's last
-        entries (their times say so); the first is the entry before them, or for an FSAL step
-        after a rejected attempt (whose evaluations lie in between) the last one at the step's
-        start whose state is the step's start to round-off (the previous step's last stage)."""
-        store, tableau = self.graph_store, self.tableau
-        s = tableau.stages if tableau is not None else 0
-        if store is None or tableau is None or len(store.entries) < s:
+        if the forward keeps them (a GraphStore), else None."""
+        store = self.graph_store
+        if store is None or self.tableau is None:
             return None
-        h = t_end - t_start
-        tol = 1e-12 * max(1.0, abs(t_start), abs(t_end))
-
-        def at(entry, c):
-            return abs(entry[0] - (t_start + c * h)) <= tol
-        tail = store.entries[len(store.entries) - s + 1:]
-        if not all(at(entry, c) for entry, c in zip(tail, tableau.c[1:])):
-            return None
-        first = store.entries[-s]
-        if not at(first, tableau.c[0]):
-            start = self.step_start
-            first = next((e for e in reversed(store.entries[-4 * s:-s])
-                          if at(e, tableau.c[0]) and not e[1].released
-                          and e[1].y.shape == start.shape
-                          and round_off_apart(e[1].y.detach(), start.to(e[1].y.dtype))), None)
-            if first is None:
-                return None
-        for _, stage, _ in [first] + tail:
-            stage.pinned = True      # their copies stay: the dense output's vjp reads them
-        return [(stage.y, out) for _, stage, out in [first] + tail]
+        return store.step_graphs(self.tableau, t_start, t_end, self.step_start)
 
     def _first_step(self, y0, t_out, control):
         """The first step from f at the start (adaptive solves without first_step, implicit
@@ -609,7 +283,7 @@ class Integrator:
         self.x_view.copy_(y0)
         self.x.stateIncrease()
         interpolate = control.interpolate and self.adaptive and self.dense is not None
-        stepping = _Stepping(t_out, control, self.adaptive, outputs, interpolate,
+        stepping = Stepping(t_out, control, self.adaptive, outputs, interpolate,
                              self.controller)
         if self.tableau is not None:
             stepping.record.scheme = (self.tableau, self.dense)
@@ -679,20 +353,10 @@ class Integrator:
         try:
             self.ts.solve(x)
         except PETSc.Error as exc:
-            return self._petsc_failure(exc, "the integration", "(a step adaptor giving up after "
+            return petsc_failure(self.ts, exc, "the integration", "(a step adaptor giving up after "
                                        "repeated rejections): check f for blow-up, or loosen "
                                        "rtol/atol")
         return None
-
-    def _petsc_failure(self, exc, what, hint=""):
-        """(severity, message) for a PETSc error in `what`; the Python exception behind it,
-        if any, is named as the cause (KeyboardInterrupt and SystemExit are re-raised)."""
-        cause, t = exc.__cause__, self.ts.getTime()
-        if cause is not None and not isinstance(cause, Exception):
-            raise cause from None
-        if cause is not None:
-            return (CAUSE, f"{type(cause).__name__} in a callback of {what} at t={t:g}: {cause}")
-        return (CONSEQUENCE, f"PETSc stopped {what} at t={t:g} with error code {exc.ierr} {hint}")
 
     def _check_forward(self, stepping, outputs, failure=None):
         error = self.error
@@ -700,7 +364,8 @@ class Integrator:
             error = failure
         reason = self.ts.getConvergedReason()
         if error is None and not (stepping.done or stepping.record.stopped):
-            error = (CONSEQUENCE, self._incomplete(stepping, reason))
+            error = (CONSEQUENCE, incomplete(self.ts, stepping, reason, self.event is not None,
+                                             self.ifun is not None))
         reached = outputs[:stepping.k]
         if error is None and not bool(torch.isfinite(reached).all()):
             bad = int((~torch.isfinite(reached.reshape(stepping.k, -1))).any(1).nonzero()[0])
@@ -709,37 +374,6 @@ class Integrator:
                      "the problem")
         raise_collectively(self.layout.comm, self._explained(error), SolverError,
                            cause=self.exception)
-
-    def _incomplete(self, stepping, reason):
-        """Why a solve stopped before the last output time."""
-        t = stepping.record.times[-1]
-        if reason == PETSc.TS.ConvergedReason.CONVERGED_ITS and self.event is not None:
-            return (f"no event by t={t:g}: event_fn did not reach zero within max_num_steps="
-                    f"{stepping.control.max_num_steps} steps (raise options['max_num_steps'] "
-                    "if it does later)")
-        if reason == PETSc.TS.ConvergedReason.CONVERGED_ITS:
-            return (f"reached max_num_steps={stepping.control.max_num_steps} at t={t:g} before "
-                    f"t={stepping.t_out[-1]:g}: raise options['max_num_steps'] or loosen rtol/atol")
-        if reason == PETSc.TS.ConvergedReason.DIVERGED_NONLINEAR_SOLVE:
-            snes = self.ts.getSNES()
-            return (f"Newton's method failed in step {len(stepping.record.times)} from t={t:g} "
-                    f"(step size {self.ts.getTimeStep():g}): "
-                    f"{_reason_name(PETSc.SNES.ConvergedReason, snes.getConvergedReason())}"
-                    f", residual norm {snes.getFunctionNorm():.3e}"
-                    f" after {snes.getIterationNumber()} iterations; try a smaller step, "
-                    "linear_solver='exact', or looser -snes_rtol/-snes_atol")
-        newton = ""
-        if self.ifun is not None and self.ts.getSNES().getConvergedReason() < 0:
-            snes = self.ts.getSNES()
-            norm = snes.getFunctionNorm()
-            newton = (f"; the last attempt's Newton solve failed ("
-                      f"{_reason_name(PETSc.SNES.ConvergedReason, snes.getConvergedReason())}"
-                      + (f", residual norm {norm:.3e}" if norm > 0 else "")
-                      + f"; {self.ts.getSNESFailures()} Newton failures in this solve)")
-        return (f"the time integration failed at t={t:g} "
-                f"({_reason_name(PETSc.TS.ConvergedReason, reason)}): "
-                f"the step was rejected too often{newton}; try a smaller first_step, looser "
-                "rtol/atol, or check f for blow-up")
 
     def replay(self, y_start, times, keep_graphs=False):
         """Re-run the recorded steps times[0] -> ... -> times[-1] from y_start (with the
@@ -754,7 +388,7 @@ class Integrator:
         touch(self.x, "w")
         self.x_view.copy_(y_start)
         self.x.stateIncrease()
-        self._stepping = _Replaying(times)
+        self._stepping = Replaying(times)
         self._set_phase("a re-run of recorded steps for the backward pass")
         if self.rhs is not None:
             self.rhs.store = GraphStore() if (self.adjoint and keep_graphs) else None
@@ -774,7 +408,7 @@ class Integrator:
         if (failure or reason < 0) and self.failure is None:
             self.failure = failure or (CONSEQUENCE, (
                 f"re-running the steps from t={times[0]:g} failed "
-                f"({_reason_name(PETSc.TS.ConvergedReason, reason)})"))
+                f"({reason_name(PETSc.TS.ConvergedReason, reason)})"))
         # Healthy again even after an error: whether to keep it must be decided alike on every
         # rank (creating an Integrator is collective), by the run that raises collectively.
         self.healthy = True
@@ -807,7 +441,7 @@ class Integrator:
             self.ts.adjointSolve()
         except PETSc.Error as exc:
             self.adjoint_broken = True
-            self.failure = self.failure or self._petsc_failure(exc, "the adjoint solve")
+            self.failure = self.failure or petsc_failure(self.ts, exc, "the adjoint solve")
 
     def add_to_lambda(self, grad):
         touch(self.lam, "rw")
@@ -959,131 +593,3 @@ class Integrator:
         self.ts = None
 
 
-class Cotangents:
-    """The cotangents the adjoint adds at the positions of a forward record: an output's own
-    at the step it ended on; those of outputs interpolated inside step n, through the step's
-    dense output, at n (their parameter part into the adjoint Integrator's mu)."""
-
-    def __init__(self, integrator, record, grad_outputs):
-        self.integrator, self.record, self.grad_outputs = integrator, record, grad_outputs
-        self.by_position = {}
-        for k, pos in enumerate(record.output_steps):
-            self.by_position.setdefault(pos, []).append(k)
-        self._dense = {}             # position -> dL/dy of its interpolated outputs, computed
-
-    def _request(self, pos):
-        """(out_times, grads) of the outputs interpolated in step pos, or None."""
-        ks = [k for k in self.by_position.get(pos, []) if self.record.dense_times[k] is not None]
-        if not ks:
-            return None
-        return [self.record.dense_times[k] for k in ks], self.grad_outputs[ks]
-
-    def positions_below(self, hi, lo):
-        """The output positions p with lo < p < hi, from the highest."""
-        return sorted((p for p in self.by_position if lo < p < hi), reverse=True)
-
-    def at(self, pos):
-        """dL/dy at position pos (zeros if no output is there); call once per position."""
-        ks = self.by_position.get(pos, [])
-        grad = torch.zeros_like(self.grad_outputs[0])
-        for k in ks:
-            if self.record.dense_times[k] is None:
-                grad += self.grad_outputs[k]
-        request = self._request(pos)
-        if request is not None:
-            if pos not in self._dense:
-                # This step, and every step whose stage graphs the forward kept: together.
-                requests = {n: self._request(n) for n in self.record.stage_graphs
-                            if n not in self._dense and n != pos}
-                requests = {n: r for n, r in requests.items() if r is not None}
-                requests[pos] = request
-                self._dense.update(self.integrator.step_cotangents(self.record, requests))
-            grad += self._dense.pop(pos)
-        return grad
-
-
-class ProblemHistory:
-    """What successive solves of one problem share: the last solve's step count (checkpoint
-    placement for adaptive steps), a solve counter and a tag for checkpoint file names."""
-
-    def __init__(self, comm):
-        self.comm = comm
-        self.last_steps = None
-        self.solves = 0
-        self._file_tag = None
-
-    def solved(self, steps):
-        self.last_steps = steps
-
-    def expected_steps(self, adaptive, t_out, control):
-        """Steps the coming solve should take: exact for fixed steps, the last solve's count
-        for adaptive ones (None before the first)."""
-        if adaptive:
-            return self.last_steps
-        return fixed_steps(t_out, control.step_size)
-
-    def next_file(self):
-        """(tag shared by all ranks, number of this solve) for a checkpoint file name
-        (collective on first use: rank 0's random tag, broadcast)."""
-        if self._file_tag is None:
-            self._file_tag = self.comm.tompi4py().bcast(uuid.uuid4().hex[:12], root=0)
-        self.solves += 1
-        return self._file_tag, self.solves
-
-
-class IntegratorPool:
-    """A pool of Integrators for one problem configuration (several forward passes may await
-    their backward at once), and the problem's history."""
-
-    def __init__(self, layout, method, func, params, dtype, prefix, petsc_options, adaptive,
-                 setup):
-        self.args = (layout, method, func, params, dtype, prefix, petsc_options)
-        self.layout, self.method, self.prefix, self.dtype = layout, method, prefix, dtype
-        self.adaptive = adaptive
-        self.setup = setup
-        self._idle = {}
-        self.closed = False
-        self.history = ProblemHistory(layout.comm)
-        self.sizes = None            # the problem's measured Sizes (set by checkpointing)
-
-    def acquire(self, adjoint, adaptive=None, nsteps=0):
-        """An idle Integrator (trajectory or not; adaptive steps or replayed ones) whose
-        trajectory holds `nsteps` steps (pooled ones that are too small are destroyed)."""
-        adaptive = self.adaptive if adaptive is None else adaptive
-        pool = self._idle.setdefault((adjoint, adaptive), [])
-        integrator = None
-        while pool and integrator is None:
-            integrator = pool.pop()
-            if integrator.capacity is not None and integrator.capacity < nsteps:
-                integrator.destroy()
-                integrator = None
-        if integrator is None:
-            integrator = Integrator(*self.args, adaptive=adaptive, adjoint=adjoint,
-                                    setup=self.setup)
-        integrator.reserve(max(nsteps, _MIN_CAPACITY))
-        return integrator
-
-    def release(self, integrator):
-        """Back to the pool if it is small (KEEP_IDLE_BYTES, by a size every rank computes
-        alike, so that the pools stay alike); one whose last solve failed, a
-        large one, or any after the pool closed, is destroyed. (A TSTHETA one whose trajectory
-        re-ran segments stays pooled whatever its size: Integrator.destroy would keep it alive
-        for good.)"""
-        kept_anyway = integrator.replayed and integrator.method.keep_after_replay
-        if self.closed or not integrator.healthy or (
-                integrator.held_bytes(agreed=True) > KEEP_IDLE_BYTES and not kept_anyway):
-            integrator.destroy()
-        else:
-            self._idle.setdefault((integrator.adjoint, integrator.adaptive), []).append(integrator)
-
-    def held_bytes(self):
-        """About what the idle Integrators hold (between calls)."""
-        return sum(i.held_bytes() for idle in self._idle.values() for i in idle)
-
-    def close(self):
-        """Destroy the idle Integrators (the cache dropped this pool); leased ones are
-        destroyed when their strategy returns them."""
-        self.closed = True
-        for pool in self._idle.values():
-            while pool:
-                pool.pop().destroy()

@@ -12,7 +12,8 @@ from ..errors import InputError
 
 def _normalise(key):
     if not isinstance(key, str) or not key.strip("-"):
-        raise InputError(f"petsc_options keys must be option names such as 'ts_rk_type'; got {key!r}")
+        raise InputError("petsc_options keys must be option names such as 'ts_rk_type'; "
+                         f"got {key!r}")
     return key.lstrip("-")
 
 

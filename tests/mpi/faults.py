@@ -219,8 +219,8 @@ def _target(fd):
 
 
 def _space():
-    from pnode_dist._reversal import store
-    return store._PROCESS_SPACE
+    from pnode_dist._reversal import disk_tier
+    return disk_tier._PROCESS_SPACE
 
 
 class RemoteTier(Tier):
