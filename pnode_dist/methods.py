@@ -383,8 +383,8 @@ class KenCarp(DIRK):
 #: ``rk4``); adaptive ``adaptive_heun``, ``fehlberg2``, ``bosh3``, ``dopri5`` (the default),
 #: ``tsit5``, ``verner6``, ``verner7``, ``verner8``; implicit ``beuler``, ``cn``, ``theta``,
 #: ``sdirk2``, ``trbdf2``, adaptive ``kencarp3``, ``kencarp4``, ``kencarp5`` (an IMEX func: the
-#: whole pair), ``kvaerno3``, ``kvaerno4``, ``kvaerno5``; IMEX ``arkimex``. A method of your own is one more entry (see
-#: :class:`ExplicitRK`).
+#: whole pair), ``kvaerno3``, ``kvaerno4``, ``kvaerno5``; IMEX ``arkimex``. A method of your
+#: own is one more entry (see :class:`ExplicitRK`).
 METHODS = {
     m.name: m for m in (
         ExplicitRK("euler", "1fe", 1, False, tab.EULER),

@@ -238,10 +238,10 @@ class BlockJacobianPC:
     start and size) reuses the blocks of df/dy of that attempt's last build (the previous
     stage's last iterate: a simplified Newton step, the residual is exact); every later
     iteration builds them at its own point, so Newton still ends quadratically and converges
-    as far as with fresh blocks throughout. Reusing them for more iterations was measured: Newton then stops
-    at its tolerance with 1e-9..1e-7 relative stage errors instead of 1e-12, too far from the
-    round-off the gradients' exactness needs. The LU is redone only when the blocks or the
-    shift change. The rule depends only on the step's own iterates, so a re-run step repeats
+    as far as with fresh blocks throughout. Reusing them for more iterations was measured:
+    Newton then stops at its tolerance with 1e-9..1e-7 relative stage errors instead of 1e-12,
+    too far from the round-off the gradients' exactness needs. The LU is redone only when the
+    blocks or the shift change. The rule depends only on the step's own iterates, so a re-run step repeats
     them bitwise. The adjoint's transposed solves always use the blocks at the point PETSc
     gives (exact gradients)."""
 

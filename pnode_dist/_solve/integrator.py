@@ -17,22 +17,23 @@ import torch
 from .._distributed.collective import (CAUSE, CONSEQUENCE, SYMPTOM, PETSc, allreduce_sum,
                                       raise_collectively)
 from ..errors import SolverError
-from . import dense
-from .device import SOLVER_DTYPE, VEC_OVERHEAD
+from . import dense, ts_setup
 from .controller import ExplicitController
+from .cotangents import Cotangents
+from .device import SOLVER_DTYPE, VEC_OVERHEAD
 from .explicit import GraphStore
 from .failures import incomplete, petsc_failure, reason_name
 from .first_step import initial_step
 from .guard import guarded, released
-from .cotangents import Cotangents
-from .stepping import ForwardRecord, Replaying, StepControl, Stepping
-from . import ts_setup
-from .trapezoid_control import TrapezoidControl
 from .lifetime import keep_forever, pin_comm
 from .rk_register import ts_tableau
+from .stepping import ForwardRecord, Replaying, StepControl, Stepping
+from .trapezoid_control import TrapezoidControl
 from .views import touch, vec_view
 
 _MIN_CAPACITY = 1024                 # trajectory steps reserved at least
+
+
 def capacity_for(nsteps):
     """The trajectory steps an Integrator leased for `nsteps` reserves (_MIN_CAPACITY at least)."""
     return max(nsteps, _MIN_CAPACITY)
@@ -353,9 +354,9 @@ class Integrator:
         try:
             self.ts.solve(x)
         except PETSc.Error as exc:
-            return petsc_failure(self.ts, exc, "the integration", "(a step adaptor giving up after "
-                                       "repeated rejections): check f for blow-up, or loosen "
-                                       "rtol/atol")
+            return petsc_failure(self.ts, exc, "the integration",
+                                 "(a step adaptor giving up after repeated rejections): check "
+                                 "f for blow-up, or loosen rtol/atol")
         return None
 
     def _check_forward(self, stepping, outputs, failure=None):
