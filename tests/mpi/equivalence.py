@@ -22,6 +22,7 @@ CASES = [("rk4", {"step_size": 0.1}, False), ("euler", {"step_size": 0.1}, False
          ("cn", {"step_size": 0.1}, False),
          ("cn", {"linear_solver": "exact"}, False),           # adaptive: the trapezoid's control
          ("kencarp4", {"linear_solver": "exact"}, False),
+         ("kvaerno5", {"linear_solver": "exact"}, False),
          ("arkimex", {"step_size": 0.1, "linear_solver": "exact"}, False)]
 
 
