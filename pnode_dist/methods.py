@@ -442,14 +442,15 @@ SAME_SCHEME = {"implicit_euler": "beuler", "trapezoid": "cn", "implicit_midpoint
 UNAVAILABLE = dict.fromkeys(
     ("explicit_adams", "implicit_adams", "fixed_adams"),
     "multistep (Adams) methods have no discrete adjoint in PETSc; use dopri5 (or verner8 for "
-    "high accuracy), and kencarp4 (or kencarp3/5, cn, beuler) for stiff problems")
+    "high accuracy), and kencarp4 or kvaerno5 (or kencarp3/5, kvaerno3/4, cn, beuler) for "
+    "stiff problems")
 UNAVAILABLE["scipy_solver"] = ("SciPy's solvers run outside PETSc, with neither distributed "
                                "states nor a discrete adjoint; use the PETSc methods below")
 UNAVAILABLE.update(dict.fromkeys(
     ("gl4", "gl6", "radauIIA3", "radauIIA5"),
     "fully implicit Runge-Kutta methods (all stages coupled) run only as PETSc's TSIRK, which "
-    "has no discrete adjoint in PETSc 3.26; use the diagonally implicit kencarp3/4/5 (adaptive, "
-    "L-stable), sdirk2 or trbdf2, or cn, beuler, theta, arkimex"))
+    "has no discrete adjoint in PETSc 3.26; use the diagonally implicit kencarp3/4/5 or "
+    "kvaerno3/4/5 (adaptive, L-stable), sdirk2 or trbdf2, or cn, beuler, theta, arkimex"))
 
 
 def get_method(name: Optional[str]) -> Method:
