@@ -49,8 +49,9 @@ class SolverError(PnodeError):
     What to do: for a blow-up, use smaller steps (``step_size`` or ``rtol``/``atol``) or rescale
     the problem; for a stiff problem, an implicit method (``kencarp4``, ``kvaerno5``,
     ``cn``...); raise ``options['max_num_steps']`` if the solve needs more steps; fix ``func``
-    where it raised; free disk space or choose another ``Checkpointing(disk_dir=...)``. The solver stays usable: a
-    solve that failed is never reused, and the same call can be made again.
+    where it raised; free disk space or choose another ``Checkpointing(disk_dir=...)``. The
+    solver stays usable: a solve that failed is never reused, and the same call can be made
+    again.
     """
 
 
